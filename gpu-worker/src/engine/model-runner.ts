@@ -1,0 +1,190 @@
+import * as ort from "onnxruntime-node";
+import type { CompiledModel } from "../model/compiled-model.ts";
+import type { LlamaConfig } from "../model/config.ts";
+
+/** One sequence's share of a step: the tokens it computes now and where its KV lives. */
+export interface StepSequence {
+  /** Tokens computed in this step: a prefill chunk, or the one token appended last step (decode). */
+  tokenIds: readonly number[];
+  /** Position of tokenIds[0]; equals the number of tokens whose KV is already in the cache. */
+  startPos: number;
+  /** Physical blocks covering positions [0, startPos + tokenIds.length). */
+  blockTable: readonly number[];
+  /** Whether to return next-token logits after this chunk (false for a prefill chunk that is not the last). */
+  needLogits: boolean;
+}
+
+export interface ModelRunnerOptions {
+  numBlocks: number;
+  blockSize: number;
+  executionProvider?: "cpu" | "cuda";
+  /** ONNX Runtime intra-op threads; default: all cores. */
+  numThreads?: number;
+}
+
+/** -1e9 rather than -Infinity: a fully masked (padding) row then softmaxes to finite garbage, never NaN. */
+const MASKED = -1e9;
+
+/**
+ * Runs the model for one step over a ragged batch and owns the paged KV pool. The pool is one Float32Array
+ * [2 * layers * slots, kvHeads * headDim] handed to ONNX Runtime as an input every step without copying; the
+ * step's fresh keys/values come back as a small output and are written into their slots here.
+ */
+export class ModelRunner {
+  readonly kvCache: Float32Array;
+  readonly numSlots: number;
+  private readonly kvDim: number;
+  private readonly kvTensor: ort.Tensor;
+
+  private constructor(
+    private readonly session: ort.InferenceSession,
+    readonly cfg: LlamaConfig,
+    readonly opts: ModelRunnerOptions,
+  ) {
+    this.kvDim = cfg.numKeyValueHeads * cfg.headDim;
+    this.numSlots = opts.numBlocks * opts.blockSize;
+    this.kvCache = new Float32Array(2 * cfg.numHiddenLayers * this.numSlots * this.kvDim);
+    this.kvTensor = new ort.Tensor("float32", this.kvCache, [2 * cfg.numHiddenLayers * this.numSlots, this.kvDim]);
+  }
+
+  static async create(model: CompiledModel, cfg: LlamaConfig, opts: ModelRunnerOptions): Promise<ModelRunner> {
+    const session = await ort.InferenceSession.create(model.graph, {
+      executionProviders: [opts.executionProvider ?? "cpu"],
+      graphOptimizationLevel: "all",
+      ...(opts.numThreads ? { intraOpNumThreads: opts.numThreads } : {}),
+      extra: {
+        session: {
+          model_external_initializers_file_folder_path: model.weightsDir,
+          // Idle intra-op threads must not spin: the worker's NATS I/O and other sessions share the cores.
+          "intra_op.allow_spinning": "0",
+        },
+      },
+    });
+    return new ModelRunner(session, cfg, opts);
+  }
+
+  /** Bytes of KV cache per token (all layers, keys and values). */
+  static kvBytesPerToken(cfg: LlamaConfig): number {
+    return 2 * cfg.numHiddenLayers * cfg.numKeyValueHeads * cfg.headDim * 4;
+  }
+
+  /** Copy whole blocks (copy-on-write of a shared partial block) before a step writes into them. */
+  copyBlocks(copies: readonly (readonly [number, number])[]): void {
+    const bs = this.opts.blockSize;
+    const rowsPerBlock = bs * this.kvDim;
+    for (const [src, dst] of copies) {
+      for (let j = 0; j < 2 * this.cfg.numHiddenLayers; j++) {
+        const base = j * this.numSlots * this.kvDim;
+        const from = base + src * rowsPerBlock;
+        this.kvCache.copyWithin(base + dst * rowsPerBlock, from, from + rowsPerBlock);
+      }
+    }
+  }
+
+  /** Run one step. Returns logits [rows, vocab] for the sequences with needLogits, in input order. */
+  async execute(seqs: readonly StepSequence[]): Promise<Float32Array> {
+    const feeds = this.prepareInputs(seqs);
+    const out = await this.session.run(feeds);
+    this.writeNewKv(seqs, out.new_kv.data as Float32Array);
+    const logits = out.logits.data as Float32Array;
+    out.new_kv.dispose();
+    return logits;
+  }
+
+  private slot(blockTable: readonly number[], pos: number): number {
+    const bs = this.opts.blockSize;
+    const block = blockTable[Math.floor(pos / bs)];
+    if (block === undefined) throw new Error(`block table too short for position ${pos}`);
+    return block * bs + (pos % bs);
+  }
+
+  private prepareInputs(seqs: readonly StepSequence[]): Record<string, ort.Tensor> {
+    let T = 0;
+    for (const s of seqs) T += s.tokenIds.length;
+    const inputIds = new BigInt64Array(T);
+    const positions = new BigInt64Array(T);
+    const tokenRow: number[] = []; // first token row of each sequence
+    let row = 0;
+    for (const s of seqs) {
+      tokenRow.push(row);
+      for (let i = 0; i < s.tokenIds.length; i++) {
+        inputIds[row + i] = BigInt(s.tokenIds[i]);
+        positions[row + i] = BigInt(s.startPos + i);
+      }
+      row += s.tokenIds.length;
+    }
+
+    const decode: number[] = [];
+    const prefill: number[] = [];
+    seqs.forEach((s, i) => (s.tokenIds.length === 1 ? decode : prefill).push(i));
+    const outputIndex = new BigInt64Array(T);
+    const feeds: Record<string, ort.Tensor> = {};
+    let outBase = 0;
+    for (const [name, members] of [
+      ["decode", decode],
+      ["prefill", prefill],
+    ] as const) {
+      // An empty group still runs as one dummy row (query = key = token 0, never read back): ONNX Reshape
+      // cannot infer a -1 dimension from zero elements.
+      const G = Math.max(1, members.length);
+      let Q = 1;
+      let P = 0;
+      for (const i of members) {
+        Q = Math.max(Q, seqs[i].tokenIds.length);
+        P = Math.max(P, seqs[i].startPos);
+      }
+      const K = P + Q;
+      const queryIndex = new BigInt64Array(G * Q);
+      const pastSlots = new BigInt64Array(G * P);
+      const mask = new Float32Array(G * Q * K).fill(members.length > 0 ? MASKED : 0);
+      members.forEach((i, gi) => {
+        const s = seqs[i];
+        const n = s.tokenIds.length;
+        for (let q = 0; q < n; q++) {
+          queryIndex[gi * Q + q] = BigInt(tokenRow[i] + q);
+          outputIndex[tokenRow[i] + q] = BigInt(outBase + gi * Q + q);
+        }
+        for (let p = 0; p < s.startPos; p++) pastSlots[gi * P + p] = BigInt(this.slot(s.blockTable, p));
+        // query q sees every cached position and the fresh tokens up to itself (causal)
+        for (let q = 0; q < n; q++) {
+          const m = (gi * Q + q) * K;
+          mask.fill(0, m, m + s.startPos);
+          mask.fill(0, m + P, m + P + q + 1);
+        }
+      });
+      outBase += G * Q;
+      feeds[`${name}_query_index`] = new ort.Tensor("int64", queryIndex, [G, Q]);
+      feeds[`${name}_past_slots`] = new ort.Tensor("int64", pastSlots, [G, P]);
+      // the keys a sequence adds this step are its own query tokens
+      feeds[`${name}_new_index`] = new ort.Tensor("int64", queryIndex, [G, Q]);
+      feeds[`${name}_mask`] = new ort.Tensor("float32", mask, [G, Q, K]);
+    }
+
+    const logitRows: bigint[] = [];
+    seqs.forEach((s, i) => {
+      if (s.needLogits) logitRows.push(BigInt(tokenRow[i] + s.tokenIds.length - 1));
+    });
+    feeds.input_ids = new ort.Tensor("int64", inputIds, [T]);
+    feeds.positions = new ort.Tensor("int64", positions, [T]);
+    feeds.kv_cache = this.kvTensor;
+    feeds.output_index = new ort.Tensor("int64", outputIndex, [T]);
+    feeds.logits_index = new ort.Tensor("int64", BigInt64Array.from(logitRows), [logitRows.length]);
+    return feeds;
+  }
+
+  private writeNewKv(seqs: readonly StepSequence[], newKv: Float32Array): void {
+    const d = this.kvDim;
+    let T = 0;
+    for (const s of seqs) T += s.tokenIds.length;
+    let row = 0;
+    for (const s of seqs) {
+      for (let i = 0; i < s.tokenIds.length; i++, row++) {
+        const slot = this.slot(s.blockTable, s.startPos + i);
+        for (let j = 0; j < 2 * this.cfg.numHiddenLayers; j++) {
+          const src = (j * T + row) * d;
+          this.kvCache.set(newKv.subarray(src, src + d), (j * this.numSlots + slot) * d);
+        }
+      }
+    }
+  }
+}

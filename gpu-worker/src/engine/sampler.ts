@@ -1,0 +1,627 @@
+/**
+ * Sampling-parameter validation and batched token sampling, one `sampleBatch` call per engine step.
+ *
+ * Order per row, as vLLM v1 applies it: logit_bias, penalties (repetition over prompt+output, presence and
+ * frequency over output), then temperature (0 = greedy argmax), min_p, top_k, top_p, and one draw from the
+ * row's generator. Filters are thresholds over the row, so nothing is sorted except, for top_p, the few
+ * tokens at the edge of the nucleus. Returned logprobs come from the raw logits (vLLM's default).
+ *
+ * @module
+ */
+
+import { getRandomValues } from "node:crypto";
+import type { SamplingParams } from "./types.ts";
+
+// ---------------------------------------------------------------------------------------------------------------
+// Parameter validation
+// ---------------------------------------------------------------------------------------------------------------
+
+/** A sampling parameter out of range; `param` is its API (snake_case) name, and the message names it too. */
+export class SamplingParamError extends Error {
+  override name = "SamplingParamError";
+  constructor(
+    readonly param: string,
+    message: string,
+  ) {
+    super(message);
+  }
+}
+
+const MAX_STOP_STRINGS = 16;
+const MAX_TOP_LOGPROBS = 20;
+
+/** A number field: null/undefined give the default, anything else must be a finite number. */
+function num(raw: Record<string, unknown>, key: string, param: string, dflt: number): number {
+  const v = raw[key];
+  if (v === undefined || v === null) return dflt;
+  if (typeof v !== "number" || !Number.isFinite(v)) {
+    throw new SamplingParamError(param, `${param} must be a finite number, got ${JSON.stringify(v)}`);
+  }
+  return v;
+}
+
+function bool(raw: Record<string, unknown>, key: string, param: string): boolean {
+  const v = raw[key];
+  if (v === undefined || v === null) return false;
+  if (typeof v !== "boolean")
+    throw new SamplingParamError(param, `${param} must be a boolean, got ${JSON.stringify(v)}`);
+  return v;
+}
+
+function check(ok: boolean, param: string, message: string): void {
+  if (!ok) throw new SamplingParamError(param, message);
+}
+
+function tokenIds(raw: Record<string, unknown>, key: string, param: string, vocabSize: number): number[] {
+  const v = raw[key];
+  if (v === undefined || v === null) return [];
+  check(Array.isArray(v), param, `${param} must be a list of token ids`);
+  const ids = v as unknown[];
+  for (const id of ids) {
+    check(
+      Number.isInteger(id) && (id as number) >= 0 && (id as number) < vocabSize,
+      param,
+      `${param}: ${JSON.stringify(id)} is not a token id in [0, ${vocabSize})`,
+    );
+  }
+  return [...(ids as number[])];
+}
+
+/**
+ * Applies defaults to a request's sampling parameters and rejects invalid ones (vLLM's ranges). The input may
+ * come from an untrusted client, so types are checked at runtime; null counts as "not given".
+ * top_k -1 is normalised to 0 (both mean "off").
+ *
+ * @throws SamplingParamError naming the parameter as the OpenAI/vLLM API spells it.
+ * @example
+ * validateSamplingParams({ temperature: 0.7, topP: 0.9 }, { vocabSize: 32000 }).topK; // 0
+ */
+export function validateSamplingParams(p: Partial<SamplingParams>, ctx: { vocabSize: number }): SamplingParams {
+  const raw = p as Record<string, unknown>;
+
+  const temperature = num(raw, "temperature", "temperature", 1);
+  check(temperature >= 0, "temperature", `temperature must be non-negative, got ${temperature}`);
+  const topP = num(raw, "topP", "top_p", 1);
+  check(topP > 0 && topP <= 1, "top_p", `top_p must be in (0, 1], got ${topP}`);
+  const topK = num(raw, "topK", "top_k", 0);
+  check(
+    Number.isInteger(topK) && topK >= -1,
+    "top_k",
+    `top_k must be -1 or 0 (disabled) or an integer >= 1, got ${topK}`,
+  );
+  const minP = num(raw, "minP", "min_p", 0);
+  check(minP >= 0 && minP <= 1, "min_p", `min_p must be in [0, 1], got ${minP}`);
+  const repetitionPenalty = num(raw, "repetitionPenalty", "repetition_penalty", 1);
+  check(
+    repetitionPenalty > 0,
+    "repetition_penalty",
+    `repetition_penalty must be greater than 0, got ${repetitionPenalty}`,
+  );
+  const presencePenalty = num(raw, "presencePenalty", "presence_penalty", 0);
+  check(
+    Math.abs(presencePenalty) <= 2,
+    "presence_penalty",
+    `presence_penalty must be in [-2, 2], got ${presencePenalty}`,
+  );
+  const frequencyPenalty = num(raw, "frequencyPenalty", "frequency_penalty", 0);
+  check(
+    Math.abs(frequencyPenalty) <= 2,
+    "frequency_penalty",
+    `frequency_penalty must be in [-2, 2], got ${frequencyPenalty}`,
+  );
+
+  const logitBias: Record<number, number> = {};
+  const bias = raw["logitBias"];
+  if (bias !== undefined && bias !== null) {
+    check(
+      typeof bias === "object" && !Array.isArray(bias),
+      "logit_bias",
+      "logit_bias must be a map of token id to bias",
+    );
+    for (const [key, value] of Object.entries(bias as Record<string, unknown>)) {
+      const id = Number(key);
+      check(
+        key.trim() !== "" && Number.isInteger(id) && id >= 0 && id < ctx.vocabSize,
+        "logit_bias",
+        `logit_bias: ${JSON.stringify(key)} is not a token id in [0, ${ctx.vocabSize})`,
+      );
+      check(
+        typeof value === "number" && value >= -100 && value <= 100,
+        "logit_bias",
+        `logit_bias for token ${key} must be in [-100, 100], got ${JSON.stringify(value)}`,
+      );
+      logitBias[id] = value as number;
+    }
+  }
+
+  const seedRaw = raw["seed"];
+  check(
+    seedRaw === undefined || seedRaw === null || Number.isSafeInteger(seedRaw),
+    "seed",
+    `seed must be an integer, got ${JSON.stringify(seedRaw)}`,
+  );
+  const seed = (seedRaw as number | null | undefined) ?? null;
+
+  const maxRaw = raw["maxTokens"];
+  check(
+    maxRaw === undefined || maxRaw === null || (Number.isSafeInteger(maxRaw) && (maxRaw as number) >= 1),
+    "max_tokens",
+    `max_tokens must be an integer >= 1, got ${JSON.stringify(maxRaw)}`,
+  );
+  const maxTokens = (maxRaw as number | null | undefined) ?? null;
+
+  const stopRaw = raw["stop"] ?? [];
+  check(
+    Array.isArray(stopRaw) && stopRaw.every((s) => typeof s === "string" && s.length > 0),
+    "stop",
+    "stop must be a list of non-empty strings",
+  );
+  const stop = [...(stopRaw as string[])];
+  check(stop.length <= MAX_STOP_STRINGS, "stop", `stop allows at most ${MAX_STOP_STRINGS} strings, got ${stop.length}`);
+
+  const logprobs = bool(raw, "logprobs", "logprobs");
+  const topLogprobs = num(raw, "topLogprobs", "top_logprobs", 0);
+  check(
+    Number.isInteger(topLogprobs) && topLogprobs >= 0 && topLogprobs <= MAX_TOP_LOGPROBS,
+    "top_logprobs",
+    `top_logprobs must be an integer in [0, ${MAX_TOP_LOGPROBS}], got ${topLogprobs}`,
+  );
+  check(topLogprobs === 0 || logprobs, "top_logprobs", "top_logprobs requires logprobs to be true");
+
+  return {
+    temperature,
+    topP,
+    topK: topK === -1 ? 0 : topK,
+    minP,
+    repetitionPenalty,
+    presencePenalty,
+    frequencyPenalty,
+    logitBias,
+    seed,
+    maxTokens,
+    stop,
+    stopTokenIds: tokenIds(raw, "stopTokenIds", "stop_token_ids", ctx.vocabSize),
+    ignoreEos: bool(raw, "ignoreEos", "ignore_eos"),
+    logprobs,
+    topLogprobs,
+  };
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Per-request random generator
+// ---------------------------------------------------------------------------------------------------------------
+
+const MASK64 = (1n << 64n) - 1n;
+
+/**
+ * xoshiro128** seeded through splitmix64. Each request owns one, so a seeded request's tokens depend only on
+ * its seed and its own draws, never on the rest of the batch.
+ */
+export class SeededRng {
+  private s0: number;
+  private s1: number;
+  private s2: number;
+  private s3: number;
+
+  /** @param seed any safe integer (negative ones too); distinct seeds give distinct streams. */
+  constructor(seed: number) {
+    if (!Number.isSafeInteger(seed)) throw new RangeError(`SeededRng: seed must be a safe integer, got ${seed}`);
+    let x = BigInt.asUintN(64, BigInt(seed));
+    const words: number[] = [];
+    for (let i = 0; i < 2; i++) {
+      x = (x + 0x9e3779b97f4a7c15n) & MASK64;
+      let z = x;
+      z = ((z ^ (z >> 30n)) * 0xbf58476d1ce4e5b9n) & MASK64;
+      z = ((z ^ (z >> 27n)) * 0x94d049bb133111ebn) & MASK64;
+      z ^= z >> 31n;
+      words.push(Number(z & 0xffffffffn), Number(z >> 32n));
+    }
+    [this.s0, this.s1, this.s2, this.s3] = words;
+    if ((this.s0 | this.s1 | this.s2 | this.s3) === 0) this.s0 = 1; // the all-zero state is a fixed point
+  }
+
+  /** A generator for `seed`, or one seeded from the OS entropy source when seed is null. */
+  static forSeed(seed: number | null): SeededRng {
+    if (seed !== null) return new SeededRng(seed);
+    const [hi, lo] = getRandomValues(new Uint32Array(2));
+    return new SeededRng((hi & 0x1fffff) * 2 ** 32 + lo);
+  }
+
+  /** Uniform in [0, 1) with 53 random bits. */
+  next(): number {
+    const a = this.nextUint32() >>> 5;
+    const b = this.nextUint32() >>> 6;
+    return (a * 67108864 + b) / 9007199254740992;
+  }
+
+  private nextUint32(): number {
+    const s1 = this.s1;
+    const result = Math.imul(rotl(Math.imul(s1, 5), 7), 9) >>> 0;
+    const t = s1 << 9;
+    this.s2 ^= this.s0;
+    this.s3 ^= this.s1;
+    this.s1 ^= this.s2;
+    this.s0 ^= this.s3;
+    this.s2 ^= t;
+    this.s3 = rotl(this.s3, 11);
+    return result;
+  }
+}
+
+function rotl(x: number, k: number): number {
+  return (x << k) | (x >>> (32 - k));
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Batched sampling
+// ---------------------------------------------------------------------------------------------------------------
+
+export interface SamplingRow {
+  params: SamplingParams;
+  /** per-request generator; advanced exactly once per sampled token */
+  rng: SeededRng | null;
+  promptTokenIds: readonly number[];
+  outputTokenIds: readonly number[];
+}
+
+export interface SampledToken {
+  tokenId: number;
+  /** Raw-logit log-softmax of tokenId; present when the request asked for logprobs. */
+  logprob?: number;
+  /** The topLogprobs best tokens by raw logit, best first (lower id first on ties). */
+  topLogprobs?: { tokenId: number; logprob: number }[];
+}
+
+/** vLLM treats temperatures below this as greedy. */
+const GREEDY_EPS = 1e-5;
+/** top_p histogram: bins of 1/32 nat below the max, the last one catching everything lower. */
+const BINS_PER_NAT = 32;
+const NUM_BINS = 1024;
+/** Up to this k, top_k uses a heap pass; above it, quickselect on a copy of the row. */
+const MAX_HEAP_K = 1024;
+
+/** Reusable per-vocab buffers, so a step allocates nothing proportional to the vocabulary. */
+class Scratch {
+  readonly cand: Int32Array; // candidate token ids, ascending
+  readonly weight: Float64Array; // exp((x - max) / T) of each candidate
+  readonly bin: Uint16Array; // top_p histogram bin of each candidate
+  readonly edge: Int32Array; // token ids in the top_p boundary bin
+  readonly copy: Float32Array; // quickselect workspace
+  readonly flags: Uint8Array; // per token: SAVED | REPEATED
+  readonly counts: Int32Array; // per token: occurrences in the output
+  readonly binMass = new Float64Array(NUM_BINS);
+  readonly heap = new Float64Array(MAX_HEAP_K);
+  /** Tokens whose logits this row edited in place, with their raw values, to restore afterwards. */
+  savedIds: number[] = [];
+  savedRaw: number[] = [];
+
+  constructor(readonly vocabSize: number) {
+    this.cand = new Int32Array(vocabSize);
+    this.weight = new Float64Array(vocabSize);
+    this.bin = new Uint16Array(vocabSize);
+    this.edge = new Int32Array(vocabSize);
+    this.copy = new Float32Array(vocabSize);
+    this.flags = new Uint8Array(vocabSize);
+    this.counts = new Int32Array(vocabSize);
+  }
+}
+
+const SAVED = 1;
+const REPEATED = 2;
+let scratch: Scratch | null = null;
+
+/**
+ * Samples one token for each row of `logits` ([rows.length, vocabSize], row-major). Logits are edited in place
+ * while a row is processed and restored before returning, so the caller's buffer is unchanged.
+ *
+ * @example
+ * const [t] = sampleBatch(logits, 32000, [{ params, rng: SeededRng.forSeed(params.seed), promptTokenIds, outputTokenIds: [] }]);
+ */
+export function sampleBatch(logits: Float32Array, vocabSize: number, rows: SamplingRow[]): SampledToken[] {
+  if (logits.length < rows.length * vocabSize) {
+    throw new RangeError(`sampleBatch: ${logits.length} logits for ${rows.length} rows of ${vocabSize}`);
+  }
+  if (scratch === null || scratch.vocabSize !== vocabSize) scratch = new Scratch(vocabSize);
+  const s = scratch;
+  return rows.map((r, i) => sampleRow(logits.subarray(i * vocabSize, (i + 1) * vocabSize), r, s));
+}
+
+function sampleRow(row: Float32Array, r: SamplingRow, s: Scratch): SampledToken {
+  const p = r.params;
+  const raw = p.logprobs || p.topLogprobs > 0 ? rawLogprobs(row, p.topLogprobs) : null;
+  let tokenId: number;
+  try {
+    applyBiasAndPenalties(row, r, s);
+    const u = r.rng === null ? Math.random() : r.rng.next();
+    tokenId = p.temperature < GREEDY_EPS ? argmax(row) : sampleFiltered(row, p, u, s);
+  } finally {
+    restore(row, s);
+  }
+  const out: SampledToken = { tokenId };
+  if (raw !== null) out.logprob = row[tokenId] - raw.lse;
+  if (p.topLogprobs > 0 && raw !== null) {
+    out.topLogprobs = raw.top.map((id) => ({ tokenId: id, logprob: row[id] - raw.lse }));
+  }
+  return out;
+}
+
+function save(row: Float32Array, id: number, s: Scratch): void {
+  if (s.flags[id] & SAVED) return;
+  s.flags[id] |= SAVED;
+  s.savedIds.push(id);
+  s.savedRaw.push(row[id]);
+}
+
+function restore(row: Float32Array, s: Scratch): void {
+  for (let i = 0; i < s.savedIds.length; i++) {
+    const id = s.savedIds[i];
+    row[id] = s.savedRaw[i];
+    s.flags[id] = 0;
+    s.counts[id] = 0;
+  }
+  s.savedIds = [];
+  s.savedRaw = [];
+}
+
+/** logit_bias, then vLLM's penalties: repetition (prompt+output), frequency and presence (output only). */
+function applyBiasAndPenalties(row: Float32Array, r: SamplingRow, s: Scratch): void {
+  const p = r.params;
+  const V = row.length;
+  for (const key in p.logitBias) {
+    const id = Number(key);
+    save(row, id, s);
+    row[id] += p.logitBias[id];
+  }
+  if (p.repetitionPenalty !== 1) {
+    const rp = p.repetitionPenalty;
+    for (const ids of [r.promptTokenIds, r.outputTokenIds]) {
+      for (const id of ids) {
+        if (id < 0 || id >= V || s.flags[id] & REPEATED) continue;
+        save(row, id, s);
+        s.flags[id] |= REPEATED;
+        const x = row[id];
+        row[id] = x > 0 ? x / rp : x * rp;
+      }
+    }
+  }
+  if (p.frequencyPenalty !== 0 || p.presencePenalty !== 0) {
+    const distinct: number[] = [];
+    for (const id of r.outputTokenIds) {
+      if (id < 0 || id >= V) continue;
+      if (s.counts[id]++ === 0) distinct.push(id);
+    }
+    for (const id of distinct) {
+      save(row, id, s); // also gets counts[id] reset by restore()
+      row[id] -= p.frequencyPenalty * s.counts[id] + p.presencePenalty;
+    }
+  }
+}
+
+/** First index of the maximum (lowest id wins ties). */
+function argmax(row: Float32Array): number {
+  let best = 0;
+  let m = row[0];
+  for (let j = 1; j < row.length; j++) {
+    if (row[j] > m) {
+      m = row[j];
+      best = j;
+    }
+  }
+  return best;
+}
+
+// exp(z) for z <= 0 from a table of exp(-i/32) and a degree-5 Taylor step (relative error ~1e-12): about twice
+// as fast as Math.exp, which dominates sampling time at 128k vocab. Below -104, exp underflows float32 anyway.
+const EXP_STEPS = 32;
+const EXP_LEN = EXP_STEPS * 104;
+const EXP_TABLE = Float64Array.from({ length: EXP_LEN + 1 }, (_, i) => Math.exp(-i / EXP_STEPS));
+
+function expNeg(z: number): number {
+  const t = -z * EXP_STEPS;
+  if (!(t < EXP_LEN)) return 0; // also -Infinity and NaN
+  const i = t | 0;
+  const d = (i - t) / EXP_STEPS;
+  return EXP_TABLE[i] * (1 + d * (1 + d * (0.5 + d * (1 / 6 + d * (1 / 24 + d / 120)))));
+}
+
+/** log-sum-exp of the raw row, and its `k` best token ids (best first, lower id first on ties), in one pass. */
+function rawLogprobs(row: Float32Array, k: number): { lse: number; top: number[] } {
+  const top = topTokens(row, Math.max(1, k));
+  const m = row[top[0]];
+  let sum = 0;
+  for (let j = 0; j < row.length; j++) sum += expNeg(row[j] - m);
+  return { lse: m + Math.log(sum), top: top.slice(0, k) };
+}
+
+/** The k best token ids by value, best first, lower id first on ties (k is small: at most 20). */
+function topTokens(row: Float32Array, k: number): number[] {
+  const ids: number[] = [];
+  for (let j = 0; j < row.length; j++) {
+    const x = row[j];
+    // Scanning ids upward, an equal value never beats an earlier one, so the test is strict.
+    if (ids.length === k && x <= row[ids[k - 1]]) continue;
+    let i = ids.length === k ? k - 1 : ids.length;
+    while (i > 0 && row[ids[i - 1]] < x) {
+      if (i < k) ids[i] = ids[i - 1];
+      i--;
+    }
+    ids[i] = j;
+  }
+  return ids;
+}
+
+/**
+ * Temperature, min_p, top_k and top_p as thresholds, then one inverse-CDF draw over the kept tokens in id order.
+ * `u` is the row's single uniform draw.
+ */
+function sampleFiltered(row: Float32Array, p: SamplingParams, u: number, s: Scratch): number {
+  const V = row.length;
+  const invT = 1 / p.temperature;
+  // top_k keeps x >= the k-th largest value (ties kept); min_p keeps p >= minP * pmax, i.e. x >= m + T ln(minP).
+  let thr = -Infinity;
+  let m: number;
+  if (p.topK > 0 && p.topK < V) [thr, m] = topKThreshold(row, p.topK, s);
+  else m = row[argmax(row)];
+  if (p.minP > 0) thr = Math.max(thr, m + p.temperature * Math.log(p.minP));
+
+  const { cand, weight, bin, binMass } = s;
+  const useTopP = p.topP < 1;
+  if (useTopP) binMass.fill(0);
+  let n = 0;
+  let total = 0;
+  for (let j = 0; j < V; j++) {
+    const x = row[j];
+    if (x >= thr) {
+      const z = (x - m) * invT;
+      const w = expNeg(z);
+      cand[n] = j;
+      weight[n] = w;
+      total += w;
+      if (useTopP) {
+        // Histogram bin: 1/32 nat wide below the max, the last one catching everything lower.
+        const t = -z * BINS_PER_NAT;
+        const b = t < NUM_BINS - 1 ? t | 0 : NUM_BINS - 1;
+        bin[n] = b;
+        binMass[b] += w;
+      }
+      n++;
+    }
+  }
+
+  if (!useTopP) {
+    const target = u * total;
+    let acc = 0;
+    for (let i = 0; i < n; i++) {
+      acc += weight[i];
+      if (acc > target) return cand[i];
+    }
+    return cand[n - 1]; // rounding left target at the very top
+  }
+
+  const cut = topPCut(row, n, total, p.topP, s);
+  const target = u * cut.keptMass;
+  let acc = 0;
+  let last = -1;
+  for (let i = 0; i < n; i++) {
+    const b = bin[i];
+    if (b > cut.edgeBin) continue;
+    const id = cand[i];
+    if (b === cut.edgeBin) {
+      const x = row[id];
+      if (x < cut.x || (x === cut.x && id > cut.id)) continue;
+    }
+    acc += weight[i];
+    last = id;
+    if (acc > target) return id;
+  }
+  return last;
+}
+
+/**
+ * vLLM's top_p: walking tokens from least to most likely, drop each one while the dropped mass including it is
+ * <= (1 - topP) of the total; the most likely token always stays. The histogram built by sampleFiltered finds
+ * the bin where dropping stops; only that bin is sorted. Every token of a lower bin is dropped, every token of a
+ * higher bin kept, and in the edge bin the kept ones are those ranked at or above (x, id).
+ */
+function topPCut(
+  row: Float32Array,
+  n: number,
+  total: number,
+  topP: number,
+  s: Scratch,
+): { edgeBin: number; x: number; id: number; keptMass: number } {
+  const { cand, weight, bin, binMass, edge } = s;
+  const budget = (1 - topP) * total;
+  let dropped = 0;
+  let edgeBin = 0;
+  for (let b = NUM_BINS - 1; b >= 0; b--) {
+    if (dropped + binMass[b] > budget) {
+      edgeBin = b;
+      break;
+    }
+    dropped += binMass[b];
+  }
+  let numEdge = 0;
+  for (let i = 0; i < n; i++) if (bin[i] === edgeBin) edge[numEdge++] = i;
+  // Ascending likelihood; on equal logits the higher id counts as less likely (cand is ascending in i).
+  const sorted = edge.subarray(0, numEdge).sort((a, b) => row[cand[a]] - row[cand[b]] || b - a);
+  let k = 0;
+  while (k < numEdge - 1 && dropped + weight[sorted[k]] <= budget) dropped += weight[sorted[k++]];
+  const id = cand[sorted[k]];
+  return { edgeBin, x: row[id], id, keptMass: total - dropped };
+}
+
+/** [k-th largest value of row (counting duplicates), max of row]. */
+function topKThreshold(row: Float32Array, k: number, s: Scratch): [number, number] {
+  if (k > MAX_HEAP_K) {
+    const a = s.copy;
+    a.set(row);
+    return [quickselect(a, row.length - k), row[argmax(row)]];
+  }
+  // Min-heap of the k largest seen so far; most values fail the first comparison.
+  const h = s.heap;
+  let size = 0;
+  for (let j = 0; j < row.length; j++) {
+    const x = row[j];
+    if (size < k) {
+      let i = size++;
+      while (i > 0) {
+        const parent = (i - 1) >> 1;
+        if (h[parent] <= x) break;
+        h[i] = h[parent];
+        i = parent;
+      }
+      h[i] = x;
+    } else if (x > h[0]) {
+      siftDown(h, size, x);
+    }
+  }
+  let m = h[0];
+  for (let i = 1; i < size; i++) if (h[i] > m) m = h[i];
+  return [h[0], m];
+}
+
+/** Replaces the heap's root with x and restores the min-heap property. */
+function siftDown(h: Float64Array, size: number, x: number): void {
+  let i = 0;
+  for (;;) {
+    let c = 2 * i + 1;
+    if (c >= size) break;
+    if (c + 1 < size && h[c + 1] < h[c]) c++;
+    if (h[c] >= x) break;
+    h[i] = h[c];
+    i = c;
+  }
+  h[i] = x;
+}
+
+/** The value that would sit at index `kth` if `a` were sorted ascending; reorders `a`. */
+function quickselect(a: Float32Array, kth: number): number {
+  let lo = 0;
+  let hi = a.length - 1;
+  while (hi > lo) {
+    const mid = (lo + hi) >> 1;
+    const pivot = median3(a[lo], a[mid], a[hi]);
+    let i = lo;
+    let j = hi;
+    while (i <= j) {
+      while (a[i] < pivot) i++;
+      while (a[j] > pivot) j--;
+      if (i <= j) {
+        const t = a[i];
+        a[i] = a[j];
+        a[j] = t;
+        i++;
+        j--;
+      }
+    }
+    if (kth <= j) hi = j;
+    else if (kth >= i) lo = i;
+    else return a[kth];
+  }
+  return a[kth];
+}
+
+function median3(a: number, b: number, c: number): number {
+  return Math.max(Math.min(a, b), Math.min(Math.max(a, b), c));
+}
