@@ -44,7 +44,14 @@ function maxAbs(a: ArrayLike<number>): number {
 }
 
 /** Prefill `prompt` in chunks, then decode greedily, comparing logits with the reference at every position. */
-async function compareLogits(runner: ModelRunner, reference: ReferenceLlama, cfg: LlamaConfig, prompt: number[], steps: number, chunk: number) {
+async function compareLogits(
+  runner: ModelRunner,
+  reference: ReferenceLlama,
+  cfg: LlamaConfig,
+  prompt: number[],
+  steps: number,
+  chunk: number,
+) {
   reference.reset();
   const table = blockTable(Math.ceil((prompt.length + steps) / BLOCK) + 1, 3);
   let refLogits = new Float64Array(0);
@@ -53,7 +60,9 @@ async function compareLogits(runner: ModelRunner, reference: ReferenceLlama, cfg
   while (pos < prompt.length) {
     const n = Math.min(chunk, prompt.length - pos);
     const last = pos + n === prompt.length;
-    const logits = await runner.execute([{ tokenIds: prompt.slice(pos, pos + n), startPos: pos, blockTable: table, needLogits: last }]);
+    const logits = await runner.execute([
+      { tokenIds: prompt.slice(pos, pos + n), startPos: pos, blockTable: table, needLogits: last },
+    ]);
     for (let i = pos; i < pos + n; i++) refLogits = reference.forward(prompt[i], i);
     if (last) worst = Math.max(worst, maxAbsDiff(logits, refLogits) / maxAbs(refLogits));
     pos += n;
@@ -62,7 +71,9 @@ async function compareLogits(runner: ModelRunner, reference: ReferenceLlama, cfg
   for (let s = 0; s < steps; s++) {
     const next = argmax(refLogits);
     tokens.push(next);
-    const logits = await runner.execute([{ tokenIds: [next], startPos: tokens.length - 1, blockTable: table, needLogits: true }]);
+    const logits = await runner.execute([
+      { tokenIds: [next], startPos: tokens.length - 1, blockTable: table, needLogits: true },
+    ]);
     refLogits = reference.forward(next, tokens.length - 1);
     worst = Math.max(worst, maxAbsDiff(logits.subarray(0, cfg.vocabSize), refLogits) / maxAbs(refLogits));
   }
@@ -95,7 +106,11 @@ describe("default model (stories15M shape, random weights)", () => {
     const prompt = engine.tokenizer.encode("Lily and Tom went to the park");
     const expected = ctx.reference.generateGreedy(prompt, 64);
     const got: number[] = [];
-    for await (const e of engine.submit({ requestId: "g", prompt, sampling: { temperature: 0, maxTokens: 64, ignoreEos: true } })) {
+    for await (const e of engine.submit({
+      requestId: "g",
+      prompt,
+      sampling: { temperature: 0, maxTokens: 64, ignoreEos: true },
+    })) {
       if (e.type === "delta") got.push(...e.tokenIds);
     }
     expect(got).toEqual(expected);
@@ -104,7 +119,9 @@ describe("default model (stories15M shape, random weights)", () => {
   it("runs a mixed batch (prefill chunk + decode tokens) exactly as each sequence alone", async () => {
     const { runner, reference } = ctx;
     // sequence A: 20 tokens prefilled earlier; B: 9 tokens; in one step A decodes and B prefills
-    const a = [1, 450, 4996, 17354, 1701, 29916, 432, 17204, 975, 278, 17366, 11203, 29889, 739, 471, 263, 6575, 1460, 2462, 297];
+    const a = [
+      1, 450, 4996, 17354, 1701, 29916, 432, 17204, 975, 278, 17366, 11203, 29889, 739, 471, 263, 6575, 1460, 2462, 297,
+    ];
     const b = [1, 9038, 2501, 263, 931, 29892, 727, 471, 263];
     const tableA = [10, 11];
     const tableB = [20];
@@ -145,7 +162,13 @@ describe("random shapes", () => {
         num_key_value_heads: 2,
         head_dim: 32,
         rope_theta: 500000,
-        rope_scaling: { rope_type: "llama3", factor: 8, low_freq_factor: 1, high_freq_factor: 4, original_max_position_embeddings: 64 },
+        rope_scaling: {
+          rope_type: "llama3",
+          factor: 8,
+          low_freq_factor: 1,
+          high_freq_factor: 4,
+          original_max_position_embeddings: 64,
+        },
       },
     ],
   ];
@@ -171,7 +194,11 @@ describe("random shapes", () => {
 
       const engine = await LLMEngine.create({ modelDir: dir, maxNumSeqs: 2 });
       const got: number[] = [];
-      for await (const e of engine.submit({ requestId: "x", prompt, sampling: { temperature: 0, maxTokens: 32, ignoreEos: true } })) {
+      for await (const e of engine.submit({
+        requestId: "x",
+        prompt,
+        sampling: { temperature: 0, maxTokens: 32, ignoreEos: true },
+      })) {
         if (e.type === "delta") got.push(...e.tokenIds);
       }
       expect(got).toEqual(reference.generateGreedy(prompt, 32));

@@ -156,7 +156,8 @@ function referenceInvFreq(c: LlamaConfig): Float64Array {
     const wavelen = (2 * Math.PI) / f;
     if (wavelen < highWavelen) return f;
     if (wavelen > lowWavelen) return f / rs.factor;
-    const smooth = (rs.originalMaxPositionEmbeddings / wavelen - rs.lowFreqFactor) / (rs.highFreqFactor - rs.lowFreqFactor);
+    const smooth =
+      (rs.originalMaxPositionEmbeddings / wavelen - rs.lowFreqFactor) / (rs.highFreqFactor - rs.lowFreqFactor);
     return (1 - smooth) * (f / rs.factor) + smooth * f;
   });
 }

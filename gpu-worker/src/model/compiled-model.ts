@@ -126,7 +126,9 @@ function writePackedWeights(
       else if (e.sources === "rope_sin") write(rope.sin);
       else for (const name of e.sources) write(weights.readF32(name));
       if (pos - e.ref.offset !== e.ref.length) {
-        throw new Error(`packed tensor at offset ${e.ref.offset}: wrote ${pos - e.ref.offset} bytes, expected ${e.ref.length}`);
+        throw new Error(
+          `packed tensor at offset ${e.ref.offset}: wrote ${pos - e.ref.offset} bytes, expected ${e.ref.length}`,
+        );
       }
       onProgress?.(++done, total);
     }

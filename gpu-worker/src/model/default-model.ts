@@ -5,7 +5,7 @@
  *
  * @module
  */
-import { existsSync, mkdirSync, mkdtempSync, readdirSync, renameSync, rmSync, statSync } from "node:fs";
+import { chmodSync, existsSync, mkdirSync, mkdtempSync, readdirSync, renameSync, rmSync, statSync } from "node:fs";
 import { dirname, join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
 import cliProgress from "cli-progress";
@@ -96,6 +96,7 @@ function generate(shape: DefaultModelShape, dir: string, quiet: boolean): string
   mkdirSync(parent, { recursive: true });
   removeStaleTemps(parent, name);
   const tmp = mkdtempSync(join(parent, `.${name}.tmp-`));
+  chmodSync(tmp, 0o755); // mkdtemp makes it private; the renamed model should read like any other directory
   const bar = !quiet && process.stderr.isTTY ? progressBar(name) : null;
   if (!quiet && !bar) process.stderr.write(`llama-edge: generating random model ${name} (one time) in ${dir}\n`);
   try {

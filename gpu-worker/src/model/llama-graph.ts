@@ -146,10 +146,14 @@ export function buildLlamaGraph(cfg: LlamaConfig, w: PackedWeights): Uint8Array 
       ]);
       // keys/values [G, P + N, kvDim]: cached slots from the pool, then this step's fresh ones
       const gatherKv = (cache: string, fresh: string, base: string) =>
-        g.op("Concat", [
-          g.op("Gather", [kvCache, g.op("Add", [grp.pastSlots, base])], { axis: 0 }),
-          g.op("Gather", [fresh, grp.newIndex], { axis: 0 }),
-        ], { axis: 1 });
+        g.op(
+          "Concat",
+          [
+            g.op("Gather", [kvCache, g.op("Add", [grp.pastSlots, base])], { axis: 0 }),
+            g.op("Gather", [fresh, grp.newIndex], { axis: 0 }),
+          ],
+          { axis: 1 },
+        );
       const keys = g.op("Reshape", [gatherKv(kvCache, k, keyBase), g.ints([0, 0, nkv, hd])]);
       const values = g.op("Reshape", [gatherKv(kvCache, v, valueBase), g.ints([0, 0, nkv, hd])]);
       const kT = g.op("Transpose", [keys], { perm: [0, 2, 3, 1] }); // [G, nkv, hd, K]
@@ -168,9 +172,14 @@ export function buildLlamaGraph(cfg: LlamaConfig, w: PackedWeights): Uint8Array 
 
     // SwiGLU feed-forward: down(silu(gate(h)) * up(h))
     const gu = linear(rmsNorm(x, postNorm), wgu);
-    const [gate, up] = g.node("Split", [gu, g.ints([cfg.intermediateSize, cfg.intermediateSize])], { axis: -1 }, {
-      numOutputs: 2,
-    });
+    const [gate, up] = g.node(
+      "Split",
+      [gu, g.ints([cfg.intermediateSize, cfg.intermediateSize])],
+      { axis: -1 },
+      {
+        numOutputs: 2,
+      },
+    );
     const act = g.op("Mul", [g.op("Mul", [gate, g.op("Sigmoid", [gate])]), up]);
     x = g.op("Add", [x, linear(act, wdown)]);
   }
@@ -183,7 +192,12 @@ export function buildLlamaGraph(cfg: LlamaConfig, w: PackedWeights): Uint8Array 
   g.output("logits", f32, ["S", cfg.vocabSize]);
 
   // new_kv [2L, T, kvDim]: layer l's keys at 2l, values at 2l+1
-  g.op("Concat", newKv.map((t) => g.op("Unsqueeze", [t, g.ints([0])])), { axis: 0 }, "new_kv");
+  g.op(
+    "Concat",
+    newKv.map((t) => g.op("Unsqueeze", [t, g.ints([0])])),
+    { axis: 0 },
+    "new_kv",
+  );
   g.output("new_kv", f32, [2 * L, "T", kvDim]);
   return g.build("llama");
 }

@@ -58,7 +58,7 @@ describe("round trips", () => {
   it("F32 is exact, including -0, inf, nan and subnormals", () => {
     const values = [0, -0, 1, -2.5, 1e-40, -1e-45, Infinity, -Infinity, Number.NaN, 3.4028234663852886e38];
     const back = roundTrip(values, "F32");
-    values.forEach((v, i) => expect(Object.is(back[i], Math.fround(v)), `index ${i}`).toBe(true));
+    for (const [i, v] of values.entries()) expect(Object.is(back[i], Math.fround(v)), `index ${i}`).toBe(true);
   });
 
   it("F16 rounds to nearest even and keeps inf, nan, -0 and subnormals", () => {
@@ -86,7 +86,9 @@ describe("round trips", () => {
       cases.map(([x]) => x),
       "F16",
     );
-    cases.forEach(([x, want], i) => expect(Object.is(back[i], want), `${x} -> ${back[i]}, want ${want}`).toBe(true));
+    for (const [i, [x, want]] of cases.entries()) {
+      expect(Object.is(back[i], want), `${x} -> ${back[i]}, want ${want}`).toBe(true);
+    }
     expect(Number.isNaN(roundTrip([Number.NaN], "F16")[0])).toBe(true);
   });
 
@@ -105,7 +107,9 @@ describe("round trips", () => {
       cases.map(([x]) => x),
       "BF16",
     );
-    cases.forEach(([x, want], i) => expect(Object.is(back[i], want), `${x} -> ${back[i]}, want ${want}`).toBe(true));
+    for (const [i, [x, want]] of cases.entries()) {
+      expect(Object.is(back[i], want), `${x} -> ${back[i]}, want ${want}`).toBe(true);
+    }
     expect(Number.isNaN(roundTrip([Number.NaN], "BF16")[0])).toBe(true);
   });
 
@@ -194,14 +198,23 @@ describe("file layout", () => {
 
     const infos = readSafetensorsHeader(file);
     expect([...infos.keys()]).toEqual(["a", "b", "empty"]);
-    expect(infos.get("b")).toEqual({ name: "b", dtype: "F32", shape: [2, 2], file, dataOffset: 8 + n + 6, byteLength: 16 });
+    expect(infos.get("b")).toEqual({
+      name: "b",
+      dtype: "F32",
+      shape: [2, 2],
+      file,
+      dataOffset: 8 + n + 6,
+      byteLength: 16,
+    });
     expect(Array.from(readTensorF32(infos.get("b")!))).toEqual([1, 2, 3, 4]);
     expect(readTensorF32(infos.get("empty")!).length).toBe(0);
   });
 
   it("rejects data that does not match the shape", () => {
     expect(() =>
-      writeSafetensors(join(dir, "x.safetensors"), [{ name: "t", dtype: "F32", shape: [2, 3], data: new Float32Array(5) }]),
+      writeSafetensors(join(dir, "x.safetensors"), [
+        { name: "t", dtype: "F32", shape: [2, 3], data: new Float32Array(5) },
+      ]),
     ).toThrow(/t has 5 values/);
   });
 });
@@ -243,7 +256,13 @@ describe("corrupt files", () => {
   ])("dtype %s is %s, naming the tensor and the supported dtypes", (dtype, kind) => {
     const file = join(dir, "dtype.safetensors");
     writeRaw(file, { "model.norm.weight": { dtype, shape: [4], data_offsets: [0, 4] } }, 4);
-    const e = expectLoadError(() => readSafetensorsHeader(file), file, "model.norm.weight", `${kind} dtype "${dtype}"`, "F32, F16, BF16");
+    const e = expectLoadError(
+      () => readSafetensorsHeader(file),
+      file,
+      "model.norm.weight",
+      `${kind} dtype "${dtype}"`,
+      "F32, F16, BF16",
+    );
     expect(e.tensor).toBe("model.norm.weight");
   });
 
@@ -300,7 +319,12 @@ describe("checkpoint directories", () => {
   it("a shard listed in the index but missing", () => {
     writeSharded();
     rmSync(join(dir, "model-00002-of-00002.safetensors"));
-    expectLoadError(() => openCheckpointTensors(dir), join(dir, "model-00002-of-00002.safetensors"), "(tensor c)", "not found");
+    expectLoadError(
+      () => openCheckpointTensors(dir),
+      join(dir, "model-00002-of-00002.safetensors"),
+      "(tensor c)",
+      "not found",
+    );
   });
 
   it("a shard that lacks a tensor the index places in it", () => {
@@ -312,7 +336,11 @@ describe("checkpoint directories", () => {
   it("a shard path that escapes the directory", () => {
     const weight_map = { a: "../elsewhere.safetensors" };
     writeFileSync(join(dir, "model.safetensors.index.json"), JSON.stringify({ weight_map }));
-    expectLoadError(() => openCheckpointTensors(dir), "model.safetensors.index.json", "leaves the checkpoint directory");
+    expectLoadError(
+      () => openCheckpointTensors(dir),
+      "model.safetensors.index.json",
+      "leaves the checkpoint directory",
+    );
   });
 
   it("no safetensors at all", () => {

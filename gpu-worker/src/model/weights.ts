@@ -14,7 +14,7 @@ import { openCheckpointTensors, readTensorF32, type SafetensorsDtype, type Tenso
 export interface WeightSpec {
   name: string;
   shape: number[];
-  /** The config.json expression behind each dim, e.g. "num_attention_heads*head_dim", for error messages. */
+  /** The config.json fields behind each dim, e.g. "num_key_value_heads*head_dim = 2*64", for error messages. */
   dims?: string[];
 }
 
@@ -26,13 +26,14 @@ export function llamaWeightSpecs(config: LlamaConfig): WeightSpec[] {
   const { hiddenSize: hidden, intermediateSize: inter, vocabSize: vocab, headDim } = config;
   const qDim = config.numAttentionHeads * headDim;
   const kvDim = config.numKeyValueHeads * headDim;
-  const H = "hidden_size";
-  const I = "intermediate_size";
-  const Q = "num_attention_heads*head_dim";
-  const KV = "num_key_value_heads*head_dim";
+  const H = `hidden_size = ${hidden}`;
+  const I = `intermediate_size = ${inter}`;
+  const Q = `num_attention_heads*head_dim = ${config.numAttentionHeads}*${headDim}`;
+  const KV = `num_key_value_heads*head_dim = ${config.numKeyValueHeads}*${headDim}`;
+  const V = `vocab_size = ${vocab}`;
   const spec = (name: string, shape: number[], dims: string[]): WeightSpec => ({ name, shape, dims });
 
-  const specs = [spec("model.embed_tokens.weight", [vocab, hidden], ["vocab_size", H])];
+  const specs = [spec("model.embed_tokens.weight", [vocab, hidden], [V, H])];
   for (let l = 0; l < config.numHiddenLayers; l++) {
     const p = `model.layers.${l}`;
     specs.push(
@@ -48,7 +49,7 @@ export function llamaWeightSpecs(config: LlamaConfig): WeightSpec[] {
     );
   }
   specs.push(spec("model.norm.weight", [hidden], [H]));
-  if (!config.tieWordEmbeddings) specs.push(spec("lm_head.weight", [vocab, hidden], ["vocab_size", H]));
+  if (!config.tieWordEmbeddings) specs.push(spec("lm_head.weight", [vocab, hidden], [V, H]));
   return specs;
 }
 
@@ -60,7 +61,7 @@ function checkpointFile(dir: string): string {
 
 function shapeMismatch(spec: WeightSpec, info: TensorInfo): ModelLoadError {
   const fmt = (s: number[]) => `[${s.join(", ")}]`;
-  const from = spec.dims ? ` = [${spec.dims.join(", ")}]` : "";
+  const from = spec.dims ? ` from [${spec.dims.join(", ")}]` : "";
   return new ModelLoadError(
     info.file,
     `shape ${fmt(info.shape)} does not match config.json: expected ${fmt(spec.shape)}${from}`,

@@ -1,0 +1,408 @@
+import fc from "fast-check";
+import { describe, expect, it } from "vitest";
+import {
+  type SampledToken,
+  SamplingParamError,
+  type SamplingRow,
+  SeededRng,
+  sampleBatch,
+  validateSamplingParams,
+} from "./sampler.ts";
+import type { SamplingParams } from "./types.ts";
+
+/** Always draws `u`, so a test can place the draw in the kept distribution's CDF exactly. */
+class FixedRng extends SeededRng {
+  draws = 0;
+  constructor(private readonly u: number) {
+    super(0);
+  }
+  override next(): number {
+    this.draws++;
+    return this.u;
+  }
+}
+
+const params = (p: Partial<SamplingParams> = {}, vocabSize = 1000) => validateSamplingParams(p, { vocabSize });
+
+function row(p: Partial<SamplingParams>, rng: SeededRng | null, extra: Partial<SamplingRow> = {}): SamplingRow {
+  return { params: params(p), rng, promptTokenIds: [], outputTokenIds: [], ...extra };
+}
+
+/** Samples one row from logits given as plain numbers. */
+function sample1(
+  logits: number[],
+  p: Partial<SamplingParams>,
+  u = 0.5,
+  extra: Partial<SamplingRow> = {},
+): SampledToken {
+  return sampleBatch(Float32Array.from(logits), logits.length, [row(p, new FixedRng(u), extra)])[0];
+}
+
+/** Logits whose softmax at temperature 1 is `probs`. */
+const fromProbs = (probs: number[]) => probs.map(Math.log);
+
+describe("validateSamplingParams", () => {
+  it("applies the defaults", () => {
+    expect(validateSamplingParams({}, { vocabSize: 10 })).toEqual({
+      temperature: 1,
+      topP: 1,
+      topK: 0,
+      minP: 0,
+      repetitionPenalty: 1,
+      presencePenalty: 0,
+      frequencyPenalty: 0,
+      logitBias: {},
+      seed: null,
+      maxTokens: null,
+      stop: [],
+      stopTokenIds: [],
+      ignoreEos: false,
+      logprobs: false,
+      topLogprobs: 0,
+    });
+  });
+
+  it("keeps valid values, treats null as not given and normalises top_k -1 to 0", () => {
+    const p = validateSamplingParams(
+      {
+        temperature: 0,
+        topP: 0.5,
+        topK: -1,
+        minP: 1,
+        seed: -7,
+        maxTokens: 3,
+        stop: ["a"],
+        logitBias: { 9: -100 },
+        logprobs: true,
+        topLogprobs: 20,
+        frequencyPenalty: null as unknown as number,
+      },
+      { vocabSize: 10 },
+    );
+    expect(p).toMatchObject({ temperature: 0, topP: 0.5, topK: 0, minP: 1, seed: -7, maxTokens: 3, stop: ["a"] });
+    expect(p).toMatchObject({ logitBias: { 9: -100 }, logprobs: true, topLogprobs: 20, frequencyPenalty: 0 });
+  });
+
+  const bad: [Partial<SamplingParams> | Record<string, unknown>, string][] = [
+    [{ temperature: -0.1 }, "temperature"],
+    [{ temperature: Number.NaN }, "temperature"],
+    [{ temperature: "1" }, "temperature"],
+    [{ topP: 0 }, "top_p"],
+    [{ topP: 1.01 }, "top_p"],
+    [{ topK: -2 }, "top_k"],
+    [{ topK: 1.5 }, "top_k"],
+    [{ minP: -0.1 }, "min_p"],
+    [{ minP: 1.1 }, "min_p"],
+    [{ repetitionPenalty: 0 }, "repetition_penalty"],
+    [{ presencePenalty: 2.5 }, "presence_penalty"],
+    [{ frequencyPenalty: -2.5 }, "frequency_penalty"],
+    [{ logitBias: { 10: 1 } }, "logit_bias"],
+    [{ logitBias: { 1: 101 } }, "logit_bias"],
+    [{ logitBias: { "-1": 1 } }, "logit_bias"],
+    [{ logitBias: { x: 1 } }, "logit_bias"],
+    [{ seed: 1.5 }, "seed"],
+    [{ seed: 2 ** 60 }, "seed"],
+    [{ maxTokens: 0 }, "max_tokens"],
+    [{ maxTokens: 2.5 }, "max_tokens"],
+    [{ stop: [""] }, "stop"],
+    [{ stop: "x" }, "stop"],
+    [{ stop: Array.from({ length: 17 }, (_, i) => `s${i}`) }, "stop"],
+    [{ stopTokenIds: [10] }, "stop_token_ids"],
+    [{ ignoreEos: 1 }, "ignore_eos"],
+    [{ logprobs: "yes" }, "logprobs"],
+    [{ logprobs: true, topLogprobs: 21 }, "top_logprobs"],
+    [{ topLogprobs: 2 }, "top_logprobs"], // needs logprobs: true
+  ];
+  it.each(bad)("rejects %j naming %s", (p, name) => {
+    let err: unknown;
+    try {
+      validateSamplingParams(p as Partial<SamplingParams>, { vocabSize: 10 });
+    } catch (e) {
+      err = e;
+    }
+    expect(err).toBeInstanceOf(SamplingParamError);
+    expect((err as SamplingParamError).param).toBe(name);
+    expect((err as SamplingParamError).message).toContain(name);
+  });
+});
+
+describe("SeededRng", () => {
+  it("is reproducible per seed, distinct across seeds, and uniform in [0, 1)", () => {
+    const draw = (rng: SeededRng, n: number) => Array.from({ length: n }, () => rng.next());
+    expect(draw(new SeededRng(42), 5)).toEqual(draw(new SeededRng(42), 5));
+    expect(draw(new SeededRng(42), 5)).not.toEqual(draw(new SeededRng(43), 5));
+    expect(draw(new SeededRng(-1), 5)).not.toEqual(draw(new SeededRng(2 ** 53 - 1), 5));
+    const xs = draw(new SeededRng(7), 20000);
+    expect(xs.every((x) => x >= 0 && x < 1)).toBe(true);
+    const mean = xs.reduce((a, b) => a + b, 0) / xs.length;
+    expect(Math.abs(mean - 0.5)).toBeLessThan(0.01);
+    expect(draw(SeededRng.forSeed(null), 3)).not.toEqual(draw(SeededRng.forSeed(null), 3));
+    expect(() => new SeededRng(0.5)).toThrow(RangeError);
+  });
+});
+
+describe("sampleBatch", () => {
+  it("greedy picks the argmax, the lowest id on ties, and still advances the generator once", () => {
+    const rng = new FixedRng(0.99);
+    const logits = Float32Array.from([1, 5, 3, 5, -2, 0, 5, 2]);
+    const [a, b] = sampleBatch(logits, 4, [row({ temperature: 0 }, rng), row({ temperature: 0 }, null)]);
+    expect([a.tokenId, b.tokenId]).toEqual([1, 2]);
+    expect(rng.draws).toBe(1);
+  });
+
+  it("samples by inverse CDF in token-id order at temperature 1", () => {
+    const logits = fromProbs([0.2, 0.5, 0.3]);
+    expect(sample1(logits, {}, 0.19).tokenId).toBe(0);
+    expect(sample1(logits, {}, 0.21).tokenId).toBe(1);
+    expect(sample1(logits, {}, 0.69).tokenId).toBe(1);
+    expect(sample1(logits, {}, 0.71).tokenId).toBe(2);
+    expect(sample1(logits, {}, 0.999999).tokenId).toBe(2);
+  });
+
+  it("temperature sharpens and flattens the distribution", () => {
+    const logits = fromProbs([0.25, 0.75]);
+    // T = 0.5 squares the odds: 1:9 ; T = 2 takes their root: 1:sqrt(3).
+    expect(sample1(logits, { temperature: 0.5 }, 0.09).tokenId).toBe(0);
+    expect(sample1(logits, { temperature: 0.5 }, 0.11).tokenId).toBe(1);
+    const p0 = 1 / (1 + Math.sqrt(3));
+    expect(sample1(logits, { temperature: 2 }, p0 - 0.01).tokenId).toBe(0);
+    expect(sample1(logits, { temperature: 2 }, p0 + 0.01).tokenId).toBe(1);
+  });
+
+  it("min_p drops tokens below min_p times the top probability", () => {
+    const logits = fromProbs([0.05, 0.5, 0.3, 0.15]);
+    expect(sample1(logits, {}, 0).tokenId).toBe(0);
+    expect(sample1(logits, { minP: 0.2 }, 0).tokenId).toBe(1); // 0.05 < 0.1
+    expect(sample1(logits, { minP: 0.2 }, 0.999).tokenId).toBe(3); // 0.15 >= 0.1
+    expect(sample1(logits, { minP: 0.4 }, 0.999).tokenId).toBe(2); // 0.15 < 0.2 <= 0.3
+    expect(sample1(logits, { minP: 1 }, 0.999).tokenId).toBe(1);
+  });
+
+  it("top_k keeps the k most likely tokens, renormalised", () => {
+    const logits = fromProbs([0.1, 0.4, 0.2, 0.3]);
+    // Kept {1: 0.4, 3: 0.3} -> CDF 4/7 at token 1.
+    expect(sample1(logits, { topK: 2 }, 0).tokenId).toBe(1);
+    expect(sample1(logits, { topK: 2 }, 4 / 7 - 0.01).tokenId).toBe(1);
+    expect(sample1(logits, { topK: 2 }, 4 / 7 + 0.01).tokenId).toBe(3);
+    expect(sample1(logits, { topK: 1 }, 0.999).tokenId).toBe(1);
+    expect(sample1(logits, { topK: 4 }, 0).tokenId).toBe(0);
+  });
+
+  it("top_k keeps every token tied with the k-th", () => {
+    const logits = [1, 3, 2, 2, 0];
+    expect(sample1(logits, { topK: 2 }, 0.999).tokenId).toBe(3);
+  });
+
+  it("top_p keeps the smallest top set whose mass reaches top_p (vLLM's rule)", () => {
+    const logits = fromProbs([0.1, 0.4, 0.2, 0.3]);
+    // Budget 0.25 to drop: token 0 (0.1) goes, token 2 (cum 0.3) stays.
+    expect(sample1(logits, { topP: 0.75 }, 0).tokenId).toBe(1);
+    expect(sample1(logits, { topP: 0.75 }, 0.999).tokenId).toBe(3);
+    // Budget 0.4: tokens 0 and 2 go; kept {1, 3} renormalised.
+    expect(sample1(logits, { topP: 0.6 }, 4 / 7 - 0.01).tokenId).toBe(1);
+    expect(sample1(logits, { topP: 0.6 }, 4 / 7 + 0.01).tokenId).toBe(3);
+    // A tiny top_p still keeps the most likely token.
+    expect(sample1(logits, { topP: 1e-9 }, 0.999).tokenId).toBe(1);
+  });
+
+  it("top_p breaks ties between equal logits by keeping the lower id", () => {
+    // Four equal tokens, top_p 0.5: two of them stay, the lower ids.
+    expect(sample1([0, 0, 0, 0], { topP: 0.5 }, 0.999).tokenId).toBe(1);
+  });
+
+  it("applies the filters together: min_p, then top_k, then top_p", () => {
+    const logits = fromProbs([0.02, 0.3, 0.08, 0.25, 0.2, 0.15]);
+    // min_p 0.1 drops token 0 (0.02 < 0.03); top_k 4 drops token 2; top_p 0.6 of the remaining 0.9 may drop
+    // 0.36: tokens 5 (0.15) and 4 (cum 0.35) go. Kept {1: 0.3, 3: 0.25}, CDF 0.3/0.55 at token 1.
+    const p = { minP: 0.1, topK: 4, topP: 0.6 };
+    expect(sample1(logits, p, 0).tokenId).toBe(1);
+    expect(sample1(logits, p, 0.3 / 0.55 - 0.01).tokenId).toBe(1);
+    expect(sample1(logits, p, 0.3 / 0.55 + 0.01).tokenId).toBe(3);
+    expect(sample1(logits, p, 0.999).tokenId).toBe(3);
+  });
+
+  it("logit_bias is added before sampling", () => {
+    expect(sample1([0, 0, 0], { temperature: 0, logitBias: { 2: 5 } }).tokenId).toBe(2);
+    expect(sample1([3, 0, 0], { temperature: 0, logitBias: { 0: -100 } }).tokenId).toBe(1);
+  });
+
+  it("repetition_penalty divides positive and multiplies negative logits of prompt and output tokens", () => {
+    // Token 0's logit 2 becomes 1 with penalty 2.
+    expect(sample1([2, 0.99], { temperature: 0, repetitionPenalty: 2 }, 0, { promptTokenIds: [0] }).tokenId).toBe(0);
+    expect(sample1([2, 1.01], { temperature: 0, repetitionPenalty: 2 }, 0, { promptTokenIds: [0] }).tokenId).toBe(1);
+    expect(sample1([2, 1.01], { temperature: 0, repetitionPenalty: 2 }, 0, { outputTokenIds: [0] }).tokenId).toBe(1);
+    // Negative: -1 becomes -2 (once, however often the token occurs).
+    expect(sample1([-1, -1.99], { temperature: 0, repetitionPenalty: 2 }, 0, { promptTokenIds: [0, 0] }).tokenId).toBe(
+      1,
+    );
+    expect(sample1([-1, -2.01], { temperature: 0, repetitionPenalty: 2 }, 0, { promptTokenIds: [0, 0] }).tokenId).toBe(
+      0,
+    );
+    expect(sample1([-1, -1.5], { temperature: 0 }, 0, { promptTokenIds: [0] }).tokenId).toBe(0);
+  });
+
+  it("frequency and presence penalties count output tokens only", () => {
+    const out = { outputTokenIds: [0, 0, 0], promptTokenIds: [0, 0, 0, 0, 0] };
+    // frequency 0.5 * 3 = 1.5: logit 3 -> 1.5
+    expect(sample1([3, 1.49], { temperature: 0, frequencyPenalty: 0.5 }, 0, out).tokenId).toBe(0);
+    expect(sample1([3, 1.51], { temperature: 0, frequencyPenalty: 0.5 }, 0, out).tokenId).toBe(1);
+    // presence 1.5 once, however often the token occurred
+    expect(sample1([3, 1.49], { temperature: 0, presencePenalty: 1.5 }, 0, out).tokenId).toBe(0);
+    expect(sample1([3, 1.51], { temperature: 0, presencePenalty: 1.5 }, 0, out).tokenId).toBe(1);
+    // both, and nothing for prompt-only tokens
+    expect(sample1([3, 0.49], { temperature: 0, presencePenalty: 1, frequencyPenalty: 0.5 }, 0, out).tokenId).toBe(0);
+    expect(sample1([3, 0.51], { temperature: 0, presencePenalty: 1, frequencyPenalty: 0.5 }, 0, out).tokenId).toBe(1);
+    const promptOnly = { promptTokenIds: [0] };
+    expect(sample1([3, 2], { temperature: 0, presencePenalty: 2, frequencyPenalty: 2 }, 0, promptOnly).tokenId).toBe(0);
+  });
+
+  it("returns raw-logit logprobs and top logprobs, whatever the processing", () => {
+    const logits = [1, 2, 3, 3];
+    const lse = Math.log(logits.reduce((a, x) => a + Math.exp(x), 0));
+    const t = sample1(logits, { temperature: 0, logitBias: { 0: 10 }, logprobs: true, topLogprobs: 3 });
+    expect(t.tokenId).toBe(0);
+    expect(t.logprob).toBeCloseTo(1 - lse, 6);
+    expect(t.topLogprobs!.map((x) => x.tokenId)).toEqual([2, 3, 1]);
+    expect(t.topLogprobs![0].logprob).toBeCloseTo(3 - lse, 6);
+    expect(t.topLogprobs![2].logprob).toBeCloseTo(2 - lse, 6);
+    const plain = sample1(logits, { temperature: 0.7, topK: 2, logprobs: true });
+    expect(plain.logprob).toBeCloseTo(logits[plain.tokenId] - lse, 6);
+    expect(plain.topLogprobs).toBeUndefined();
+    expect(sample1(logits, {}).logprob).toBeUndefined();
+  });
+
+  it("leaves the caller's logits unchanged", () => {
+    const logits = Float32Array.from([1, 2, 3, 4, 5, 6]);
+    const copy = Float32Array.from(logits);
+    sampleBatch(logits, 3, [
+      row({ logitBias: { 0: 3 }, repetitionPenalty: 1.3, frequencyPenalty: 1 }, new SeededRng(1), {
+        promptTokenIds: [1, 2],
+        outputTokenIds: [2, 2, 0],
+      }),
+      row({ temperature: 0, presencePenalty: -2 }, null, { outputTokenIds: [0] }),
+    ]);
+    expect(logits).toEqual(copy);
+  });
+
+  it("a seeded request's tokens do not depend on the rest of the batch or its order", () => {
+    const V = 50;
+    const requests = [
+      { seed: 1, p: { temperature: 0.9, topP: 0.8 } },
+      { seed: 2, p: { temperature: 1.2, topK: 10, minP: 0.01 } },
+      { seed: 3, p: { temperature: 0.5, repetitionPenalty: 1.2, presencePenalty: 0.3 } },
+      { seed: 1, p: { temperature: 1 } },
+    ];
+    // The logits a request sees at a step depend only on (request, step).
+    const logitsFor = (r: number, step: number) => {
+      const g = new SeededRng(1000 * r + step);
+      return Array.from({ length: V }, () => 4 * g.next());
+    };
+    const generate = (order: number[], steps: number) => {
+      const rngs = requests.map((r) => new SeededRng(r.seed));
+      const outputs = requests.map(() => [] as number[]);
+      for (let step = 0; step < steps; step++) {
+        const batch = step % 2 === 0 ? order : order.slice(0, Math.max(1, order.length - 1)); // vary composition
+        const logits = Float32Array.from(batch.flatMap((r) => logitsFor(r, outputs[r].length)));
+        const rows = batch.map((r) => ({
+          params: params(requests[r].p, V),
+          rng: rngs[r],
+          promptTokenIds: [1, 2, 3],
+          outputTokenIds: outputs[r],
+        }));
+        sampleBatch(logits, V, rows).forEach((t, i) => outputs[batch[i]].push(t.tokenId));
+      }
+      return outputs;
+    };
+    const a = generate([0, 1, 2, 3], 12);
+    const b = generate([3, 2, 1, 0], 12);
+    const c = generate([1, 0], 12);
+    for (const r of [0, 1]) {
+      const n = Math.min(a[r].length, b[r].length, c[r].length);
+      expect(a[r].slice(0, n)).toEqual(b[r].slice(0, n));
+      expect(a[r].slice(0, n)).toEqual(c[r].slice(0, n));
+      expect(n).toBeGreaterThan(5);
+    }
+    expect(a[2].slice(0, 6)).toEqual(b[2].slice(0, 6));
+  });
+
+  it("large vocabularies: the heap and quickselect top_k paths agree with a sort", () => {
+    const V = 40000;
+    const g = new SeededRng(5);
+    const logits = Float32Array.from({ length: V }, () => Math.round(g.next() * 2000) / 100);
+    const sortedDesc = [...logits].sort((a, b) => b - a);
+    for (const k of [7, 1500]) {
+      const kth = sortedDesc[k - 1];
+      for (let i = 0; i < 20; i++) {
+        const [t] = sampleBatch(logits, V, [row({ topK: k }, new SeededRng(i))]);
+        expect(logits[t.tokenId]).toBeGreaterThanOrEqual(kth);
+      }
+      // The least likely kept token is reachable: u near 1 lands on the highest kept id.
+      const [last] = sampleBatch(logits, V, [row({ topK: k, temperature: 1000 }, new FixedRng(0.9999999))]);
+      const keptIds = [...logits.keys()].filter((j) => logits[j] >= kth);
+      expect(last.tokenId).toBeGreaterThanOrEqual(keptIds[keptIds.length - 5]);
+    }
+  });
+
+  it("matches a sort-based reference of vLLM's filters (property)", () => {
+    fc.assert(
+      fc.property(
+        fc.array(fc.integer({ min: -40, max: 40 }), { minLength: 1, maxLength: 60 }),
+        fc.record({
+          temperature: fc.constantFrom(0.3, 0.7, 1, 1.5),
+          topK: fc.constantFrom(0, 1, 3, 10),
+          topP: fc.constantFrom(1, 0.95, 0.8, 0.5, 0.1),
+          minP: fc.constantFrom(0, 0.05, 0.3),
+        }),
+        fc.double({ min: 0, max: 0.999999, noNaN: true }),
+        (ints, p, u) => {
+          const logits = ints.map((x) => x / 8); // coarse values: plenty of ties
+          const want = referenceSample(logits, p, u);
+          if (want === null) return; // u within 1e-9 of a CDF step: either answer is right
+          expect(sample1(logits, p, u).tokenId).toBe(want);
+        },
+      ),
+      { numRuns: 400 },
+    );
+  });
+});
+
+/**
+ * Straightforward vLLM order on float64 probabilities with full sorts: min_p, top_k, top_p, then inverse CDF in
+ * id order. Returns null when u lands too close to a step of the CDF for rounding to be ruled out.
+ */
+function referenceSample(
+  logits: number[],
+  p: { temperature: number; topK: number; topP: number; minP: number },
+  u: number,
+): number | null {
+  const m = Math.max(...logits);
+  const w = logits.map((x) => Math.exp((x - m) / p.temperature));
+  let keep = logits.map(() => true);
+  if (p.minP > 0) keep = keep.map((k, j) => k && w[j] >= p.minP);
+  if (p.topK > 0 && p.topK < logits.length) {
+    const kth = [...logits].sort((a, b) => b - a)[p.topK - 1];
+    keep = keep.map((k, j) => k && logits[j] >= kth);
+  }
+  if (p.topP < 1) {
+    const ids = logits.map((_, j) => j).filter((j) => keep[j]);
+    const total = ids.reduce((a, j) => a + w[j], 0);
+    // Ascending likelihood, higher id first on ties; drop while the cumulative mass stays <= (1 - top_p).
+    ids.sort((a, b) => logits[a] - logits[b] || b - a);
+    let cum = 0;
+    for (let i = 0; i < ids.length - 1; i++) {
+      cum += w[ids[i]];
+      if (Math.abs(cum - (1 - p.topP) * total) < 1e-9 * total) return null;
+      if (cum > (1 - p.topP) * total) break;
+      keep[ids[i]] = false;
+    }
+  }
+  const kept = logits.map((_, j) => j).filter((j) => keep[j]);
+  const mass = kept.reduce((a, j) => a + w[j], 0);
+  let acc = 0;
+  for (const j of kept) {
+    acc += w[j];
+    if (Math.abs(acc - u * mass) < 1e-9 * mass) return null;
+    if (acc > u * mass) return j;
+  }
+  return kept[kept.length - 1];
+}
