@@ -116,7 +116,7 @@ export class ModelRunner {
 
     const decode: number[] = [];
     const prefill: number[] = [];
-    seqs.forEach((s, i) => (s.tokenIds.length === 1 ? decode : prefill).push(i));
+    for (const [i, s] of seqs.entries()) (s.tokenIds.length === 1 ? decode : prefill).push(i);
     const outputIndex = new BigInt64Array(T);
     const feeds: Record<string, ort.Tensor> = {};
     let outBase = 0;

@@ -145,7 +145,7 @@ export function buildLlamaGraph(cfg: LlamaConfig, w: PackedWeights): Uint8Array 
         g.ints([0, nkv, -1, hd]),
       ]);
       // keys/values [G, P + N, kvDim]: cached slots from the pool, then this step's fresh ones
-      const gatherKv = (cache: string, fresh: string, base: string) =>
+      const gatherKv = (fresh: string, base: string) =>
         g.op(
           "Concat",
           [
@@ -154,8 +154,8 @@ export function buildLlamaGraph(cfg: LlamaConfig, w: PackedWeights): Uint8Array 
           ],
           { axis: 1 },
         );
-      const keys = g.op("Reshape", [gatherKv(kvCache, k, keyBase), g.ints([0, 0, nkv, hd])]);
-      const values = g.op("Reshape", [gatherKv(kvCache, v, valueBase), g.ints([0, 0, nkv, hd])]);
+      const keys = g.op("Reshape", [gatherKv(k, keyBase), g.ints([0, 0, nkv, hd])]);
+      const values = g.op("Reshape", [gatherKv(v, valueBase), g.ints([0, 0, nkv, hd])]);
       const kT = g.op("Transpose", [keys], { perm: [0, 2, 3, 1] }); // [G, nkv, hd, K]
       const vh = g.op("Transpose", [values], { perm: [0, 2, 1, 3] }); // [G, nkv, K, hd]
       // scores [G, nkv, rep*Q, K] viewed as [G, nkv, rep, Q, K] so the [G, 1, 1, Q, K] mask broadcasts
