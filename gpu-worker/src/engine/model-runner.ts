@@ -27,13 +27,16 @@ const MASKED = -1e9;
 
 /**
  * Runs the model for one step over a ragged batch and owns the paged KV pool. The pool is one Float32Array
- * [2 * layers * slots, kvHeads * headDim] handed to ONNX Runtime as an input every step without copying; the
- * step's fresh keys/values come back as a small output and are written into their slots here.
+ * [2 * layers * kvHeads * slots, headDim] (head-major rows, see llama-graph.ts) handed to ONNX Runtime as an
+ * input every step without copying; the step's fresh keys/values come back as a small output and are written
+ * into their slots here.
  */
 export class ModelRunner {
   readonly kvCache: Float32Array;
   readonly numSlots: number;
   private readonly kvDim: number;
+  private readonly headDim: number;
+  private readonly numKvHeads: number;
   private readonly kvTensor: ort.Tensor;
 
   private constructor(
@@ -42,9 +45,12 @@ export class ModelRunner {
     readonly opts: ModelRunnerOptions,
   ) {
     this.kvDim = cfg.numKeyValueHeads * cfg.headDim;
+    this.headDim = cfg.headDim;
+    this.numKvHeads = cfg.numKeyValueHeads;
     this.numSlots = opts.numBlocks * opts.blockSize;
-    this.kvCache = new Float32Array(2 * cfg.numHiddenLayers * this.numSlots * this.kvDim);
-    this.kvTensor = new ort.Tensor("float32", this.kvCache, [2 * cfg.numHiddenLayers * this.numSlots, this.kvDim]);
+    const rows = 2 * cfg.numHiddenLayers * cfg.numKeyValueHeads * this.numSlots;
+    this.kvCache = new Float32Array(rows * cfg.headDim);
+    this.kvTensor = new ort.Tensor("float32", this.kvCache, [rows, cfg.headDim]);
   }
 
   static async create(model: CompiledModel, cfg: LlamaConfig, opts: ModelRunnerOptions): Promise<ModelRunner> {
@@ -70,13 +76,13 @@ export class ModelRunner {
 
   /** Copy whole blocks (copy-on-write of a shared partial block) before a step writes into them. */
   copyBlocks(copies: readonly (readonly [number, number])[]): void {
-    const bs = this.opts.blockSize;
-    const rowsPerBlock = bs * this.kvDim;
+    const perBlock = this.opts.blockSize * this.headDim;
     for (const [src, dst] of copies) {
-      for (let j = 0; j < 2 * this.cfg.numHiddenLayers; j++) {
-        const base = j * this.numSlots * this.kvDim;
-        const from = base + src * rowsPerBlock;
-        this.kvCache.copyWithin(base + dst * rowsPerBlock, from, from + rowsPerBlock);
+      // one contiguous run of slots per (layer, key/value, head)
+      for (let j = 0; j < 2 * this.cfg.numHiddenLayers * this.numKvHeads; j++) {
+        const base = j * this.numSlots * this.headDim;
+        const from = base + src * perBlock;
+        this.kvCache.copyWithin(base + dst * perBlock, from, from + perBlock);
       }
     }
   }
@@ -128,7 +134,7 @@ export class ModelRunner {
       // cannot infer a -1 dimension from zero elements.
       const G = Math.max(1, members.length);
       let Q = 1;
-      let P = 0;
+      let P = 1; // at least one (masked) past slot keeps every tensor non-empty
       for (const i of members) {
         Q = Math.max(Q, seqs[i].tokenIds.length);
         P = Math.max(P, seqs[i].startPos);
@@ -173,7 +179,8 @@ export class ModelRunner {
   }
 
   private writeNewKv(seqs: readonly StepSequence[], newKv: Float32Array): void {
-    const d = this.kvDim;
+    const hd = this.headDim;
+    const nkv = this.numKvHeads;
     let T = 0;
     for (const s of seqs) T += s.tokenIds.length;
     let row = 0;
@@ -181,8 +188,12 @@ export class ModelRunner {
       for (let i = 0; i < s.tokenIds.length; i++, row++) {
         const slot = this.slot(s.blockTable, s.startPos + i);
         for (let j = 0; j < 2 * this.cfg.numHiddenLayers; j++) {
-          const src = (j * T + row) * d;
-          this.kvCache.set(newKv.subarray(src, src + d), (j * this.numSlots + slot) * d);
+          // new_kv [2L, T, nkv*hd] -> pool rows ((j * nkv + h) * slots + slot)
+          const src = (j * T + row) * this.kvDim;
+          for (let h = 0; h < nkv; h++) {
+            const from = src + h * hd;
+            this.kvCache.set(newKv.subarray(from, from + hd), ((j * nkv + h) * this.numSlots + slot) * hd);
+          }
         }
       }
     }

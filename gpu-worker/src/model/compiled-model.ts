@@ -8,7 +8,7 @@ import type { ExternalRef } from "./onnx-builder.ts";
 import { LlamaWeights } from "./weights.ts";
 
 /** Bump when the graph or the packed layout changes: old compiled caches are then ignored. */
-const COMPILER_VERSION = 1;
+const COMPILER_VERSION = 2;
 
 export interface CompiledModel {
   /** The ONNX graph (small: weights are external). */

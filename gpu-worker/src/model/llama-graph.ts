@@ -41,12 +41,13 @@ export type AttentionGroup = (typeof ATTENTION_GROUPS)[number];
  *
  * Inputs (T = tokens in the step, across all sequences):
  * - `input_ids`, `positions` [T] int64
- * - `kv_cache` [2 * layers * slots, kvHeads * headDim]: the whole paged pool, read-only here (ONNX Runtime wraps
- *   the caller's buffer without copying). Layer l's keys are rows [2l * slots, (2l+1) * slots), values the next
- *   `slots` rows; slot = block * blockSize + offset.
+ * - `kv_cache` [2 * layers * kvHeads * slots, headDim]: the whole paged pool, read-only here (ONNX Runtime wraps
+ *   the caller's buffer without copying). Row ((2l + kv) * kvHeads + h) * slots + slot holds head h of layer l's
+ *   key (kv = 0) or value (kv = 1) at that slot; slot = block * blockSize + offset. Head-major rows make a gather
+ *   land directly in the [kvHeads, G, P, headDim] layout attention multiplies, with no transpose.
  * - per attention group g (decode, prefill), G sequences padded to Q queries, P cached and N new keys:
  *   `g_query_index` [G, Q] (token rows), `g_past_slots` [G, P], `g_new_index` [G, N] (token rows whose fresh keys
- *   the sequence attends to), `g_mask` [G, Q, P + N] additive (0 or -1e9: padding and causality).
+ *   the sequence attends to), `g_mask` [G, Q, P + N] additive (P ≥ 1; pad with a masked slot) (0 or -1e9: padding and causality).
  * - `output_index` [T]: where each token's attention output sits in concat(decode rows, prefill rows).
  * - `logits_index` [S]: token rows that need next-token logits (the last token of each sampled sequence).
  *
@@ -69,22 +70,36 @@ export function buildLlamaGraph(cfg: LlamaConfig, w: PackedWeights): Uint8Array 
 
   const ids = g.input("input_ids", i64, ["T"]);
   const positions = g.input("positions", i64, ["T"]);
-  const kvCache = g.input("kv_cache", f32, ["kv_rows", kvDim]);
+  const kvCache = g.input("kv_cache", f32, ["kv_rows", hd]);
+  // slots = kv_rows / (2 * layers * kvHeads): the pool size is a runtime property, not baked into the graph.
+  const kvRows = g.op("Gather", [g.op("Shape", [kvCache]), g.ints([0], true)], { axis: 0 });
+  const numSlots = g.op("Div", [kvRows, g.ints([2 * L * nkv], true)]);
+  // row offset of head h within a layer's keys or values: h * slots, as [nkv, 1, 1] to broadcast over [G, P]
+  const headOffsets = g.op("Mul", [g.ints(Array.from({ length: nkv }, (_, h) => h)), numSlots]);
+  const headOffsets3 = g.op("Reshape", [headOffsets, g.ints([nkv, 1, 1])]);
   const groups = ATTENTION_GROUPS.map((name) => {
     const mask = g.input(`${name}_mask`, f32, [`${name}_G`, `${name}_Q`, `${name}_K`]);
-    // Score shapes from the mask's [G, Q, K]: [G, nkv, rep, Q, K] to add the mask, [G, nkv, rep*Q, K] to multiply.
+    const pastSlots = g.input(`${name}_past_slots`, i64, [`${name}_G`, `${name}_P`]);
+    const newIndex = g.input(`${name}_new_index`, i64, [`${name}_G`, `${name}_N`]);
+    // Shapes from the inputs: scores are [nkv, G, rep*Q, K] to multiply and [nkv, G, rep, Q, K] to add the mask.
     const maskShape = g.op("Shape", [mask]);
     const dimG = g.op("Slice", [maskShape, g.ints([0]), g.ints([1])]);
     const dimQK = g.op("Slice", [maskShape, g.ints([1]), g.ints([3])]);
     const dimK = g.op("Slice", [maskShape, g.ints([2]), g.ints([3])]);
+    const dimP = g.op("Slice", [g.op("Shape", [pastSlots]), g.ints([1]), g.ints([2])]);
+    const dimN = g.op("Slice", [g.op("Shape", [newIndex]), g.ints([1]), g.ints([2])]);
     return {
       name,
       queryIndex: g.input(`${name}_query_index`, i64, [`${name}_G`, `${name}_Q`]),
-      pastSlots: g.input(`${name}_past_slots`, i64, [`${name}_G`, `${name}_P`]),
-      newIndex: g.input(`${name}_new_index`, i64, [`${name}_G`, `${name}_N`]),
-      mask: g.op("Unsqueeze", [mask, g.ints([1, 2])]), // [G, 1, 1, Q, K]
-      scoreShape5: g.op("Concat", [dimG, g.ints([nkv, rep]), dimQK], { axis: 0 }),
-      scoreShape4: g.op("Concat", [dimG, g.ints([nkv, -1]), dimK], { axis: 0 }),
+      newIndex,
+      // rows of the past keys of layer 0, head-major [nkv, G, P]; each layer adds its base row
+      pastRows: g.op("Add", [headOffsets3, pastSlots]),
+      mask: g.op("Unsqueeze", [mask, g.ints([0, 2])]), // [1, G, 1, Q, K]
+      queryShape: g.op("Concat", [g.ints([nkv]), dimG, g.ints([-1, hd])], { axis: 0 }),
+      scoreShape5: g.op("Concat", [g.ints([nkv]), dimG, g.ints([rep]), dimQK], { axis: 0 }),
+      scoreShape4: g.op("Concat", [g.ints([nkv]), dimG, g.ints([-1]), dimK], { axis: 0 }),
+      splitPN: g.op("Concat", [dimP, dimN], { axis: 0 }),
+      ctxShape5: g.op("Concat", [g.ints([nkv]), dimG, g.ints([rep, -1, hd])], { axis: 0 }),
     };
   });
   const outputIndex = g.input("output_index", i64, ["T"]);
@@ -95,9 +110,6 @@ export function buildLlamaGraph(cfg: LlamaConfig, w: PackedWeights): Uint8Array 
   const ropeCosTable = g.external("rope_cos", f32, [maxPos, hd], w.ropeCos);
   const ropeSinTable = g.external("rope_sin", f32, [maxPos, hd], w.ropeSin);
 
-  // slots = kv_rows / (2 * layers): the pool size is a runtime property, not baked into the graph.
-  const kvRows = g.op("Gather", [g.op("Shape", [kvCache]), g.ints([0], true)], { axis: 0 });
-  const numSlots = g.op("Div", [kvRows, g.ints([2 * L], true)]);
 
   // Rotary tables for the step's positions: [T, 1, hd], broadcast over heads.
   const cos = g.op("Unsqueeze", [g.op("Gather", [ropeCosTable, positions], { axis: 0 }), g.ints([1])]);
@@ -135,37 +147,35 @@ export function buildLlamaGraph(cfg: LlamaConfig, w: PackedWeights): Uint8Array 
     const k = rope(kRaw, nkv); // [T, kvDim]
     newKv.push(k, v);
 
-    const keyBase = g.op("Mul", [numSlots, g.ints([2 * l], true)]);
-    const valueBase = g.op("Mul", [numSlots, g.ints([2 * l + 1], true)]);
+    const layerRows = g.op("Mul", [numSlots, g.ints([2 * l * nkv], true)]); // first key row of layer l
+    const valueRows = g.op("Mul", [numSlots, g.ints([(2 * l + 1) * nkv], true)]);
+    // this step's keys/values head-major [nkv, T, hd], shared by both groups
+    const kFresh = g.op("Transpose", [g.op("Reshape", [k, g.ints([-1, nkv, hd])])], { perm: [1, 0, 2] });
+    const vFresh = g.op("Transpose", [g.op("Reshape", [v, g.ints([-1, nkv, hd])])], { perm: [1, 0, 2] });
     const groupOutputs = groups.map((grp) => {
-      // queries [G, Q, nh*hd] -> [G, nkv, rep*Q, hd]
-      const qg = g.op("Gather", [q, grp.queryIndex], { axis: 0 });
-      const qh = g.op("Reshape", [
-        g.op("Transpose", [g.op("Reshape", [qg, g.ints([0, 0, nkv, rep, hd])])], { perm: [0, 2, 3, 1, 4] }),
-        g.ints([0, nkv, -1, hd]),
-      ]);
-      // keys/values [G, P + N, kvDim]: cached slots from the pool, then this step's fresh ones
-      const gatherKv = (fresh: string, base: string) =>
-        g.op(
-          "Concat",
-          [
-            g.op("Gather", [kvCache, g.op("Add", [grp.pastSlots, base])], { axis: 0 }),
-            g.op("Gather", [fresh, grp.newIndex], { axis: 0 }),
-          ],
-          { axis: 1 },
-        );
-      const keys = g.op("Reshape", [gatherKv(k, keyBase), g.ints([0, 0, nkv, hd])]);
-      const values = g.op("Reshape", [gatherKv(v, valueBase), g.ints([0, 0, nkv, hd])]);
-      const kT = g.op("Transpose", [keys], { perm: [0, 2, 3, 1] }); // [G, nkv, hd, K]
-      const vh = g.op("Transpose", [values], { perm: [0, 2, 1, 3] }); // [G, nkv, K, hd]
-      // scores [G, nkv, rep*Q, K] viewed as [G, nkv, rep, Q, K] so the [G, 1, 1, Q, K] mask broadcasts
-      const scores = g.op("MatMul", [qh, kT]);
-      const scores5 = g.op("Reshape", [scores, grp.scoreShape5]);
-      const probs = g.op("Softmax", [g.op("Add", [scores5, grp.mask])], { axis: -1 });
-      const ctx = g.op("MatMul", [g.op("Reshape", [probs, grp.scoreShape4]), vh]); // [G, nkv, rep*Q, hd]
+      // queries [G, Q, nh*hd] -> [nkv, G, rep*Q, hd]
+      const qg = g.op("Reshape", [g.op("Gather", [q, grp.queryIndex], { axis: 0 }), g.ints([0, 0, nkv, rep, hd])]);
+      const qh = g.op("Reshape", [g.op("Transpose", [qg], { perm: [2, 0, 3, 1, 4] }), grp.queryShape]);
+      // past keys/values gathered from the pool [nkv, G, P, hd]; fresh ones from this step [nkv, G, N, hd]
+      const kPast = g.op("Gather", [kvCache, g.op("Add", [grp.pastRows, layerRows])], { axis: 0 });
+      const vPast = g.op("Gather", [kvCache, g.op("Add", [grp.pastRows, valueRows])], { axis: 0 });
+      const kNew = g.op("Gather", [kFresh, grp.newIndex], { axis: 1 });
+      const vNew = g.op("Gather", [vFresh, grp.newIndex], { axis: 1 });
+      // scores q·kᵀ for past and fresh keys side by side: only scores are concatenated, never keys
+      const scores = g.op(
+        "Concat",
+        [
+          g.op("FusedMatMul", [qh, kPast], { transB: 1 }, undefined, "com.microsoft"),
+          g.op("FusedMatMul", [qh, kNew], { transB: 1 }, undefined, "com.microsoft"),
+        ],
+        { axis: -1 },
+      ); // [nkv, G, rep*Q, P+N]
+      const probs5 = g.op("Softmax", [g.op("Add", [g.op("Reshape", [scores, grp.scoreShape5]), grp.mask])], { axis: -1 });
+      const [pPast, pNew] = g.node("Split", [g.op("Reshape", [probs5, grp.scoreShape4]), grp.splitPN], { axis: -1 }, { numOutputs: 2 });
+      const ctx = g.op("Add", [g.op("MatMul", [pPast, vPast]), g.op("MatMul", [pNew, vNew])]); // [nkv, G, rep*Q, hd]
       // back to token rows [G*Q, nh*hd]
-      const ctx5 = g.op("Reshape", [ctx, g.ints([0, nkv, rep, -1, hd])]);
-      return g.op("Reshape", [g.op("Transpose", [ctx5], { perm: [0, 3, 1, 2, 4] }), g.ints([-1, nh * hd])]);
+      const ctx5 = g.op("Reshape", [ctx, grp.ctxShape5]); // [nkv, G, rep, Q, hd]
+      return g.op("Reshape", [g.op("Transpose", [ctx5], { perm: [1, 3, 0, 2, 4] }), g.ints([-1, nh * hd])]);
     });
     const attn = g.op("Gather", [g.op("Concat", groupOutputs, { axis: 0 }), outputIndex], { axis: 0 }); // [T, nh*hd]
     x = g.op("Add", [x, linear(attn, wo)]);

@@ -97,15 +97,19 @@ export class GraphBuilder {
   }
 
   /** Single-output shorthand. */
-  op(op: string, inputs: string[], attrs: Record<string, AttrValue> = {}, output?: string): string {
-    return this.node(op, inputs, attrs, output ? { outputs: [output] } : {})[0];
+  op(op: string, inputs: string[], attrs: Record<string, AttrValue> = {}, output?: string, domain?: string): string {
+    return this.node(op, inputs, attrs, { ...(output ? { outputs: [output] } : {}), ...(domain ? { domain } : {}) })[0];
   }
 
   build(name: string): Uint8Array {
     const model = onnx.ModelProto.create({
-      // IR 10 / opset 23: RMSNormalization is a standard op from opset 23 on.
+      // IR 10 / opset 23: RMSNormalization is a standard op from opset 23 on. com.microsoft holds
+      // FusedMatMul (matmul with a transposed operand), which ONNX Runtime implements on CPU and CUDA.
       irVersion: 10,
-      opsetImport: [{ domain: "", version: 23 }],
+      opsetImport: [
+        { domain: "", version: 23 },
+        { domain: "com.microsoft", version: 1 },
+      ],
       producerName: "llama-edge",
       graph: {
         name,
