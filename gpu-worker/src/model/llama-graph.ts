@@ -110,7 +110,6 @@ export function buildLlamaGraph(cfg: LlamaConfig, w: PackedWeights): Uint8Array 
   const ropeCosTable = g.external("rope_cos", f32, [maxPos, hd], w.ropeCos);
   const ropeSinTable = g.external("rope_sin", f32, [maxPos, hd], w.ropeSin);
 
-
   // Rotary tables for the step's positions: [T, 1, hd], broadcast over heads.
   const cos = g.op("Unsqueeze", [g.op("Gather", [ropeCosTable, positions], { axis: 0 }), g.ints([1])]);
   const sin = g.op("Unsqueeze", [g.op("Gather", [ropeSinTable, positions], { axis: 0 }), g.ints([1])]);
@@ -170,8 +169,15 @@ export function buildLlamaGraph(cfg: LlamaConfig, w: PackedWeights): Uint8Array 
         ],
         { axis: -1 },
       ); // [nkv, G, rep*Q, P+N]
-      const probs5 = g.op("Softmax", [g.op("Add", [g.op("Reshape", [scores, grp.scoreShape5]), grp.mask])], { axis: -1 });
-      const [pPast, pNew] = g.node("Split", [g.op("Reshape", [probs5, grp.scoreShape4]), grp.splitPN], { axis: -1 }, { numOutputs: 2 });
+      const probs5 = g.op("Softmax", [g.op("Add", [g.op("Reshape", [scores, grp.scoreShape5]), grp.mask])], {
+        axis: -1,
+      });
+      const [pPast, pNew] = g.node(
+        "Split",
+        [g.op("Reshape", [probs5, grp.scoreShape4]), grp.splitPN],
+        { axis: -1 },
+        { numOutputs: 2 },
+      );
       const ctx = g.op("Add", [g.op("MatMul", [pPast, vPast]), g.op("MatMul", [pNew, vNew])]); // [nkv, G, rep*Q, hd]
       // back to token rows [G*Q, nh*hd]
       const ctx5 = g.op("Reshape", [ctx, grp.ctxShape5]); // [nkv, G, rep, Q, hd]
