@@ -57,7 +57,8 @@ export async function main(argv: string[]): Promise<number> {
 function num(name: string, v: string | undefined): number | undefined {
   if (v === undefined) return undefined;
   const n = Number(v);
-  if (v.trim() === "" || !Number.isFinite(n)) throw new SamplingParamError(name, `--${name} must be a number, got "${v}"`);
+  if (v.trim() === "" || !Number.isFinite(n))
+    throw new SamplingParamError(name, `--${name} must be a number, got "${v}"`);
   return n;
 }
 
@@ -101,7 +102,8 @@ async function generate(argv: string[]): Promise<number> {
       .forEach((line, i) => {
         if (line.trim() === "") return;
         const v: unknown = JSON.parse(line);
-        if (typeof v !== "string") throw new SamplingParamError("prompts-file", `${file}:${i + 1}: each line must be a JSON string`);
+        if (typeof v !== "string")
+          throw new SamplingParamError("prompts-file", `${file}:${i + 1}: each line must be a JSON string`);
         prompts.push(v);
       });
   }
@@ -112,10 +114,12 @@ async function generate(argv: string[]): Promise<number> {
   if (values.model) modelDir = values.model;
   else {
     modelDir = await ensureDefaultModel("default", { quiet: !process.stderr.isTTY });
-    if (!values.json) process.stderr.write("Using the generated default model: random weights, the output is meaningless.\n");
+    if (!values.json)
+      process.stderr.write("Using the generated default model: random weights, the output is meaningless.\n");
   }
   const device = values.device ?? "cpu";
-  if (device !== "cpu" && device !== "cuda") throw new SamplingParamError("device", `--device must be cpu or cuda, got "${device}"`);
+  if (device !== "cpu" && device !== "cuda")
+    throw new SamplingParamError("device", `--device must be cpu or cuda, got "${device}"`);
   const engineOpts: EngineOptions = {
     modelDir,
     maxNumSeqs: num("max-num-seqs", values["max-num-seqs"]),
@@ -147,7 +151,9 @@ async function generate(argv: string[]): Promise<number> {
 
   // Submit everything first so the scheduler batches the prompts together.
   const streams = prompts.map((text, i) => {
-    const prompt = values.chat ? engine.tokenizer.encodeChat([{ role: "user", content: text }], { addGenerationPrompt: true }) : text;
+    const prompt = values.chat
+      ? engine.tokenizer.encodeChat([{ role: "user", content: text }], { addGenerationPrompt: true })
+      : text;
     return engine.submit({ requestId: `cli-${i}`, prompt, sampling });
   });
   const results = await Promise.all(streams.map(collect));
