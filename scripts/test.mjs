@@ -1,8 +1,23 @@
 #!/usr/bin/env node
-// `npm test`: install what the tests need, then run every package's tests with vitest.
+// `npm test`: install what the tests need, run every package's tests with vitest, and end with one plain
+// summary line ("Tests: N passed, N failed") that CI systems and people can read without parsing vitest's UI.
 import { spawnSync } from "node:child_process";
+import { existsSync, mkdirSync, readFileSync, rmSync } from "node:fs";
+import { join } from "node:path";
 import { ensureNpmDeps, root } from "./ensure-deps.mjs";
 
 ensureNpmDeps();
-const r = spawnSync("npx", ["vitest", "run", ...process.argv.slice(2)], { cwd: root, stdio: "inherit" });
+const reportDir = join(root, ".cache");
+mkdirSync(reportDir, { recursive: true });
+const report = join(reportDir, "vitest-report.json");
+rmSync(report, { force: true });
+const r = spawnSync(
+  "npx",
+  ["vitest", "run", "--reporter=default", "--reporter=json", `--outputFile.json=${report}`, ...process.argv.slice(2)],
+  { cwd: root, stdio: "inherit" },
+);
+if (existsSync(report)) {
+  const { numPassedTests, numFailedTests, numPendingTests } = JSON.parse(readFileSync(report, "utf8"));
+  console.log(`\nTests: ${numPassedTests} passed, ${numFailedTests} failed${numPendingTests ? `, ${numPendingTests} skipped` : ""}`);
+}
 process.exit(r.status ?? 1);
