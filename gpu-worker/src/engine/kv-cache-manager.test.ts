@@ -49,6 +49,18 @@ describe("KVCacheManager", () => {
     kv.checkInvariants();
   });
 
+  it("counts a lookup toward the hit rate only when its allocation succeeds", () => {
+    const kv = manager(4);
+    admit(kv, "a", range(0, 9)); // 0 of 9 hit
+    kv.free("a");
+    const prompt = [...range(0, 8), ...range(20, 30)]; // 18 tokens: 8 hit, 5 blocks needed, 4 exist
+    expect(admit(kv, "b", prompt).alloc).toBeNull();
+    expect(admit(kv, "b", prompt).alloc).toBeNull();
+    expect(kv.stats().hitRate).toBe(0);
+    expect(admit(kv, "c", prompt.slice(0, 16)).alloc).not.toBeNull();
+    expect(kv.stats().hitRate).toBeCloseTo(8 / (9 + 16));
+  });
+
   it("always leaves the last prompt token to compute", () => {
     const kv = manager(16);
     const prompt = range(0, 12); // three full blocks

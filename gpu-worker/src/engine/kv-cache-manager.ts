@@ -20,6 +20,8 @@ export interface ComputedBlocks {
   numCachedTokens: number;
   /** Chained hash of each hit block, so adoption can check the blocks were not evicted in between. */
   blockHashes: string[];
+  /** Tokens looked up; with numCachedTokens, counted toward the hit rate when the hit is adopted. */
+  numQueriedTokens: number;
 }
 
 /** What the model runner needs before a step that writes a request's KV. */
@@ -94,12 +96,13 @@ export class KVCacheManager {
   /**
    * The longest run of leading full blocks of `tokenIds` found in the prefix cache. At least one token is
    * always left to compute (the last prompt token is recomputed to get its logits), so a hit covers at most
-   * `tokenIds.length - 1` tokens rounded down to whole blocks. Counts toward the hit rate; call it once per
-   * request admission, then pass the result straight to `allocateSlots` in the same step.
+   * `tokenIds.length - 1` tokens rounded down to whole blocks. Pass the result straight to `allocateSlots` in
+   * the same step; the hit rate counts it only once adopted, so retrying a blocked request does not skew it.
    */
   getComputedBlocks(tokenIds: readonly number[]): ComputedBlocks {
-    const hit: ComputedBlocks = { blockIds: [], numCachedTokens: 0, blockHashes: [] };
+    const hit: ComputedBlocks = { blockIds: [], numCachedTokens: 0, blockHashes: [], numQueriedTokens: 0 };
     if (!this.enablePrefixCaching) return hit;
+    hit.numQueriedTokens = tokenIds.length;
     const maxBlocks = Math.floor(Math.max(0, tokenIds.length - 1) / this.blockSize);
     let parent = ROOT_HASH;
     for (let i = 0; i < maxBlocks; i++) {
@@ -111,8 +114,6 @@ export class KVCacheManager {
       parent = hash;
     }
     hit.numCachedTokens = hit.blockIds.length * this.blockSize;
-    this.numQueriedTokens += tokenIds.length;
-    this.numHitTokens += hit.numCachedTokens;
     return hit;
   }
 
@@ -133,7 +134,7 @@ export class KVCacheManager {
     computed?: ComputedBlocks,
   ): SlotAllocation | null {
     const req = this.requests.get(requestId);
-    const hit = computed ?? { blockIds: [], numCachedTokens: 0, blockHashes: [] };
+    const hit = computed ?? { blockIds: [], numCachedTokens: 0, blockHashes: [], numQueriedTokens: 0 };
     if (numNewComputed !== hit.numCachedTokens) {
       throw new Error(`allocateSlots(${requestId}): numNewComputed ${numNewComputed} != ${hit.numCachedTokens}`);
     }
@@ -162,6 +163,8 @@ export class KVCacheManager {
       state.blockHashes.push(...hit.blockHashes);
       state.numCachedBlocks = hitBlocks.length;
       this.requests.set(requestId, state);
+      this.numQueriedTokens += hit.numQueriedTokens;
+      this.numHitTokens += hit.numCachedTokens;
     }
     if (cowIndex >= 0) {
       const src = state.blocks[cowIndex];

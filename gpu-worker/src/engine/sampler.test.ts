@@ -206,8 +206,12 @@ describe("sampleBatch", () => {
   });
 
   it("top_p breaks ties between equal logits by keeping the lower id", () => {
-    // Four equal tokens, top_p 0.5: two of them stay, the lower ids.
-    expect(sample1([0, 0, 0, 0], { topP: 0.5 }, 0.999).tokenId).toBe(1);
+    // p = [0.475, 0.175, 0.175, 0.175]; top_p 0.7 may drop 0.3 of the mass: one of the three equal tokens goes,
+    // the highest id. Kept {0, 1, 2}, CDF 0.576 at token 0, 0.788 at token 1.
+    const logits = [1, 0, 0, 0];
+    expect(sample1(logits, { topP: 0.7 }, 0.78).tokenId).toBe(1);
+    expect(sample1(logits, { topP: 0.7 }, 0.8).tokenId).toBe(2);
+    expect(sample1(logits, { topP: 0.7 }, 0.999).tokenId).toBe(2);
   });
 
   it("applies the filters together: min_p, then top_k, then top_p", () => {
@@ -309,7 +313,7 @@ describe("sampleBatch", () => {
           promptTokenIds: [1, 2, 3],
           outputTokenIds: outputs[r],
         }));
-        sampleBatch(logits, V, rows).forEach((t, i) => outputs[batch[i]].push(t.tokenId));
+        for (const [i, t] of sampleBatch(logits, V, rows).entries()) outputs[batch[i]].push(t.tokenId);
       }
       return outputs;
     };
@@ -343,10 +347,26 @@ describe("sampleBatch", () => {
     }
   });
 
+  it("top logprobs over a large vocabulary match a full sort", () => {
+    const V = 30000;
+    const g = new SeededRng(9);
+    const logits = Float32Array.from({ length: V }, () => Math.round(g.next() * 500) / 50); // many ties
+    const lse = Math.log(logits.reduce((a, x) => a + Math.exp(x), 0));
+    const [t] = sampleBatch(logits, V, [row({ logprobs: true, topLogprobs: 20 }, new SeededRng(1))]);
+    const want = [...logits.keys()].sort((a, b) => logits[b] - logits[a] || a - b).slice(0, 20);
+    expect(t.topLogprobs!.map((x) => x.tokenId)).toEqual(want);
+    for (const x of t.topLogprobs!) expect(x.logprob).toBeCloseTo(logits[x.tokenId] - lse, 9);
+    expect(t.logprob).toBeCloseTo(logits[t.tokenId] - lse, 9);
+  });
+
   it("matches a sort-based reference of vLLM's filters (property)", () => {
     fc.assert(
       fc.property(
-        fc.array(fc.integer({ min: -40, max: 40 }), { minLength: 1, maxLength: 60 }),
+        fc
+          .integer({ min: 1, max: 40 })
+          .chain((spread) => fc.array(fc.integer({ min: -spread, max: spread }), { minLength: 1, maxLength: 60 })),
+        // Coarse steps give ties (also at the top_p edge); fine ones put tokens in neighbouring histogram bins.
+        fc.constantFrom(8, 300),
         fc.record({
           temperature: fc.constantFrom(0.3, 0.7, 1, 1.5),
           topK: fc.constantFrom(0, 1, 3, 10),
@@ -354,8 +374,8 @@ describe("sampleBatch", () => {
           minP: fc.constantFrom(0, 0.05, 0.3),
         }),
         fc.double({ min: 0, max: 0.999999, noNaN: true }),
-        (ints, p, u) => {
-          const logits = ints.map((x) => x / 8); // coarse values: plenty of ties
+        (ints, step, p, u) => {
+          const logits = ints.map((x) => x / step);
           const want = referenceSample(logits, p, u);
           if (want === null) return; // u within 1e-9 of a CDF step: either answer is right
           expect(sample1(logits, p, u).tokenId).toBe(want);
