@@ -30,6 +30,8 @@ export interface EngineOptions {
   maxModelLen?: number;
   executionProvider?: "cpu" | "cuda";
   numThreads?: number;
+  /** ONNX Runtime thread spinning between operators; default on (see ModelRunnerOptions.allowSpinning). */
+  allowSpinning?: boolean;
   onProgress?: (stage: string, done: number, total: number) => void;
 }
 
@@ -105,6 +107,7 @@ export class LLMEngine {
       blockSize,
       executionProvider: opts.executionProvider,
       numThreads: opts.numThreads,
+      allowSpinning: opts.allowSpinning,
     });
     const kv = new KVCacheManager({ numBlocks, blockSize, enablePrefixCaching: opts.enablePrefixCaching ?? true });
     const scheduler = new Scheduler({ maxNumSeqs, maxNumBatchedTokens: opts.maxNumBatchedTokens ?? 512 }, kv);
