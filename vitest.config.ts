@@ -2,7 +2,7 @@ import { defineConfig } from "vitest/config";
 
 export default defineConfig({
   test: {
-    include: ["{shared,gpu-worker,edge,test}/**/*.test.ts"],
+    include: ["{shared,gpu-worker,edge,test,infra}/**/*.test.ts"],
     exclude: ["**/node_modules/**"],
     testTimeout: 120_000,
     hookTimeout: 300_000,

@@ -8,7 +8,11 @@ ensureNpmDeps();
 const args = process.argv.slice(2);
 const r = spawnSync(
   process.execPath,
-  [join(root, "gpu-worker", "bin", "llama-worker.js"), "generate", ...(args.length ? args : ["--prompt", "Once upon a time"])],
+  [
+    join(root, "gpu-worker", "bin", "llama-worker.js"),
+    "generate",
+    ...(args.length ? args : ["--prompt", "Once upon a time"]),
+  ],
   { cwd: root, stdio: "inherit" },
 );
 process.exit(r.status ?? 1);

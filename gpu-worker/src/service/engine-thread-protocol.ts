@@ -1,0 +1,55 @@
+/**
+ * Messages between the service's main thread (engine-host.ts) and the engine thread (engine-thread.ts). Plain data:
+ * they cross a `worker_threads` port by structured clone.
+ *
+ * @module
+ */
+import type { EngineOptions } from "../engine/llm-engine.ts";
+import type { EngineEvent, EngineRequest, EngineStats } from "../engine/types.ts";
+import type { ChatMessage } from "../tokenizer/tokenizer.ts";
+
+/** A chat prompt, rendered in the engine thread because the tokenizer (and its chat template) lives there. */
+export interface ChatPrompt {
+  messages: ChatMessage[];
+  addGenerationPrompt: boolean;
+}
+
+export type HostRequest = Omit<EngineRequest, "prompt"> & { prompt: EngineRequest["prompt"] | ChatPrompt };
+
+export interface EngineConfig {
+  modelName: string;
+  maxModelLen: number;
+  maxNumSeqs: number;
+  blockSize: number;
+  numBlocks: number;
+}
+
+/** An error thrown in the engine thread, as far as it survives the trip. */
+export interface ThreadError {
+  name: string;
+  message: string;
+  /** EngineRequestError's code, if any. */
+  code?: string;
+}
+
+/** What the host passes as workerData. Functions cannot cross, so no onProgress. */
+export interface ThreadInit {
+  engineOptions: Omit<EngineOptions, "onProgress">;
+  /** Module exporting `LLMEngine` (default: ../engine/llm-engine.ts). */
+  engineModule: string;
+  statsIntervalMs: number;
+}
+
+export type HostToThread =
+  | { type: "submit"; request: HostRequest }
+  | { type: "abort"; requestId: string }
+  | { type: "prefixHashes"; callId: number; limit: number };
+
+export type ThreadToHost =
+  | { type: "ready"; config: EngineConfig; stats: EngineStats }
+  | { type: "startFailed"; error: ThreadError }
+  | { type: "event"; requestId: string; event: EngineEvent }
+  /** submit() threw (invalid parameters, prompt too long) or the stream failed. Ends the request. */
+  | { type: "failed"; requestId: string; error: ThreadError }
+  | { type: "stats"; stats: EngineStats }
+  | { type: "prefixHashes"; callId: number; hashes: string[] };

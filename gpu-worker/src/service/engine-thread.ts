@@ -1,0 +1,75 @@
+/**
+ * The engine's thread. ONNX Runtime's `run()` blocks the thread it is called on for the whole step, so the engine
+ * lives here and the main thread stays free for NATS (pings, heartbeats, cancels, pulls). Messages from the host
+ * are handled between steps (the engine yields with setImmediate after each one), which is what bounds a cancel
+ * to one step.
+ *
+ * @module
+ */
+import { parentPort, workerData } from "node:worker_threads";
+import type { LLMEngine } from "../engine/llm-engine.ts";
+import type { EngineRequest } from "../engine/types.ts";
+import type { HostRequest, HostToThread, ThreadError, ThreadInit, ThreadToHost } from "./engine-thread-protocol.ts";
+
+const port = parentPort;
+if (!port) throw new Error("engine-thread.ts must run in a worker thread (see engine-host.ts)");
+const send = (m: ThreadToHost) => port.postMessage(m);
+
+function toThreadError(e: unknown): ThreadError {
+  if (!(e instanceof Error)) return { name: "Error", message: String(e) };
+  const code = (e as { code?: unknown }).code;
+  return { name: e.name, message: e.message, ...(typeof code === "string" ? { code } : {}) };
+}
+
+/** Optional until the engine exposes it: load reports then carry no hashes. */
+type WithPrefixHashes = { prefixBlockHashes?: (limit: number) => string[] };
+
+async function main(init: ThreadInit): Promise<void> {
+  let engine: LLMEngine;
+  try {
+    const mod = (await import(init.engineModule)) as { LLMEngine: typeof LLMEngine };
+    engine = await mod.LLMEngine.create(init.engineOptions);
+  } catch (e) {
+    send({ type: "startFailed", error: toThreadError(e) });
+    return;
+  }
+  const { modelName, maxModelLen, maxNumSeqs, blockSize, numBlocks } = engine.config;
+  send({ type: "ready", config: { modelName, maxModelLen, maxNumSeqs, blockSize, numBlocks }, stats: engine.stats() });
+  // Also sent after every finished request, so freed blocks show in the host at once.
+  setInterval(() => send({ type: "stats", stats: engine.stats() }), init.statsIntervalMs);
+
+  const run = async (req: HostRequest) => {
+    try {
+      const { prompt } = req;
+      const engineReq: EngineRequest = {
+        ...req,
+        prompt:
+          typeof prompt === "string" || Array.isArray(prompt)
+            ? prompt
+            : engine.tokenizer.encodeChat(prompt.messages, { addGenerationPrompt: prompt.addGenerationPrompt }),
+      };
+      for await (const event of engine.submit(engineReq)) send({ type: "event", requestId: req.requestId, event });
+    } catch (e) {
+      send({ type: "failed", requestId: req.requestId, error: toThreadError(e) });
+    }
+    send({ type: "stats", stats: engine.stats() });
+  };
+
+  port?.on("message", (m: HostToThread) => {
+    switch (m.type) {
+      case "submit":
+        void run(m.request);
+        break;
+      case "abort":
+        engine.abort(m.requestId);
+        break;
+      case "prefixHashes": {
+        const hashes = (engine as unknown as WithPrefixHashes).prefixBlockHashes?.(m.limit) ?? [];
+        send({ type: "prefixHashes", callId: m.callId, hashes });
+        break;
+      }
+    }
+  });
+}
+
+void main(workerData as ThreadInit);

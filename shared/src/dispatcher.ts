@@ -1,0 +1,293 @@
+/**
+ * The gateway's side of the dispatch protocol: submit a request to a worker pool and iterate over its token events.
+ * Depends only on a `NatsConnection` and JetStream, so it runs in Node over TCP (`@nats-io/transport-node`) and in
+ * workerd over WebSocket (`wsconnect` from `@nats-io/nats-core`); the entry point picks the transport.
+ *
+ * @example
+ * const dispatcher = new Dispatcher(nc);
+ * for await (const ev of dispatcher.submit("default", { id, model, prompt: { type: "text", text: "Hi" } })) {
+ *   if (ev.type === "delta") process.stdout.write(ev.text);
+ * }
+ *
+ * @module
+ */
+import { type JetStreamClient, type JetStreamManager, jetstream, jetstreamManager } from "@nats-io/jetstream";
+import { createInbox, type Msg, type NatsConnection } from "@nats-io/nats-core";
+import {
+  CancelledError,
+  type DispatchError,
+  InvalidRequestError,
+  NoWorkersError,
+  ProtocolError,
+  QueueTimeoutError,
+  WorkerError,
+  WorkerLostError,
+} from "./errors.ts";
+import {
+  type ClaimMessage,
+  DEFAULT_HEARTBEAT_TIMEOUT_MS,
+  encodeMessage,
+  isValidPoolName,
+  MAX_REQUEST_BYTES,
+  PROTOCOL_VERSION,
+  parseReplyMessage,
+  poolNames,
+  type RequestMessage,
+  type RequestMessageInput,
+  RequestMessageSchema,
+  type TokenEvent,
+} from "./protocol.ts";
+
+/** setTimeout's limit (2^31 - 1 ms); a later deadline would fire at once. */
+const MAX_TIMER_MS = 2 ** 31 - 1;
+
+export interface DispatcherOptions {
+  /** A started request fails with WorkerLostError after this long without an event. Must exceed the workers'
+   *  heartbeat interval (1 s) by a few beats. Default 2500. */
+  heartbeatTimeoutMs?: number;
+  /** Bound on finding out that a pool has no stream or consumer (NoWorkersError). Default 2000. */
+  poolCheckTimeoutMs?: number;
+  /** A pool found present is not checked again for this long. Default 5000. */
+  poolCheckTtlMs?: number;
+  /** Deadline of requests that do not set one, from submission. Default 120 s. */
+  defaultDeadlineMs?: number;
+  /** Prefix of reply subjects (must match the permissions of the gateway's NATS user). Default `_INBOX`. */
+  inboxPrefix?: string;
+}
+
+/** A request as the caller gives it: the dispatcher adds the version, the reply subject and the times. */
+export type SubmitRequest = Omit<RequestMessageInput, "v" | "reply_to" | "deadline" | "submitted_at"> & {
+  /** Epoch ms; default now + `defaultDeadlineMs`. */
+  deadline?: number;
+};
+
+export interface SubmitOptions {
+  /** Aborting cancels the request (at the worker too) and makes the iterator throw CancelledError. */
+  signal?: AbortSignal;
+}
+
+/** What the iterator yields; an `error` event is thrown as a WorkerError instead. */
+export type DispatchEvent = Exclude<TokenEvent, { type: "error" }>;
+
+export class Dispatcher {
+  readonly #nc: NatsConnection;
+  readonly #js: JetStreamClient;
+  #jsm: Promise<JetStreamManager> | undefined;
+  readonly #poolSeenAt = new Map<string, number>();
+  readonly #opts: Required<DispatcherOptions>;
+
+  constructor(nc: NatsConnection, opts: DispatcherOptions = {}) {
+    this.#nc = nc;
+    this.#opts = {
+      heartbeatTimeoutMs: opts.heartbeatTimeoutMs ?? DEFAULT_HEARTBEAT_TIMEOUT_MS,
+      poolCheckTimeoutMs: opts.poolCheckTimeoutMs ?? 2000,
+      poolCheckTtlMs: opts.poolCheckTtlMs ?? 5000,
+      defaultDeadlineMs: opts.defaultDeadlineMs ?? 120_000,
+      inboxPrefix: opts.inboxPrefix ?? "_INBOX",
+    };
+    this.#js = jetstream(nc, { timeout: this.#opts.poolCheckTimeoutMs });
+  }
+
+  /**
+   * Submits `request` to `pool` and yields its events: `start`, then `heartbeat`s and `delta`s, then `final`.
+   * Nothing is sent until the first `next()`. Leaving the loop early (break, return, throw) or aborting the signal
+   * cancels the request. Failures throw a DispatchError subclass (see `errors`).
+   */
+  submit(pool: string, request: SubmitRequest, options: SubmitOptions = {}): AsyncGenerator<DispatchEvent, void> {
+    return this.#run(pool, request, options.signal);
+  }
+
+  async *#run(pool: string, request: SubmitRequest, signal?: AbortSignal): AsyncGenerator<DispatchEvent, void> {
+    const id = request.id;
+    const { message, data } = this.#buildMessage(pool, request);
+    if (signal?.aborted) throw new CancelledError("aborted before submission", id);
+    await this.#checkPool(pool, id);
+
+    const names = poolNames(pool);
+    const mailbox = new Mailbox<Msg>();
+    const sub = this.#nc.subscribe(message.reply_to, { callback: (err, msg) => (err ? undefined : mailbox.push(msg)) });
+    const onAbort = () => mailbox.fail(new CancelledError("aborted by the caller", id));
+    signal?.addEventListener("abort", onAbort, { once: true });
+    let streamSeq: number | undefined;
+    let started = false;
+    let finished = false;
+    let queueTimer: ReturnType<typeof setTimeout> | undefined;
+    let silenceTimer: ReturnType<typeof setTimeout> | undefined;
+    const armSilenceTimer = () => {
+      clearTimer(silenceTimer);
+      silenceTimer = setTimeout(
+        () => mailbox.fail(new WorkerLostError(`no event from the worker for ${this.#opts.heartbeatTimeoutMs} ms`, id)),
+        this.#opts.heartbeatTimeoutMs,
+      );
+    };
+    try {
+      streamSeq = await this.#publish(pool, data, id);
+      queueTimer = setTimeout(
+        () => mailbox.fail(new QueueTimeoutError("no worker started the request before its deadline", id)),
+        Math.min(MAX_TIMER_MS, Math.max(0, message.deadline - Date.now())),
+      );
+      let nextSeq = 0;
+      let workerId: string | undefined;
+      for (;;) {
+        const msg = await mailbox.next();
+        const parsed = parseReplyMessage(msg.data);
+        if (!parsed.ok) throw new ProtocolError(`invalid event from the worker: ${parsed.message}`, id);
+        const ev = parsed.value;
+        if (ev.id !== id) throw new ProtocolError(`event for request ${ev.id} on this request's subject`, id);
+        if (ev.type === "claim") {
+          // Grant a redelivered request only if no other worker started it (see ClaimMessageSchema).
+          const granted = !started && (workerId === undefined || workerId === ev.worker_id);
+          if (granted) {
+            workerId = ev.worker_id;
+            armSilenceTimer();
+          }
+          respondToClaim(msg, ev, granted);
+          continue;
+        }
+        if (ev.seq < nextSeq) continue; // duplicate: already delivered, dropping it keeps the text exact
+        if (ev.seq > nextSeq) throw new ProtocolError(`events ${nextSeq}..${ev.seq - 1} were lost`, id);
+        nextSeq++;
+        armSilenceTimer();
+        switch (ev.type) {
+          case "start":
+            if (workerId !== undefined && workerId !== ev.worker_id) {
+              throw new ProtocolError(`started by ${ev.worker_id}, but ${workerId} claimed it`, id);
+            }
+            workerId = ev.worker_id;
+            started = true;
+            clearTimer(queueTimer);
+            yield ev;
+            break;
+          case "error":
+            finished = true;
+            throw new WorkerError(ev.code, ev.message, id);
+          case "final":
+            finished = true;
+            yield ev;
+            return;
+          default:
+            yield ev;
+        }
+      }
+    } finally {
+      clearTimer(queueTimer);
+      clearTimer(silenceTimer);
+      signal?.removeEventListener("abort", onAbort);
+      sub.unsubscribe();
+      if (streamSeq !== undefined && !finished) this.#cancel(names, id, started ? undefined : streamSeq);
+    }
+  }
+
+  #buildMessage(pool: string, request: SubmitRequest): { message: RequestMessage; data: Uint8Array } {
+    if (!isValidPoolName(pool)) throw new InvalidRequestError(`invalid pool name ${JSON.stringify(pool)}`, request.id);
+    const now = Date.now();
+    const parsed = RequestMessageSchema.safeParse({
+      ...request,
+      v: PROTOCOL_VERSION,
+      deadline: request.deadline ?? now + this.#opts.defaultDeadlineMs,
+      reply_to: createInbox(this.#opts.inboxPrefix),
+      submitted_at: now,
+    });
+    if (!parsed.success) {
+      const issues = parsed.error.issues.map((i) => `${i.path.join(".")}: ${i.message}`).join("; ");
+      throw new InvalidRequestError(`invalid request: ${issues}`, request.id);
+    }
+    const data = encodeMessage(parsed.data);
+    if (data.byteLength > MAX_REQUEST_BYTES) {
+      throw new InvalidRequestError(`request is ${data.byteLength} bytes, limit ${MAX_REQUEST_BYTES}`, request.id);
+    }
+    return { message: parsed.data, data };
+  }
+
+  /** Without a consumer nobody would ever pull the request: fail fast instead of waiting for the deadline. */
+  async #checkPool(pool: string, id: string): Promise<void> {
+    const seenAt = this.#poolSeenAt.get(pool);
+    if (seenAt !== undefined && Date.now() - seenAt < this.#opts.poolCheckTtlMs) return;
+    const { stream, consumer } = poolNames(pool);
+    try {
+      const jsm = await this.#manager();
+      await jsm.consumers.info(stream, consumer);
+      this.#poolSeenAt.set(pool, Date.now());
+    } catch (e) {
+      this.#jsm = undefined; // a failed manager (e.g. created while disconnected) is retried next time
+      throw new NoWorkersError(`no worker pool "${pool}" (${stream}/${consumer}): ${(e as Error).message}`, id, {
+        cause: e,
+      });
+    }
+  }
+
+  #manager(): Promise<JetStreamManager> {
+    this.#jsm ??= jetstreamManager(this.#nc, { timeout: this.#opts.poolCheckTimeoutMs, checkAPI: false });
+    return this.#jsm;
+  }
+
+  async #publish(pool: string, data: Uint8Array, id: string): Promise<number> {
+    let ack: Awaited<ReturnType<JetStreamClient["publish"]>>;
+    try {
+      // msgID: JetStream drops a second publish of the same id within its duplicate window.
+      ack = await this.#js.publish(poolNames(pool).requests, data, {
+        msgID: id,
+        timeout: this.#opts.poolCheckTimeoutMs,
+        retries: 0,
+      });
+    } catch (e) {
+      this.#poolSeenAt.delete(pool);
+      throw new NoWorkersError(`could not queue the request: ${(e as Error).message}`, id, { cause: e });
+    }
+    if (ack.duplicate) throw new InvalidRequestError(`request id ${id} was already submitted`, id);
+    return ack.seq;
+  }
+
+  /** Best effort: tell the pool to drop the request, and take it off the queue if no worker started it. */
+  #cancel(names: ReturnType<typeof poolNames>, id: string, queuedSeq: number | undefined): void {
+    try {
+      this.#nc.publish(names.cancel, encodeMessage({ v: PROTOCOL_VERSION, id }));
+    } catch {
+      // connection closed: the worker's heartbeats go nowhere and the deadline bounds a queued request
+    }
+    if (queuedSeq !== undefined) {
+      this.#manager()
+        .then((jsm) => jsm.streams.deleteMessage(names.stream, queuedSeq, false))
+        .catch(() => {}); // already pulled (the cancel covers it) or gone
+    }
+  }
+}
+
+/** clearTimeout that accepts "no timer" in every runtime (workerd's typings reject undefined). */
+function clearTimer(t: ReturnType<typeof setTimeout> | undefined): void {
+  if (t !== undefined) clearTimeout(t);
+}
+
+function respondToClaim(msg: Msg, claim: ClaimMessage, granted: boolean): void {
+  msg.respond(encodeMessage({ v: PROTOCOL_VERSION, id: claim.id, granted }));
+}
+
+/** A single-consumer queue whose `next()` rejects once `fail()` was called: the subscription, the timers and the
+ *  abort signal all feed one loop. */
+class Mailbox<T> {
+  #items: T[] = [];
+  #failure: DispatchError | undefined;
+  #wake: (() => void) | undefined;
+
+  push(item: T): void {
+    this.#items.push(item);
+    this.#wake?.();
+  }
+
+  fail(error: DispatchError): void {
+    this.#failure ??= error;
+    this.#wake?.();
+  }
+
+  async next(): Promise<T> {
+    for (;;) {
+      if (this.#failure) throw this.#failure;
+      const item = this.#items.shift();
+      if (item !== undefined) return item;
+      await new Promise<void>((resolve) => {
+        this.#wake = resolve;
+      });
+      this.#wake = undefined;
+    }
+  }
+}
