@@ -17,9 +17,12 @@ const r = spawnSync(
   { cwd: root, stdio: "inherit" },
 );
 if (existsSync(report)) {
-  const { numPassedTests, numFailedTests, numPendingTests } = JSON.parse(readFileSync(report, "utf8"));
+  const { numPassedTests, numFailedTests, numPendingTests, testResults } = JSON.parse(readFileSync(report, "utf8"));
+  // A file that fails to load runs no test at all: count it as a failure, not as nothing.
+  const brokenFiles = testResults.filter((f) => f.status === "failed" && f.assertionResults.length === 0).length;
+  const failed = numFailedTests + brokenFiles;
   console.log(
-    `\nTests: ${numPassedTests} passed, ${numFailedTests} failed${numPendingTests ? `, ${numPendingTests} skipped` : ""}`,
+    `\nTests: ${numPassedTests} passed, ${failed} failed${numPendingTests ? `, ${numPendingTests} skipped` : ""}`,
   );
 }
 process.exit(r.status ?? 1);
