@@ -123,6 +123,23 @@ export class BlockPool {
   }
 
   /** The block with this id (for tests and the manager's bookkeeping). */
+  /**
+   * Hashes of cached blocks for load reports (prefix-affinity routing): blocks in use first, then free ones
+   * starting with the last to be evicted; at most `limit`.
+   */
+  cachedHashes(limit: number): string[] {
+    const out: string[] = [];
+    for (const [hash, b] of this.blockByHash) {
+      if (out.length >= limit) return out;
+      if (b.refCount > 0) out.push(hash);
+    }
+    for (let id = this.tail; id !== NIL && out.length < limit; id = this.prev[id]) {
+      const h = this.blocks[id].hash;
+      if (h !== null) out.push(h);
+    }
+    return out;
+  }
+
   block(id: number): KVBlock {
     const b = this.blocks[id];
     if (b === undefined) throw new Error(`BlockPool: no block ${id}`);

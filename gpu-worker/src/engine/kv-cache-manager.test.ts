@@ -1,6 +1,6 @@
 import fc from "fast-check";
 import { describe, expect, it } from "vitest";
-import { KVCacheManager } from "./kv-cache-manager.ts";
+import { hashBlockTokens, KVCacheManager } from "./kv-cache-manager.ts";
 
 const range = (from: number, to: number) => Array.from({ length: to - from }, (_, i) => from + i);
 
@@ -306,3 +306,28 @@ function checkRandomOps(ops: Op[], enablePrefixCaching: boolean): void {
   kv.checkInvariants();
   expect(kv.stats()).toMatchObject({ total: numBlocks, used: 0, free: numBlocks });
 }
+
+describe("cachedBlockHashes", () => {
+  it("lists blocks a later request would hit: in-use ones, then freed ones last-evicted first", () => {
+    const m = new KVCacheManager({ numBlocks: 8, blockSize: 2, enablePrefixCaching: true });
+    const a = [1, 2, 3, 4, 5];
+    const b = [9, 8, 7, 6, 5];
+    for (const [id, toks] of [
+      ["a", a],
+      ["b", b],
+    ] as const) {
+      const hit = m.getComputedBlocks(toks);
+      m.allocateSlots(id, toks.length, hit.numCachedTokens, hit);
+      m.cacheFullBlocks(id, toks, toks.length);
+    }
+    m.free("a");
+    const hashes = m.cachedBlockHashes(10);
+    const hb1 = hashBlockTokens("", [9, 8]);
+    const ha1 = hashBlockTokens("", [1, 2]);
+    const ha2 = hashBlockTokens(ha1, [3, 4]);
+    expect(hashes.slice(0, 2)).toEqual([hb1, hashBlockTokens(hb1, [7, 6])]);
+    // a's blocks were freed tail first, so its first block is evicted last and listed first
+    expect(hashes.slice(2)).toEqual([ha1, ha2]);
+    expect(m.cachedBlockHashes(1)).toHaveLength(1);
+  });
+});

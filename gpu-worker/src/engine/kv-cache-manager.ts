@@ -231,6 +231,11 @@ export class KVCacheManager {
     this.requests.delete(requestId);
   }
 
+  /** Hashes of the blocks a new request could hit, most useful first (see BlockPool.cachedHashes). */
+  cachedBlockHashes(limit: number): string[] {
+    return this.pool.cachedHashes(limit);
+  }
+
   /** The request's physical block ids (a copy; empty for an unknown request). */
   blockTable(requestId: string): readonly number[] {
     return this.requests.get(requestId)?.blocks.map((b) => b.id) ?? [];

@@ -202,6 +202,11 @@ export class LLMEngine {
     };
   }
 
+  /** Hashes of prefix-cached KV blocks, for load reports that steer requests sharing a prefix here. */
+  prefixBlockHashes(limit: number): string[] {
+    return this.kv.cachedBlockHashes(limit);
+  }
+
   get hasUnfinished(): boolean {
     return this.scheduler.hasUnfinished;
   }

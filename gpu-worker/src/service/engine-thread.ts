@@ -21,9 +21,6 @@ function toThreadError(e: unknown): ThreadError {
   return { name: e.name, message: e.message, ...(typeof code === "string" ? { code } : {}) };
 }
 
-/** Optional until the engine exposes it: load reports then carry no hashes. */
-type WithPrefixHashes = { prefixBlockHashes?: (limit: number) => string[] };
-
 async function main(init: ThreadInit): Promise<void> {
   let engine: LLMEngine;
   try {
@@ -64,7 +61,7 @@ async function main(init: ThreadInit): Promise<void> {
         engine.abort(m.requestId);
         break;
       case "prefixHashes": {
-        const hashes = (engine as unknown as WithPrefixHashes).prefixBlockHashes?.(m.limit) ?? [];
+        const hashes = engine.prefixBlockHashes(m.limit);
         send({ type: "prefixHashes", callId: m.callId, hashes });
         break;
       }
