@@ -60,7 +60,7 @@ async function compareLogits(
   while (pos < prompt.length) {
     const n = Math.min(chunk, prompt.length - pos);
     const last = pos + n === prompt.length;
-    const logits = await runner.execute([
+    const { logits } = await runner.execute([
       { tokenIds: prompt.slice(pos, pos + n), startPos: pos, blockTable: table, needLogits: last },
     ]);
     for (let i = pos; i < pos + n; i++) refLogits = reference.forward(prompt[i], i);
@@ -71,7 +71,7 @@ async function compareLogits(
   for (let s = 0; s < steps; s++) {
     const next = argmax(refLogits);
     tokens.push(next);
-    const logits = await runner.execute([
+    const { logits } = await runner.execute([
       { tokenIds: [next], startPos: tokens.length - 1, blockTable: table, needLogits: true },
     ]);
     refLogits = reference.forward(next, tokens.length - 1);
@@ -130,7 +130,7 @@ describe("default model (stories15M shape, random weights)", () => {
       { tokenIds: [a[19]], startPos: 19, blockTable: tableA, needLogits: true },
       { tokenIds: b, startPos: 0, blockTable: tableB, needLogits: true },
     ];
-    const logits = await runner.execute(seqs);
+    const { logits } = await runner.execute(seqs);
     reference.reset();
     let refA = new Float64Array(0);
     a.forEach((t, i) => {

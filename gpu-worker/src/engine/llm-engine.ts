@@ -4,7 +4,7 @@ import { type LlamaConfig, loadLlamaConfig } from "../model/config.ts";
 import { LlamaTokenizer } from "../tokenizer/tokenizer.ts";
 import { IncrementalDetokenizer } from "./detokenizer.ts";
 import { KVCacheManager } from "./kv-cache-manager.ts";
-import { ModelRunner, type StepSequence } from "./model-runner.ts";
+import { ModelRunner, type StepOutput, type StepSequence } from "./model-runner.ts";
 import { finishReasonOf, isFinished, Request, RequestStatus } from "./request.ts";
 import { type SamplingRow, SeededRng, sampleBatch, validateSamplingParams } from "./sampler.ts";
 import { Scheduler } from "./scheduler.ts";
@@ -237,16 +237,19 @@ export class LLMEngine {
     const plan = this.scheduler.schedule();
     if (plan.scheduled.length === 0) return;
     this.stepping = true;
-    let logits: Float32Array;
+    let out: StepOutput;
     try {
       this.runner.copyBlocks(plan.blockCopies);
+      const temperatures: number[] = [];
       const seqs: StepSequence[] = plan.scheduled.map(({ request, numNewTokens, blockTable }) => {
         const start = request.numComputedTokens;
         const tokenIds: number[] = [];
         for (let i = start; i < start + numNewTokens; i++) tokenIds.push(request.tokenAt(i));
-        return { tokenIds, startPos: start, blockTable, needLogits: start + numNewTokens === request.numTokens };
+        const needLogits = start + numNewTokens === request.numTokens;
+        if (needLogits) temperatures.push(request.params.temperature);
+        return { tokenIds, startPos: start, blockTable, needLogits };
       });
-      logits = await this.runner.execute(seqs);
+      out = await this.runner.execute(seqs, temperatures);
     } finally {
       this.stepping = false;
     }
@@ -267,7 +270,7 @@ export class LLMEngine {
         });
       }
     }
-    const tokens = sampleBatch(logits, this.cfg.vocabSize, sampleRows);
+    const tokens = sampleBatch(out.logits, this.cfg.vocabSize, sampleRows, out.probs);
     let generated = 0;
     sampled.forEach((st, i) => {
       if (st.abortRequested) return;

@@ -14,6 +14,13 @@ export interface StepSequence {
   needLogits: boolean;
 }
 
+export interface StepOutput {
+  /** [rows, vocab] raw next-token logits. */
+  logits: Float32Array;
+  /** [rows, vocab] softmax of logits / temperature, per row. */
+  probs: Float32Array;
+}
+
 export interface ModelRunnerOptions {
   numBlocks: number;
   blockSize: number;
@@ -92,14 +99,20 @@ export class ModelRunner {
     }
   }
 
-  /** Run one step. Returns logits [rows, vocab] for the sequences with needLogits, in input order. */
-  async execute(seqs: readonly StepSequence[]): Promise<Float32Array> {
+  /**
+   * Run one step. Returns logits [rows, vocab] for the sequences with needLogits, in input order, and
+   * softmax(logits / temperature) with `temperatures[row]` (1 where omitted).
+   */
+  async execute(seqs: readonly StepSequence[], temperatures?: readonly number[]): Promise<StepOutput> {
     const feeds = this.prepareInputs(seqs);
+    const rows = feeds.logits_index.dims[0];
+    const inv = new Float32Array(rows).fill(1);
+    if (temperatures) for (let i = 0; i < rows; i++) if (temperatures[i] > 0) inv[i] = 1 / temperatures[i];
+    feeds.inv_temperature = new ort.Tensor("float32", inv, [rows]);
     const out = await this.session.run(feeds);
     this.writeNewKv(seqs, out.new_kv.data as Float32Array);
-    const logits = out.logits.data as Float32Array;
     out.new_kv.dispose();
-    return logits;
+    return { logits: out.logits.data as Float32Array, probs: out.probs.data as Float32Array };
   }
 
   private slot(blockTable: readonly number[], pos: number): number {

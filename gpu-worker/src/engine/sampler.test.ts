@@ -426,3 +426,34 @@ function referenceSample(
   }
   return kept[kept.length - 1];
 }
+
+describe("sampling from the model's probabilities", () => {
+  const V = 1000;
+  const logits = Float32Array.from({ length: V }, (_, j) => Math.sin(j * 12.9898) * 6);
+  const softmax = (t: number) => {
+    const m = Math.max(...logits);
+    const e = Array.from(logits, (x) => Math.exp((x - m) / t));
+    const z = e.reduce((a, b) => a + b, 0);
+    return Float32Array.from(e, (x) => x / z);
+  };
+  const draw = (params: Partial<SamplingParams>, probs?: Float32Array) =>
+    Array.from({ length: 200 }, (_, seed) => {
+      const row = {
+        params: validateSamplingParams(params, { vocabSize: V }),
+        rng: new SeededRng(seed),
+        promptTokenIds: [1],
+        outputTokenIds: [],
+      };
+      return sampleBatch(logits, V, [row], probs)[0].tokenId;
+    });
+
+  it("draws the same tokens as the logits path for the same seeds", () => {
+    expect(draw({ temperature: 0.7 }, softmax(0.7))).toEqual(draw({ temperature: 0.7 }));
+    expect(draw({ temperature: 0.7, topP: 0.9 }, softmax(0.7))).toEqual(draw({ temperature: 0.7, topP: 0.9 }));
+  });
+
+  it("ignores the probabilities when logit_bias or a penalty changed the logits", () => {
+    const tokens = draw({ temperature: 0.7, logitBias: { 3: 100 } }, softmax(0.7));
+    expect(new Set(tokens)).toEqual(new Set([3]));
+  });
+});

@@ -346,23 +346,41 @@ let scratch: Scratch | null = null;
  * @example
  * const [t] = sampleBatch(logits, 32000, [{ params, rng: SeededRng.forSeed(params.seed), promptTokenIds, outputTokenIds: [] }]);
  */
-export function sampleBatch(logits: Float32Array, vocabSize: number, rows: SamplingRow[]): SampledToken[] {
+export function sampleBatch(
+  logits: Float32Array,
+  vocabSize: number,
+  rows: SamplingRow[],
+  /**
+   * softmax(logits / temperature) per row, when the model computed it (the engine's graph does, in one
+   * vectorised op): rows whose logits no bias or penalty changes then draw from it with no exp per token.
+   */
+  probs?: Float32Array,
+): SampledToken[] {
   if (logits.length < rows.length * vocabSize) {
     throw new RangeError(`sampleBatch: ${logits.length} logits for ${rows.length} rows of ${vocabSize}`);
   }
   if (scratch === null || scratch.vocabSize !== vocabSize) scratch = new Scratch(vocabSize);
   const s = scratch;
-  return rows.map((r, i) => sampleRow(logits.subarray(i * vocabSize, (i + 1) * vocabSize), r, s));
+  return rows.map((r, i) =>
+    sampleRow(
+      logits.subarray(i * vocabSize, (i + 1) * vocabSize),
+      r,
+      s,
+      probs?.subarray(i * vocabSize, (i + 1) * vocabSize),
+    ),
+  );
 }
 
-function sampleRow(row: Float32Array, r: SamplingRow, s: Scratch): SampledToken {
+function sampleRow(row: Float32Array, r: SamplingRow, s: Scratch, probs?: Float32Array): SampledToken {
   const p = r.params;
   const raw = p.logprobs || p.topLogprobs > 0 ? rawLogprobs(row, p.topLogprobs) : null;
   let tokenId: number;
   try {
     applyBiasAndPenalties(row, r, s);
     const u = r.rng === null ? Math.random() : r.rng.next();
-    tokenId = p.temperature < GREEDY_EPS ? argmax(row) : sampleFiltered(row, p, u, s);
+    // probs match the row only while nothing edited it (no logit_bias, no penalty applied)
+    const rowProbs = probs !== undefined && s.savedIds.length === 0 ? probs : undefined;
+    tokenId = p.temperature < GREEDY_EPS ? argmax(row) : sampleFiltered(row, p, u, s, rowProbs);
   } finally {
     restore(row, s);
   }
@@ -469,8 +487,9 @@ function topTokens(row: Float32Array, k: number): number[] {
  * Temperature, min_p, top_k and top_p as thresholds, then one inverse-CDF draw over the kept tokens in id order.
  * `u` is the row's single uniform draw.
  */
-function sampleFiltered(row: Float32Array, p: SamplingParams, u: number, s: Scratch): number {
+function sampleFiltered(row: Float32Array, p: SamplingParams, u: number, s: Scratch, probs?: Float32Array): number {
   const V = row.length;
+  if (probs !== undefined && !(p.topK > 0 && p.topK < V) && p.minP <= 0 && p.topP >= 1) return drawFrom(probs, u);
   const invT = 1 / p.temperature;
   // top_k keeps x >= the k-th largest value (ties kept); min_p keeps p >= minP * pmax, i.e. x >= m + T ln(minP).
   let thr = -Infinity;
@@ -481,7 +500,7 @@ function sampleFiltered(row: Float32Array, p: SamplingParams, u: number, s: Scra
 
   const { cand, weight, bin } = s;
   const useTopP = p.topP < 1;
-  const n = weighCandidates(row, thr, m, invT, useTopP, s);
+  const n = weighCandidates(row, thr, m, invT, useTopP, s, probs);
   const total = s.total;
 
   if (!useTopP) {
@@ -524,6 +543,7 @@ function weighCandidates(
   invT: number,
   useTopP: boolean,
   s: Scratch,
+  probs?: Float32Array,
 ): number {
   const { cand, weight, bin, binMass } = s;
   if (useTopP) binMass.fill(0);
@@ -543,7 +563,9 @@ function weighCandidates(
     if (x >= thr && t < len) {
       const i = t | 0;
       const d = (i - t) * step;
-      const w = table[i] * (1 + d * (1 + d * (0.5 + d * (1 / 6 + d * (1 / 24 + d / 120)))));
+      // probs[j] is the same weight up to the row's normaliser, computed by the model
+      const w =
+        probs !== undefined ? probs[j] : table[i] * (1 + d * (1 + d * (0.5 + d * (1 / 6 + d * (1 / 24 + d / 120)))));
       cand[n] = j;
       weight[n] = w;
       total += w;
@@ -590,6 +612,20 @@ function topPCut(
   while (k < numEdge - 1 && dropped + weight[sorted[k]] <= budget) dropped += weight[sorted[k++]];
   const id = cand[sorted[k]];
   return { edgeBin, x: row[id], id, keptMass: total - dropped };
+}
+
+/** Inverse-CDF draw from a normalised distribution: the first token whose cumulative probability exceeds u. */
+function drawFrom(probs: Float32Array, u: number): number {
+  let acc = 0;
+  let last = 0;
+  for (let j = 0; j < probs.length; j++) {
+    const q = probs[j];
+    if (q <= 0) continue;
+    acc += q;
+    last = j;
+    if (acc > u) return j;
+  }
+  return last; // the probabilities summed to a hair under u
 }
 
 /** [k-th largest value of row (counting duplicates), max of row]. */

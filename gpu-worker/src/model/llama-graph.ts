@@ -50,8 +50,10 @@ export type AttentionGroup = (typeof ATTENTION_GROUPS)[number];
  *   the sequence attends to), `g_mask` [G, Q, P + N] additive (P ≥ 1; pad with a masked slot) (0 or -1e9: padding and causality).
  * - `output_index` [T]: where each token's attention output sits in concat(decode rows, prefill rows).
  * - `logits_index` [S]: token rows that need next-token logits (the last token of each sampled sequence).
+ * - `inv_temperature` [S]: 1 / temperature of each sampled row (1 for greedy rows).
  *
- * Outputs: `logits` [S, vocab]; `new_kv` [2 * layers, T, kvHeads * headDim], the step's keys (after rope) and
+ * Outputs: `logits` [S, vocab]; `probs` [S, vocab] = softmax(logits * inv_temperature), which the sampler
+ * draws from without an exp per vocabulary entry in JavaScript; `new_kv` [2 * layers, T, kvHeads * headDim], the step's keys (after rope) and
  * values, which the caller writes into the pool at the tokens' slots. Nothing here scales with the pool size:
  * attention gathers only the slots of the sequences in the step.
  */
@@ -104,6 +106,7 @@ export function buildLlamaGraph(cfg: LlamaConfig, w: PackedWeights): Uint8Array 
   });
   const outputIndex = g.input("output_index", i64, ["T"]);
   const logitsIndex = g.input("logits_index", i64, ["S"]);
+  const invTemperature = g.input("inv_temperature", f32, ["S"]);
 
   // Weights
   const embed = g.external("embed_tokens", f32, [cfg.vocabSize, H], w.embed);
@@ -204,8 +207,11 @@ export function buildLlamaGraph(cfg: LlamaConfig, w: PackedWeights): Uint8Array 
   const finalNorm = g.external("norm", f32, [H], w.finalNorm);
   const lmHead = g.external("lm_head", f32, [cfg.vocabSize, H], w.lmHead);
   const last = g.op("Gather", [x, logitsIndex], { axis: 0 });
-  g.op("Gemm", [rmsNorm(last, finalNorm), lmHead], { transB: 1 }, "logits");
+  const logits = g.op("Gemm", [rmsNorm(last, finalNorm), lmHead], { transB: 1 }, "logits");
   g.output("logits", f32, ["S", cfg.vocabSize]);
+  const scaled = g.op("Mul", [logits, g.op("Unsqueeze", [invTemperature, g.ints([1])])]);
+  g.op("Softmax", [scaled], { axis: -1 }, "probs");
+  g.output("probs", f32, ["S", cfg.vocabSize]);
 
   // new_kv [2L, T, kvDim]: layer l's keys at 2l, values at 2l+1
   g.op(
