@@ -1,0 +1,98 @@
+/**
+ * A job is one OpenAI request after validation and admission: its prompts, `n`, sampling parameters, candidate
+ * pools and the key reservation to settle. Whoever runs it (a dispatch shard Durable Object in production)
+ * yields `JobEvent`s and settles the reservation when the job ends, however it ends.
+ *
+ * Jobs and events are plain data: they cross the Durable Object RPC boundary, events as NDJSON over a byte stream.
+ *
+ * @module
+ */
+import type { Logprob, Prompt, SamplingParams, Usage } from "@llama-edge/shared";
+import type { ApiErrorInfo } from "../errors.ts";
+
+export interface Job {
+  /** Gateway request id; sub-requests to workers are `<id>-<choice index>`. */
+  id: string;
+  keyHash: string;
+  reservationId: string;
+  model: string;
+  /** Pools to try, in order: the next one is used when a worker finds the prompt too long for its context. */
+  pools: string[];
+  /** One per prompt; choice index = promptIndex * n + i. */
+  prompts: Prompt[];
+  n: number;
+  sampling: SamplingParams;
+  /** Epoch ms: no worker may start the job after this, and the gateway gives up on it then. */
+  deadline: number;
+  /** Prompt tokens as estimated at admission, per prompt: usage of prompts that never reported their own. */
+  estimatedPromptTokens: number[];
+}
+
+export type JobEvent =
+  /** A worker started choice `index`. */
+  | { type: "start"; index: number; worker_id: string; pool: string }
+  | { type: "delta"; index: number; text: string; num_tokens: number; logprobs?: Logprob[] }
+  | { type: "final"; index: number; finish_reason: "stop" | "length" | "abort"; usage: Usage }
+  /** Terminal: the job failed; nothing follows. */
+  | { type: "error"; error: ApiErrorInfo }
+  /** Terminal: every choice finished; `usage` is what was settled. */
+  | { type: "end"; usage: Usage };
+
+/** Runs jobs: `createApp` depends on this, a dispatch shard (or a test double) implements it. */
+export interface JobRunner {
+  /**
+   * Aborting `signal` cancels the job at the workers; the runner still settles its usage. `waitUntil` (the
+   * request's ExecutionContext) keeps that cancel alive after the client has gone.
+   */
+  run(job: Job, signal: AbortSignal, waitUntil?: (p: Promise<unknown>) => void): AsyncIterable<JobEvent>;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// NDJSON over a byte stream
+
+const encoder = new TextEncoder();
+
+export const encodeEvent = (ev: JobEvent): Uint8Array => encoder.encode(`${JSON.stringify(ev)}\n`);
+
+/**
+ * Decodes an NDJSON byte stream into events. Aborting `signal` cancels the stream, unless `cancelOnAbort` is
+ * false: an RPC stream whose reader's request was cancelled by a client disconnect cannot be cancelled (workerd
+ * reports "Network connection lost"), and its producer is told through its own cancel call instead.
+ */
+export async function* decodeEvents(
+  stream: ReadableStream<Uint8Array>,
+  signal: AbortSignal,
+  { cancelOnAbort = true } = {},
+): AsyncGenerator<JobEvent> {
+  const reader = stream.getReader();
+  const onAbort = () => {
+    if (cancelOnAbort) void reader.cancel(signal.reason).catch(() => {});
+  };
+  if (signal.aborted) onAbort();
+  signal.addEventListener("abort", onAbort, { once: true });
+  const decoder = new TextDecoder();
+  let buf = "";
+  let ended = false;
+  try {
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) {
+        ended = true;
+        break;
+      }
+      buf += decoder.decode(value, { stream: true });
+      let nl = buf.indexOf("\n");
+      while (nl >= 0) {
+        const line = buf.slice(0, nl);
+        buf = buf.slice(nl + 1);
+        if (line) yield JSON.parse(line) as JobEvent;
+        nl = buf.indexOf("\n");
+      }
+    }
+  } finally {
+    signal.removeEventListener("abort", onAbort);
+    // The consumer left early (or decoding failed): tell the producer, which cancels the job at the workers.
+    if (!ended) await reader.cancel().catch(() => {});
+    reader.releaseLock();
+  }
+}

@@ -1,0 +1,95 @@
+/**
+ * The gateway's NATS connection, over WebSocket (`wsconnect`: workerd has no TCP sockets for NATS' protocol to
+ * use here, and the WebSocket transport uses only web-standard APIs). Connects lazily, reconnects forever, and
+ * feeds every pool's load reports to `onLoadReport`. Lives inside a dispatch shard Durable Object: see
+ * durable/dispatch-shard.ts for why.
+ *
+ * @module
+ */
+import { Dispatcher, type LoadReport, NoWorkersError, parseLoadReport } from "@llama-edge/shared";
+import { type NatsConnection, wsconnect } from "@nats-io/nats-core";
+
+export interface NatsLinkOptions {
+  /** ws:// or wss:// URL of the nats-server WebSocket listener. */
+  url: string;
+  token?: string;
+  user?: string;
+  pass?: string;
+  onLoadReport(report: LoadReport, directSubject: string | undefined): void;
+  /** Bound on the first connection (NoWorkersError after). Default 2000. */
+  connectTimeoutMs?: number;
+}
+
+export interface Connected {
+  nc: NatsConnection;
+  dispatcher: Dispatcher;
+}
+
+/** Every pool's load reports (`llama.pool.<pool>.load`). */
+const LOAD_SUBJECT = "llama.pool.*.load";
+
+export class NatsLink {
+  readonly #o: NatsLinkOptions;
+  #conn: Promise<Connected> | undefined;
+
+  constructor(opts: NatsLinkOptions) {
+    this.#o = opts;
+  }
+
+  /** The connection, connecting first if needed. Rejects with NoWorkersError when NATS cannot be reached. */
+  get(requestId = "-"): Promise<Connected> {
+    if (!this.#conn) {
+      const p = this.#connect();
+      this.#conn = p;
+      p.then(
+        ({ nc }) => void nc.closed().then(() => this.#forget(p)),
+        () => this.#forget(p),
+      );
+    }
+    return this.#conn.catch((e) => {
+      throw new NoWorkersError(`cannot reach NATS at ${this.#o.url}: ${(e as Error).message}`, requestId, { cause: e });
+    });
+  }
+
+  #forget(p: Promise<Connected>): void {
+    if (this.#conn === p) this.#conn = undefined;
+  }
+
+  async #connect(): Promise<Connected> {
+    const { url, token, user, pass } = this.#o;
+    const nc = await wsconnect({
+      servers: url,
+      name: "llama-edge-gateway",
+      ...(token ? { token } : {}),
+      ...(user ? { user, pass } : {}),
+      timeout: this.#o.connectTimeoutMs ?? 2000,
+      maxReconnectAttempts: -1,
+      reconnectTimeWait: 250,
+    });
+    nc.subscribe(LOAD_SUBJECT, {
+      callback: (err, msg) => {
+        if (err) return;
+        const parsed = parseLoadReport(msg.data);
+        if (parsed.ok) this.#o.onLoadReport(parsed.value, directSubjectOf(msg.data));
+      },
+    });
+    return { nc, dispatcher: new Dispatcher(nc) };
+  }
+
+  async close(): Promise<void> {
+    const conn = this.#conn;
+    this.#conn = undefined;
+    await conn?.then(({ nc }) => nc.close()).catch(() => {});
+  }
+}
+
+/** `direct_subject` of a load report: an addition the shared schema strips, so it is read from the raw JSON. */
+function directSubjectOf(data: Uint8Array): string | undefined {
+  try {
+    const raw = JSON.parse(new TextDecoder().decode(data)) as { direct_subject?: unknown };
+    const s = raw.direct_subject;
+    return typeof s === "string" && /^[^\s*>]+$/.test(s) ? s : undefined;
+  } catch {
+    return undefined;
+  }
+}

@@ -1,0 +1,159 @@
+import { describe, expect, it } from "vitest";
+import { KeyLimiter, type KvStore, WINDOW_MS } from "./key-limiter.ts";
+import { type KeyInfo, type Limits, UNLIMITED } from "./types.ts";
+
+class MemoryKv implements KvStore {
+  readonly map = new Map<string, unknown>();
+  get<T>(key: string): T | undefined {
+    return structuredClone(this.map.get(key)) as T | undefined;
+  }
+  put<T>(key: string, value: T): void {
+    this.map.set(key, structuredClone(value));
+  }
+  delete(key: string): boolean {
+    return this.map.delete(key);
+  }
+  *list<T>(options?: { prefix?: string }): Iterable<[string, T]> {
+    for (const k of [...this.map.keys()].sort()) {
+      if (!options?.prefix || k.startsWith(options.prefix)) yield [k, this.get<T>(k)!];
+    }
+  }
+}
+
+function setup(limits: Partial<Limits>) {
+  const kv = new MemoryKv();
+  let now = Date.UTC(2026, 0, 1, 12);
+  const clock = { advance: (ms: number) => (now += ms) };
+  const info: KeyInfo = {
+    id: "key_test",
+    object: "api_key",
+    name: "",
+    hint: "sk-...test",
+    created_at: 0,
+    revoked_at: null,
+    limits: { ...UNLIMITED, ...limits },
+  };
+  const limiter = new KeyLimiter(kv, () => now);
+  limiter.create(info);
+  const admit = (tokens = 10, l = limiter) => l.admit({ model: "m", tokens, expiresAt: now + 60_000 });
+  return { kv, clock, limiter, admit, reopen: () => new KeyLimiter(kv, () => now) };
+}
+
+const zero = { model: "m", prompt_tokens: 0, completion_tokens: 0, cached_tokens: 0 };
+
+describe("KeyLimiter RPM (sliding window)", () => {
+  it("admits rpm requests per rolling minute, exactly", () => {
+    const { admit, clock } = setup({ rpm: 3 });
+    expect(admit().ok).toBe(true);
+    clock.advance(1000);
+    expect([admit(), admit(), admit()].map((r) => r.ok)).toEqual([true, true, false]);
+    clock.advance(WINDOW_MS - 1001);
+    expect(admit().ok).toBe(false);
+    clock.advance(1); // the first admission leaves the window, the other two stay
+    expect(admit().ok).toBe(true);
+    expect(admit().ok).toBe(false);
+  });
+
+  it("reports retry-after until the oldest admission leaves the window", () => {
+    const { admit, clock } = setup({ rpm: 2 });
+    admit();
+    clock.advance(10_000);
+    admit();
+    const r = admit();
+    expect(r.ok).toBe(false);
+    if (!r.ok) {
+      expect(r.reason).toBe("requests");
+      expect(r.retryAfterMs).toBe(50_000);
+      expect(r.rate?.requests).toEqual({ limit: 2, remaining: 0, resetMs: 60_000 });
+    }
+  });
+
+  it("survives a restart of the Durable Object", () => {
+    const { admit, reopen, clock } = setup({ rpm: 3 });
+    admit();
+    clock.advance(1000);
+    admit();
+    const again = reopen();
+    expect(again.admit({ model: "m", tokens: 1, expiresAt: Number.MAX_SAFE_INTEGER }).ok).toBe(true);
+    expect(again.admit({ model: "m", tokens: 1, expiresAt: Number.MAX_SAFE_INTEGER }).ok).toBe(false);
+    expect(reopen().rateInfo().requests?.remaining).toBe(0);
+  });
+
+  it("keeps the most recent admissions when the limit changes", () => {
+    const { admit, limiter } = setup({ rpm: 5 });
+    for (let i = 0; i < 4; i++) admit();
+    limiter.update({ limits: { rpm: 2 } });
+    expect(admit().ok).toBe(false);
+    limiter.update({ limits: { rpm: 10 } });
+    expect(limiter.rateInfo().requests?.remaining).toBe(8);
+  });
+});
+
+describe("KeyLimiter TPM, concurrency, budget", () => {
+  it("refunds what a reservation over-estimated and refills over the minute", () => {
+    const { admit, limiter, clock } = setup({ tpm: 100 });
+    const r = admit(80);
+    expect(admit(30).ok).toBe(false);
+    if (r.ok) limiter.settle(r.reservationId, { ...zero, prompt_tokens: 5, completion_tokens: 5 });
+    expect(limiter.rateInfo().tokens?.remaining).toBe(90);
+    expect(admit(90).ok).toBe(true);
+    clock.advance(WINDOW_MS / 2);
+    expect(limiter.rateInfo().tokens?.remaining).toBe(50);
+  });
+
+  it("frees concurrency slots on settle, once, and drops expired reservations", () => {
+    const { admit, limiter, clock } = setup({ max_concurrent: 1 });
+    const r = admit();
+    expect(admit().ok).toBe(false);
+    if (!r.ok) throw new Error("not admitted");
+    expect(limiter.settle(r.reservationId, zero)).toBe(true);
+    expect(limiter.settle(r.reservationId, zero)).toBe(false); // idempotent
+    expect(admit().ok).toBe(true);
+    clock.advance(61_000); // past expiresAt: its dispatcher never settled it
+    expect(admit().ok).toBe(true);
+  });
+
+  it("stops at the budget and starts again next period", () => {
+    const { admit, limiter, clock } = setup({ budget: { tokens: 20, period: "day" } });
+    const r = admit();
+    if (!r.ok) throw new Error("not admitted");
+    limiter.settle(r.reservationId, { ...zero, prompt_tokens: 15, completion_tokens: 5 });
+    const refused = admit();
+    expect(refused.ok || refused.reason).toBe("quota");
+    clock.advance(24 * 3600_000);
+    expect(admit().ok).toBe(true);
+  });
+
+  it("refuses revoked keys and models outside the allowlist", () => {
+    const { admit, limiter } = setup({ models: ["x"] });
+    const r = admit();
+    expect(r.ok || r.reason).toBe("model_not_allowed");
+    limiter.revoke();
+    const r2 = admit();
+    expect(r2.ok || r2.reason).toBe("revoked");
+  });
+});
+
+describe("KeyLimiter ledger", () => {
+  it("accumulates per day and model", () => {
+    const { admit, limiter, clock } = setup({});
+    for (const [model, p, c] of [
+      ["a", 10, 5],
+      ["a", 1, 1],
+      ["b", 2, 2],
+    ] as const) {
+      const r = limiter.admit({ model, tokens: 1, expiresAt: Number.MAX_SAFE_INTEGER });
+      if (r.ok) limiter.settle(r.reservationId, { model, prompt_tokens: p, completion_tokens: c, cached_tokens: 1 });
+    }
+    clock.advance(24 * 3600_000);
+    const r = admit();
+    if (r.ok) limiter.settle(r.reservationId, { ...zero, model: "a", prompt_tokens: 100 });
+    const report = limiter.usage("2026-01-01", "2026-01-02")!;
+    expect(report.data).toEqual([
+      { date: "2026-01-01", model: "a", requests: 2, prompt_tokens: 11, completion_tokens: 6, cached_tokens: 2 },
+      { date: "2026-01-01", model: "b", requests: 1, prompt_tokens: 2, completion_tokens: 2, cached_tokens: 1 },
+      { date: "2026-01-02", model: "a", requests: 1, prompt_tokens: 100, completion_tokens: 0, cached_tokens: 0 },
+    ]);
+    expect(limiter.usage("2026-01-02", "2026-01-02")!.totals.prompt_tokens).toBe(100);
+  });
+});

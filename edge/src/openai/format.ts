@@ -1,0 +1,283 @@
+/**
+ * Response objects and stream chunks exactly as OpenAI sends them, for chat completions and (legacy) completions.
+ * A formatter turns a job's events into either one response object (non-streaming) or a sequence of chunks.
+ *
+ * @module
+ */
+import type { Logprob, Usage } from "@llama-edge/shared";
+import type { JobEvent } from "../dispatch/job.ts";
+import { randomBase62 } from "../keys/api-key.ts";
+
+export type FinishReason = "stop" | "length";
+type DeltaEvent = Extract<JobEvent, { type: "delta" }>;
+type FinalEvent = Extract<JobEvent, { type: "final" }>;
+
+/** "abort" only happens once the client is gone, so no client ever sees it; "stop" if one ever does. */
+const finishReason = (r: FinalEvent["finish_reason"]): FinishReason => (r === "length" ? "length" : "stop");
+
+export const newCompletionId = (kind: "chat" | "completion"): string =>
+  `${kind === "chat" ? "chatcmpl" : "cmpl"}-${randomBase62(24)}`;
+
+export interface OpenAIUsage {
+  prompt_tokens: number;
+  completion_tokens: number;
+  total_tokens: number;
+  prompt_tokens_details: { cached_tokens: number };
+  completion_tokens_details: { reasoning_tokens: number };
+}
+
+export function openAIUsage(u: Usage): OpenAIUsage {
+  return {
+    prompt_tokens: u.prompt_tokens,
+    completion_tokens: u.completion_tokens,
+    total_tokens: u.prompt_tokens + u.completion_tokens,
+    prompt_tokens_details: { cached_tokens: u.cached_tokens },
+    completion_tokens_details: { reasoning_tokens: 0 },
+  };
+}
+
+const utf8Bytes = (s: string): number[] => Array.from(new TextEncoder().encode(s));
+
+/** Turns events into OpenAI objects. One instance per request. */
+export interface ResponseFormatter {
+  /** Chunks sent before any token: the assistant role of every chat choice, the echoed prompt of completions. */
+  openingChunks(): object[];
+  /** The chunk for a delta, or null when it carries nothing to show. Also accumulates for `response()`. */
+  deltaChunk(ev: DeltaEvent): object | null;
+  /** The chunk closing a choice (empty delta or text, with finish_reason). */
+  finalChunk(ev: FinalEvent): object;
+  /** With stream_options.include_usage: the last chunk, with empty choices. */
+  usageChunk(usage: Usage): object;
+  /** The non-streaming response, from everything accumulated. */
+  response(usage: Usage): object;
+}
+
+interface ChoiceText {
+  text: string;
+  logprobs: Logprob[];
+  finish: FinishReason | null;
+}
+
+interface FormatterOptions {
+  id: string;
+  model: string;
+  created: number;
+  numChoices: number;
+  /** Requested logprobs (chat: logprobs=true; completions: logprobs=k). */
+  logprobs: boolean;
+  /** stream_options.include_usage: every chunk then carries `usage: null` until the usage chunk. */
+  includeUsage: boolean;
+}
+
+abstract class BaseFormatter implements ResponseFormatter {
+  protected readonly choices: ChoiceText[];
+  constructor(protected readonly o: FormatterOptions) {
+    this.choices = Array.from({ length: o.numChoices }, () => ({ text: "", logprobs: [], finish: null }));
+  }
+
+  protected choice(index: number): ChoiceText {
+    return this.choices[index]!;
+  }
+
+  abstract openingChunks(): object[];
+  abstract deltaChunk(ev: DeltaEvent): object | null;
+  abstract finalChunk(ev: FinalEvent): object;
+  abstract usageChunk(usage: Usage): object;
+  abstract response(usage: Usage): object;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Chat completions
+
+function chatLogprob(l: Logprob) {
+  return {
+    token: l.token,
+    logprob: l.logprob,
+    bytes: utf8Bytes(l.token),
+    top_logprobs: (l.top_logprobs ?? []).map((t) => ({
+      token: t.token,
+      logprob: t.logprob,
+      bytes: utf8Bytes(t.token),
+    })),
+  };
+}
+
+export class ChatFormatter extends BaseFormatter {
+  #chunk(choices: object[]): object {
+    const { id, created, model, includeUsage } = this.o;
+    return {
+      id,
+      object: "chat.completion.chunk",
+      created,
+      model,
+      system_fingerprint: null,
+      choices,
+      ...(includeUsage ? { usage: null } : {}),
+    };
+  }
+
+  openingChunks(): object[] {
+    return this.choices.map((_, index) =>
+      this.#chunk([
+        { index, delta: { role: "assistant", content: "", refusal: null }, logprobs: null, finish_reason: null },
+      ]),
+    );
+  }
+
+  deltaChunk(ev: DeltaEvent): object | null {
+    const c = this.choice(ev.index);
+    c.text += ev.text;
+    const lps = this.o.logprobs && ev.logprobs ? ev.logprobs : undefined;
+    if (lps) c.logprobs.push(...lps);
+    if (ev.text === "" && !lps) return null;
+    return this.#chunk([
+      {
+        index: ev.index,
+        delta: { content: ev.text },
+        logprobs: lps ? { content: lps.map(chatLogprob), refusal: null } : null,
+        finish_reason: null,
+      },
+    ]);
+  }
+
+  finalChunk(ev: FinalEvent): object {
+    const finish = finishReason(ev.finish_reason);
+    this.choice(ev.index).finish = finish;
+    return this.#chunk([{ index: ev.index, delta: {}, logprobs: null, finish_reason: finish }]);
+  }
+
+  usageChunk(usage: Usage): object {
+    const { id, created, model } = this.o;
+    return {
+      id,
+      object: "chat.completion.chunk",
+      created,
+      model,
+      system_fingerprint: null,
+      choices: [],
+      usage: openAIUsage(usage),
+    };
+  }
+
+  response(usage: Usage): object {
+    const { id, created, model } = this.o;
+    return {
+      id,
+      object: "chat.completion",
+      created,
+      model,
+      choices: this.choices.map((c, index) => ({
+        index,
+        message: { role: "assistant", content: c.text, refusal: null },
+        logprobs: this.o.logprobs ? { content: c.logprobs.map(chatLogprob), refusal: null } : null,
+        finish_reason: c.finish ?? "stop",
+      })),
+      usage: openAIUsage(usage),
+      system_fingerprint: null,
+    };
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Completions
+
+interface CompletionLogprobs {
+  tokens: string[];
+  token_logprobs: number[];
+  top_logprobs: Record<string, number>[];
+  text_offset: number[];
+}
+
+export class CompletionFormatter extends BaseFormatter {
+  readonly #echo: (string | null)[];
+  /** Characters of each choice's text so far, for text_offset. */
+  readonly #offsets: number[];
+
+  /** @param echo per choice, the prompt text to repeat before the completion (null: no echo) */
+  constructor(o: FormatterOptions, echo: (string | null)[]) {
+    super(o);
+    this.#echo = echo;
+    this.#offsets = this.choices.map((_, i) => echo[i]?.length ?? 0);
+    this.choices.forEach((c, i) => {
+      c.text = echo[i] ?? "";
+    });
+  }
+
+  #chunk(choices: object[]): object {
+    const { id, created, model, includeUsage } = this.o;
+    return {
+      id,
+      object: "text_completion",
+      created,
+      model,
+      system_fingerprint: null,
+      choices,
+      ...(includeUsage ? { usage: null } : {}),
+    };
+  }
+
+  #logprobs(index: number, lps: Logprob[]): CompletionLogprobs {
+    const out: CompletionLogprobs = { tokens: [], token_logprobs: [], top_logprobs: [], text_offset: [] };
+    for (const l of lps) {
+      out.tokens.push(l.token);
+      out.token_logprobs.push(l.logprob);
+      out.top_logprobs.push(Object.fromEntries((l.top_logprobs ?? []).map((t) => [t.token, t.logprob])));
+      out.text_offset.push(this.#offsets[index]!);
+      this.#offsets[index]! += l.token.length;
+    }
+    return out;
+  }
+
+  openingChunks(): object[] {
+    return this.#echo.flatMap((text, index) =>
+      text ? [this.#chunk([{ text, index, logprobs: null, finish_reason: null }])] : [],
+    );
+  }
+
+  deltaChunk(ev: DeltaEvent): object | null {
+    const c = this.choice(ev.index);
+    c.text += ev.text;
+    const lps = this.o.logprobs && ev.logprobs ? ev.logprobs : undefined;
+    if (lps) c.logprobs.push(...lps);
+    if (ev.text === "" && !lps) return null;
+    return this.#chunk([
+      { text: ev.text, index: ev.index, logprobs: lps ? this.#logprobs(ev.index, lps) : null, finish_reason: null },
+    ]);
+  }
+
+  finalChunk(ev: FinalEvent): object {
+    const finish = finishReason(ev.finish_reason);
+    this.choice(ev.index).finish = finish;
+    return this.#chunk([{ text: "", index: ev.index, logprobs: null, finish_reason: finish }]);
+  }
+
+  usageChunk(usage: Usage): object {
+    const { id, created, model } = this.o;
+    return { id, object: "text_completion", created, model, choices: [], usage: openAIUsage(usage) };
+  }
+
+  response(usage: Usage): object {
+    const { id, created, model } = this.o;
+    // Offsets restart for the whole-response logprobs (streaming already consumed them per chunk).
+    this.#offsets.fill(0);
+    this.#echo.forEach((e, i) => {
+      this.#offsets[i] = e?.length ?? 0;
+    });
+    return {
+      id,
+      object: "text_completion",
+      created,
+      model,
+      system_fingerprint: null,
+      choices: this.choices.map((c, index) => ({
+        text: c.text,
+        index,
+        logprobs: this.o.logprobs ? this.#logprobs(index, c.logprobs) : null,
+        finish_reason: c.finish ?? "stop",
+      })),
+      usage: openAIUsage(usage),
+    };
+  }
+}
+
+export type { FormatterOptions };

@@ -1,0 +1,181 @@
+/**
+ * Test fixtures: the real app over the real key Durable Objects, with a scripted backend standing in for the NATS
+ * workers (the e2e tests in test/ at the repo root use real ones).
+ *
+ * @module
+ */
+
+import { env } from "cloudflare:workers";
+import {
+  CancelledError,
+  type DispatchEvent,
+  type SubmitOptions,
+  type SubmitRequest,
+  WorkerError,
+} from "@llama-edge/shared";
+import { createApp } from "../src/app.ts";
+import { type GatewayConfig, parseGatewayConfig } from "../src/config.ts";
+import { LocalJobRunner, type SubmitBackend } from "../src/dispatch/run-job.ts";
+import { DurableKeyStore } from "../src/keys/key-store.ts";
+import type { Limits } from "../src/keys/types.ts";
+
+export const ADMIN_SECRET = "test-admin-secret-0123456789";
+export const MODEL = "tiny";
+
+export const testConfig: GatewayConfig = parseGatewayConfig({
+  pools: {
+    small: { max_context: 256, models: [MODEL] },
+    large: { max_context: 4096, models: [MODEL] },
+    other: { max_context: 1024, models: ["other-model"] },
+  },
+  request_timeout_ms: 10_000,
+  expose_worker_id: true,
+  max_body_bytes: 64 * 1024,
+});
+
+/** What the scripted worker does with one request. */
+export interface Reply {
+  /** Text of each delta (one token each). */
+  tokens: string[];
+  finish?: "stop" | "length";
+  promptTokens?: number;
+  cachedTokens?: number;
+  /** Delay before each event, ms. */
+  delayMs?: number;
+  /** Fail with this worker error after `errorAfter` deltas (0 = before the first). */
+  error?: { code: WorkerError["code"]; message: string; errorAfter?: number };
+  /** Fail before `start`, as the Dispatcher does (NoWorkersError, QueueTimeoutError...). */
+  throwBeforeStart?: Error;
+}
+
+export interface Submission {
+  pool: string;
+  request: SubmitRequest;
+  aborted: boolean;
+  /** Resolves when the request ended (completed, failed or cancelled). */
+  done: Promise<void>;
+}
+
+const sleep = (ms: number, signal: AbortSignal, id: string) =>
+  new Promise<void>((resolve, reject) => {
+    if (signal.aborted) return reject(new CancelledError("aborted", id));
+    const t = setTimeout(resolve, ms);
+    signal.addEventListener(
+      "abort",
+      () => {
+        clearTimeout(t);
+        reject(new CancelledError("aborted", id));
+      },
+      { once: true },
+    );
+  });
+
+/** A worker pool in a box: answers each request according to `script`, honouring cancellation like the Dispatcher. */
+export class ScriptedBackend implements SubmitBackend {
+  readonly submissions: Submission[] = [];
+  constructor(
+    public script: (pool: string, request: SubmitRequest) => Reply = () => ({ tokens: ["Hello", " world", "!"] }),
+  ) {}
+
+  submit(pool: string, request: SubmitRequest, options: Required<SubmitOptions>): AsyncIterable<DispatchEvent> {
+    let resolveDone!: () => void;
+    const sub: Submission = { pool, request, aborted: false, done: new Promise((r) => (resolveDone = r)) };
+    this.submissions.push(sub);
+    options.signal.addEventListener("abort", () => (sub.aborted = true), { once: true });
+    return this.#events(sub, options.signal, resolveDone);
+  }
+
+  async *#events(sub: Submission, signal: AbortSignal, done: () => void): AsyncGenerator<DispatchEvent> {
+    const { request } = sub;
+    const id = request.id;
+    const base = { v: 1 as const, id };
+    let seq = 0;
+    try {
+      const r = this.script(sub.pool, request);
+      const delay = r.delayMs ?? 0;
+      if (r.throwBeforeStart) throw r.throwBeforeStart;
+      await sleep(delay, signal, id);
+      yield { ...base, seq: seq++, type: "start", worker_id: "w-1", queue_ms: 0 };
+      for (let i = 0; i < r.tokens.length; i++) {
+        if (r.error && (r.error.errorAfter ?? 0) === i) throw new WorkerError(r.error.code, r.error.message, id);
+        await sleep(delay, signal, id);
+        yield { ...base, seq: seq++, type: "delta", text: r.tokens[i]!, token_ids: [100 + i] };
+      }
+      if (r.error && (r.error.errorAfter ?? 0) >= r.tokens.length)
+        throw new WorkerError(r.error.code, r.error.message, id);
+      await sleep(delay, signal, id);
+      yield {
+        ...base,
+        seq: seq++,
+        type: "final",
+        finish_reason: r.finish ?? "stop",
+        usage: {
+          prompt_tokens: r.promptTokens ?? 7,
+          completion_tokens: r.tokens.length,
+          cached_tokens: r.cachedTokens ?? 0,
+        },
+      };
+    } finally {
+      done();
+    }
+  }
+}
+
+export function keyStore(): DurableKeyStore {
+  return new DurableKeyStore(env.KEYS, env.KEY_DIRECTORY);
+}
+
+export function makeApp(backend = new ScriptedBackend(), config = testConfig) {
+  const keys = keyStore();
+  const app = createApp({
+    keyStore: keys,
+    limiter: keys,
+    dispatcher: new LocalJobRunner({ backend, limiter: keys }),
+    config,
+    adminSecret: ADMIN_SECRET,
+  });
+  return { app, keys, backend };
+}
+
+export async function newKey(limits: Partial<Limits> = {}): Promise<{ key: string; id: string; hash: string }> {
+  const { key, info } = await keyStore().create({ limits });
+  const { hashApiKey } = await import("../src/keys/api-key.ts");
+  return { key, id: info.id, hash: await hashApiKey(key) };
+}
+
+export const bearer = (key: string) => ({ authorization: `Bearer ${key}` });
+
+export function post(path: string, key: string | undefined, body: unknown, headers: Record<string, string> = {}) {
+  return new Request(`http://gateway${path}`, {
+    method: "POST",
+    headers: { "content-type": "application/json", ...(key ? bearer(key) : {}), ...headers },
+    body: typeof body === "string" ? body : JSON.stringify(body),
+  });
+}
+
+/** Parses an SSE body into its `data:` payloads (JSON, or the literal "[DONE]"). */
+export async function sseEvents(res: Response): Promise<unknown[]> {
+  const text = await res.text();
+  return text
+    .split("\n\n")
+    .filter((block) => block.trim() !== "")
+    .map((block) => {
+      if (!block.startsWith("data: ")) throw new Error(`not an SSE data block: ${JSON.stringify(block)}`);
+      const data = block.slice(6);
+      return data === "[DONE]" ? data : JSON.parse(data);
+    });
+}
+
+export async function openReservations(hash: string): Promise<number> {
+  const stub = env.KEYS.get(env.KEYS.idFromName(hash));
+  return (await stub.openReservations()) as number;
+}
+
+/** Polls until `f` returns true (or throws after `ms`). */
+export async function eventually(f: () => Promise<boolean> | boolean, ms = 3000): Promise<void> {
+  const until = Date.now() + ms;
+  while (!(await f())) {
+    if (Date.now() > until) throw new Error("condition not met in time");
+    await new Promise((r) => setTimeout(r, 10));
+  }
+}

@@ -1,0 +1,160 @@
+// Malformed JSON, wrong types, huge bodies, missing/invalid/revoked keys: the right status and OpenAI's error
+// shape, never a 500.
+import { describe, expect, it } from "vitest";
+import { ADMIN_SECRET, bearer, keyStore, MODEL, makeApp, newKey, post } from "./helpers.ts";
+
+const chat = { model: MODEL, messages: [{ role: "user", content: "Hi" }] };
+
+async function expectError(res: Response, status: number, error: Record<string, unknown>) {
+  expect(res.status).toBe(status);
+  expect(res.headers.get("content-type")).toContain("application/json");
+  const body = (await res.json()) as { error: Record<string, unknown> };
+  expect(Object.keys(body)).toEqual(["error"]);
+  expect(Object.keys(body.error).sort()).toEqual(["code", "message", "param", "type"]);
+  expect(body.error).toMatchObject(error);
+  return body.error;
+}
+
+describe("request validation", () => {
+  it("rejects malformed JSON with 400", async () => {
+    const { app } = makeApp();
+    const { key } = await newKey();
+    await expectError(await app.request(post("/v1/chat/completions", key, '{"model": ')), 400, {
+      type: "invalid_request_error",
+      param: null,
+    });
+    await expectError(await app.request(post("/v1/chat/completions", key, "")), 400, { type: "invalid_request_error" });
+    await expectError(await app.request(post("/v1/completions", key, "[1,2]")), 400, { type: "invalid_request_error" });
+  });
+
+  it.each([
+    [{ ...chat, temperature: "hot" }, "temperature", "invalid_type"],
+    [{ ...chat, max_tokens: 1.5 }, "max_tokens", "invalid_type"],
+    [{ ...chat, n: 0 }, "n", "invalid_value"],
+    [{ ...chat, stream: "yes" }, "stream", "invalid_type"],
+    [{ ...chat, stop: [1] }, "stop[0]", "invalid_type"],
+    [{ ...chat, messages: "Hi" }, "messages", "invalid_type"],
+    [{ ...chat, messages: [] }, "messages", "invalid_value"],
+    [{ ...chat, messages: [{ role: "wizard", content: "x" }] }, "messages[0].role", "invalid_value"],
+    [{ ...chat, messages: [{ role: "user", content: 5 }] }, "messages[0].content", "invalid_type"],
+    [
+      { ...chat, messages: [{ role: "user", content: [{ type: "image_url" }] }] },
+      "messages[0].content[0].type",
+      "invalid_value",
+    ],
+    [{ ...chat, logit_bias: { abc: 1 } }, "logit_bias.abc", "invalid_value"],
+    [{ ...chat, top_logprobs: 2 }, "top_logprobs", "invalid_value"],
+    [{ messages: chat.messages }, "model", "missing_required_parameter"],
+    [{ model: MODEL }, "messages", "missing_required_parameter"],
+    [{ model: 42, messages: chat.messages }, "model", "invalid_type"],
+  ])("rejects %j naming %s", async (body, param, code) => {
+    const { app } = makeApp();
+    const { key } = await newKey();
+    const e = await expectError(await app.request(post("/v1/chat/completions", key, body)), 400, {
+      type: "invalid_request_error",
+      param,
+      code,
+    });
+    expect(e.message).toContain(param);
+  });
+
+  it("validates completions' prompt and parameters", async () => {
+    const { app } = makeApp();
+    const { key } = await newKey();
+    await expectError(await app.request(post("/v1/completions", key, { model: MODEL, prompt: { text: "x" } })), 400, {
+      param: "prompt",
+    });
+    await expectError(await app.request(post("/v1/completions", key, { model: MODEL, prompt: [1, -2] })), 400, {
+      param: "prompt[1]",
+    });
+    await expectError(
+      await app.request(post("/v1/completions", key, { model: MODEL, prompt: "x", logprobs: 9 })),
+      400,
+      {
+        param: "logprobs",
+      },
+    );
+    await expectError(
+      await app.request(post("/v1/completions", key, { model: MODEL, prompt: [1, 2], echo: true })),
+      400,
+      { param: "echo" },
+    );
+  });
+
+  it("ignores unknown fields", async () => {
+    const { app } = makeApp();
+    const { key } = await newKey();
+    const res = await app.request(
+      post("/v1/chat/completions", key, { ...chat, frobnicate: [1, 2, 3], metadata: { a: 1 } }),
+    );
+    expect(res.status).toBe(200);
+  });
+
+  it("rejects huge bodies with 413, by Content-Length and by actual size", async () => {
+    const { app } = makeApp();
+    const { key } = await newKey();
+    const huge = JSON.stringify({ ...chat, messages: [{ role: "user", content: "x".repeat(200_000) }] });
+    await expectError(await app.request(post("/v1/chat/completions", key, huge)), 413, {
+      type: "invalid_request_error",
+    });
+    // A chunked body (no Content-Length) is cut off while it is read.
+    const stream = new ReadableStream<Uint8Array>({
+      start(c) {
+        for (let i = 0; i < 100; i++) c.enqueue(new TextEncoder().encode("x".repeat(1024)));
+        c.close();
+      },
+    });
+    const req = new Request("http://gateway/v1/chat/completions", {
+      method: "POST",
+      headers: { ...bearer(key), "content-type": "application/json" },
+      body: stream,
+      // @ts-expect-error: duplex is required for stream bodies in some runtimes
+      duplex: "half",
+    });
+    await expectError(await app.request(req), 413, {});
+  });
+
+  it("answers unknown routes with an OpenAI-shaped 404", async () => {
+    const { app } = makeApp();
+    const { key } = await newKey();
+    await expectError(await app.request("/v1/engines", { headers: bearer(key) }), 404, {
+      type: "invalid_request_error",
+    });
+  });
+});
+
+describe("API keys", () => {
+  it("answers 401 without a key", async () => {
+    const { app } = makeApp();
+    await expectError(await app.request(post("/v1/chat/completions", undefined, chat)), 401, { code: null });
+    await expectError(await app.request("/v1/models"), 401, {});
+    await expectError(await app.request("/v1/models", { headers: { authorization: "Basic abc" } }), 401, {});
+  });
+
+  it("answers 401 invalid_api_key for a wrong key, before looking at the body", async () => {
+    const { app } = makeApp();
+    const wrong = `sk-${"A".repeat(48)}`;
+    for (const body of [chat, "{bad json", { ...chat, temperature: "x" }, { ...chat, model: "nope" }]) {
+      const e = await expectError(await app.request(post("/v1/chat/completions", wrong, body)), 401, {
+        type: "invalid_request_error",
+        code: "invalid_api_key",
+      });
+      expect(e.message).toContain("sk-...AAAA");
+      expect(e.message).not.toContain(wrong);
+    }
+    await expectError(await app.request("/v1/models", { headers: bearer("not-a-key") }), 401, {
+      code: "invalid_api_key",
+    });
+  });
+
+  it("refuses a revoked key on the very next request", async () => {
+    const { app } = makeApp();
+    const { key, id } = await newKey();
+    expect((await app.request(post("/v1/chat/completions", key, chat))).status).toBe(200);
+    const revoke = await app.request(`/admin/keys/${id}`, { method: "DELETE", headers: bearer(ADMIN_SECRET) });
+    expect(revoke.status).toBe(200);
+    await expectError(await app.request(post("/v1/chat/completions", key, chat)), 401, { code: "invalid_api_key" });
+    await expectError(await app.request("/v1/models", { headers: bearer(key) }), 401, { code: "invalid_api_key" });
+    expect((await keyStore().get(id))?.revoked_at).toBeTypeOf("number");
+  });
+});
