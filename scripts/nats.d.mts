@@ -33,5 +33,6 @@ export declare function startNats(opts?: {
   httpPort?: number;
   storeDir?: string;
   maxPayload?: number;
+  detached?: boolean;
   stdio?: "inherit" | "ignore" | "pipe";
 }): Promise<NatsHandle>;

@@ -143,7 +143,7 @@ export async function waitForNats(httpPort, timeoutMs = 15_000, proc) {
 /**
  * Starts nats-server with a config written into `dir` (default `.cache/nats`) and waits until it is healthy.
  * @param {{ dir?: string, port?: number, wsPort?: number, httpPort?: number, storeDir?: string,
- *           maxPayload?: number, stdio?: "inherit" | "ignore" | "pipe" }} [opts]
+ *           maxPayload?: number, stdio?: "inherit" | "ignore" | "pipe", detached?: boolean }} [opts]
  * @returns {Promise<{ proc: import("node:child_process").ChildProcess, url: string, wsUrl: string,
  *   port: number, wsPort: number, httpPort: number, storeDir: string, configFile: string,
  *   stop: () => Promise<void> }>}
@@ -157,7 +157,9 @@ export async function startNats(opts = {}) {
   const storeDir = opts.storeDir ?? join(dir, "jetstream");
   if (await portOpen(port)) throw new Error(`port ${port} is in use: is another nats-server running?`);
   const configFile = writeNatsConfig({ dir, port, wsPort, httpPort, storeDir, maxPayload: opts.maxPayload });
-  const proc = spawn(bin, ["-c", configFile], { stdio: opts.stdio ?? "ignore" });
+  // detached: its own process group, so a terminal's Ctrl-C reaches the caller, which stops the server last
+  // (after the workers have drained over it).
+  const proc = spawn(bin, ["-c", configFile], { stdio: opts.stdio ?? "ignore", detached: opts.detached ?? false });
   const exited = new Promise((resolve) => proc.once("exit", resolve));
   try {
     await waitForNats(httpPort, 15_000, proc);

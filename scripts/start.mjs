@@ -83,7 +83,7 @@ try {
   const maxContext = config.max_position_embeddings ?? 2048;
 
   // 2. NATS
-  const nats = await startNats({ stdio: "ignore" });
+  const nats = await startNats({ stdio: "ignore", detached: true });
   cleanups.push(() => nats.stop());
   log(`nats-server on ${nats.url} (WebSocket ${nats.wsUrl})`);
 

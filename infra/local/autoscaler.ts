@@ -123,7 +123,9 @@ export function spawnWorker(args: {
     ...(args.model ? ["--model", args.model] : []),
     ...(args.extra ?? []),
   ];
-  return spawn(process.execPath, argv, { stdio: ["ignore", "inherit", "inherit"] });
+  // Own process group: a terminal's Ctrl-C reaches only the supervisor, which drains workers with one SIGTERM
+  // (a second signal would make a worker exit without draining).
+  return spawn(process.execPath, argv, { stdio: ["ignore", "inherit", "inherit"], detached: true });
 }
 
 export class LocalAutoscaler {
