@@ -10,6 +10,7 @@ import {
   CancelledError,
   type DispatchEvent,
   Dispatcher,
+  DirectReplySchema,
   MAX_REQUEST_BYTES,
   PROTOCOL_VERSION,
   parseLoadReport,
@@ -344,6 +345,43 @@ describe("worker service over NATS", () => {
         kv_blocks_total: host.config.numBlocks,
       });
     }
+  });
+
+  test("an addressed request is accepted at once and runs like a pulled one; a malformed one is refused", async () => {
+    const sub = nc.subscribe(poolNames(IN_PROC_POOL).load, { max: 1, timeout: 5000 });
+    let subject = "";
+    for await (const m of sub) {
+      const report = parseLoadReport(m.data);
+      subject = report.ok ? (report.value.direct_subject ?? "") : "";
+    }
+    expect(subject).toMatch(/^llama\.pool\.inproc\.worker\.[a-z0-9]+$/);
+    const id = rid("direct");
+    const replyTo = createInbox();
+    const events: TokenEvent[] = [];
+    const done = new Promise<void>((resolve) => {
+      nc.subscribe(replyTo, {
+        callback: (_err, msg) => {
+          const p = parseReplyMessage(msg.data);
+          if (p.ok && p.value.type !== "claim") events.push(p.value);
+          if (p.ok && (p.value.type === "final" || p.value.type === "error")) resolve();
+        },
+      });
+    });
+    const message = {
+      v: PROTOCOL_VERSION,
+      id,
+      model,
+      prompt: { type: "text", text: "Once upon a time" },
+      sampling: { temperature: 0, max_tokens: 5 },
+      deadline: Date.now() + 30_000,
+      reply_to: replyTo,
+    };
+    const reply = await nc.request(subject, JSON.stringify(message), { timeout: 2000 });
+    expect(DirectReplySchema.parse(reply.json())).toEqual({ v: PROTOCOL_VERSION, id, accepted: true });
+    await done;
+    expect(events.map((e) => e.type)).toEqual(["start", "delta", "delta", "delta", "delta", "delta", "final"]);
+    const refused = await nc.request(subject, "not json", { timeout: 2000 });
+    expect(DirectReplySchema.parse(refused.json()).accepted).toBe(false);
   });
 
   test("cancel mid-stream frees the sequence's KV blocks within a step", async () => {

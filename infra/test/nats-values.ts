@@ -109,6 +109,8 @@ export const SUBJECT_USE: Record<
   load: { worker: ["pub"], edge: ["sub"] },
   // The gateway cancels; every worker of the pool listens.
   cancel: { edge: ["pub"], worker: ["sub"] },
+  // The gateway offers addressed requests; each worker listens on its own subject under this pattern.
+  direct: { edge: ["pub"], worker: ["sub"] },
 };
 
 const INBOX = "_INBOX.a1b2c3.4";

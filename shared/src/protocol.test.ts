@@ -4,6 +4,7 @@ import {
   PROTOCOL_VERSION,
   parseReplyMessage,
   parseRequestMessage,
+  directSubject,
   poolNames,
   type RequestMessage,
 } from "./protocol.ts";
@@ -28,7 +29,10 @@ describe("pool names", () => {
       requests: "llama.pool.long-context.requests",
       load: "llama.pool.long-context.load",
       cancel: "llama.pool.long-context.cancel",
+      direct: "llama.pool.long-context.worker.*",
     });
+    expect(directSubject("long-context", "ab12")).toBe("llama.pool.long-context.worker.ab12");
+    expect(() => directSubject("default", "a.b")).toThrow(TypeError);
   });
 
   test("reject names that would break subjects or stream names", () => {

@@ -54,6 +54,12 @@ export interface PoolNames {
   load: string;
   /** Cancels for the pool's requests; every worker of the pool listens and the one running the id aborts it. */
   cancel: string;
+  /**
+   * Addressed requests (prefix affinity): each worker listens on `directSubject(pool, token)`, which this pattern
+   * matches, and advertises it in its load reports. The gateway offers a request there as a NATS request; the
+   * worker answers `DirectReply` at once and, if it accepted, runs the request exactly as a pulled one.
+   */
+  direct: string;
 }
 
 /**
@@ -69,7 +75,15 @@ export function poolNames(pool: string): PoolNames {
     requests: `llama.pool.${pool}.requests`,
     load: `llama.pool.${pool}.load`,
     cancel: `llama.pool.${pool}.cancel`,
+    direct: `llama.pool.${pool}.worker.*`,
   };
+}
+
+/** The subject on which one worker takes addressed requests; `token` is [a-z0-9]+, unique per worker process. */
+export function directSubject(pool: string, token: string): string {
+  if (!/^[a-z0-9]+$/.test(token))
+    throw new TypeError(`invalid worker token ${JSON.stringify(token)}: expected [a-z0-9]+`);
+  return poolNames(pool).direct.replace("*", token);
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -279,8 +293,14 @@ export const LoadReportSchema = z.object({
   tokens_per_second: z.number().min(0),
   /** True once the worker stopped taking requests (SIGTERM); routing should skip it. */
   draining: z.boolean(),
+  /** Where this worker takes addressed requests (see PoolNames.direct); absent if it takes none. */
+  direct_subject: z.string().optional(),
 });
 export type LoadReport = z.infer<typeof LoadReportSchema>;
+
+/** A worker's immediate answer to an addressed request: accepted only if it started it, as if pulled. */
+export const DirectReplySchema = z.object({ v: z.literal(PROTOCOL_VERSION), id: requestId, accepted: z.boolean() });
+export type DirectReply = z.infer<typeof DirectReplySchema>;
 
 // ---------------------------------------------------------------------------------------------------------------
 // Encoding and parsing

@@ -1,10 +1,9 @@
 /**
  * Sending a request to one chosen worker (prefix affinity), next to the pool's JetStream queue.
  *
- * PROTOCOL ADDITION (v1-compatible; the worker side is not in gpu-worker yet, see the edge report):
- * - A worker that takes addressed requests subscribes to its own subject, e.g.
- *   `llama.pool.<pool>.worker.<token>`, and advertises it in its load reports as `direct_subject` (an extra field:
- *   receivers that do not know it ignore it).
+ * The protocol (shared/src/protocol.ts, PoolNames.direct; the worker side is gpu-worker/src/service/nats-worker.ts):
+ * - A worker that takes addressed requests subscribes to its own subject, `directSubject(pool, token)`
+ *   (`llama.pool.<pool>.worker.<token>`), and advertises it in its load reports as `direct_subject`.
  * - The gateway sends the usual RequestMessage there as a NATS *request*. The worker answers at once with
  *   `{"v":1,"id":<request id>,"accepted":true|false}`: true only if it would pull from the queue now (room in
  *   its scheduler, not draining), and if so it runs the request exactly like a pulled one (same events on
@@ -18,6 +17,7 @@
 import {
   CancelledError,
   DEFAULT_HEARTBEAT_TIMEOUT_MS,
+  DirectReplySchema,
   type DispatchError,
   type DispatchEvent,
   encodeMessage,
@@ -32,10 +32,6 @@ import {
   WorkerLostError,
 } from "@llama-edge/shared";
 import { createInbox, type Msg, type NatsConnection } from "@nats-io/nats-core";
-import { z } from "zod";
-
-export const DirectReplySchema = z.object({ v: z.literal(PROTOCOL_VERSION), id: z.string(), accepted: z.boolean() });
-export type DirectReply = z.infer<typeof DirectReplySchema>;
 
 export interface DirectOptions {
   signal: AbortSignal;

@@ -70,7 +70,7 @@ export class NatsLink {
       callback: (err, msg) => {
         if (err) return;
         const parsed = parseLoadReport(msg.data);
-        if (parsed.ok) this.#o.onLoadReport(parsed.value, directSubjectOf(msg.data));
+        if (parsed.ok) this.#o.onLoadReport(parsed.value, directSubjectOf(parsed.value));
       },
     });
     return { nc, dispatcher: new Dispatcher(nc) };
@@ -83,13 +83,8 @@ export class NatsLink {
   }
 }
 
-/** `direct_subject` of a load report: an addition the shared schema strips, so it is read from the raw JSON. */
-function directSubjectOf(data: Uint8Array): string | undefined {
-  try {
-    const raw = JSON.parse(new TextDecoder().decode(data)) as { direct_subject?: unknown };
-    const s = raw.direct_subject;
-    return typeof s === "string" && /^[^\s*>]+$/.test(s) ? s : undefined;
-  } catch {
-    return undefined;
-  }
+/** A load report's `direct_subject`, when it is a plain subject (no wildcards or spaces) we may publish to. */
+function directSubjectOf(report: LoadReport): string | undefined {
+  const s = report.direct_subject;
+  return s !== undefined && /^[^\s*>]+$/.test(s) ? s : undefined;
 }

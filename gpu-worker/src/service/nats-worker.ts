@@ -15,8 +15,11 @@
  *
  * @module
  */
+import { randomBytes } from "node:crypto";
 import {
   type ClaimMessage,
+  type DirectReply,
+  directSubject,
   encodeMessage,
   HEARTBEAT_INTERVAL_MS,
   LOAD_REPORT_INTERVAL_MS,
@@ -32,7 +35,7 @@ import {
   type TokenEvent,
 } from "@llama-edge/shared";
 import { type Consumer, type JetStreamClient, type JsMsg, jetstream, jetstreamManager } from "@nats-io/jetstream";
-import type { ConnectionOptions, NatsConnection } from "@nats-io/nats-core";
+import type { ConnectionOptions, Msg, NatsConnection } from "@nats-io/nats-core";
 import { connect } from "@nats-io/transport-node";
 import type { Logger } from "pino";
 import type { EngineEvent } from "../engine/types.ts";
@@ -71,7 +74,8 @@ export interface NatsWorkerOptions {
 /** One admitted request. */
 interface InFlight {
   req: RequestMessage;
-  msg: JsMsg;
+  /** The JetStream message, acked when the request ends; null for an addressed (direct) request. */
+  msg: JsMsg | null;
   log: Logger;
   /** Next event's sequence number. */
   seq: number;
@@ -102,6 +106,8 @@ export class NatsWorker {
     metrics?: WorkerMetrics;
   };
   readonly #names: PoolNames;
+  /** This process's subject for addressed requests (a random token: worker ids may hold characters subjects can't). */
+  readonly #directSubject: string;
   readonly #served: Set<string>;
   readonly #ackWaitMs: number;
   readonly #poolSetup: PoolSetupOptions | undefined;
@@ -120,6 +126,7 @@ export class NatsWorker {
     this.#js = jetstream(nc, { timeout: JS_API_TIMEOUT_MS });
     this.#poolSetup = opts.poolSetup;
     this.#names = poolNames(opts.pool);
+    this.#directSubject = directSubject(opts.pool, randomBytes(8).toString("hex"));
     this.#ackWaitMs = ackWaitMs;
     this.#o = {
       pool: opts.pool,
@@ -173,6 +180,13 @@ export class NatsWorker {
     const { metrics, engine, logger } = this.#o;
     metrics?.natsConnected.set(1);
     void this.#watchStatus();
+    // Addressed requests (prefix affinity): the gateway offers a request to this worker when it caches the prompt's
+    // prefix. Accepted only when a pull would be taken now, then run exactly as a pulled one.
+    this.nc.subscribe(this.#directSubject, {
+      callback: (err, msg) => {
+        if (!err) this.#onDirect(msg);
+      },
+    });
     this.nc.subscribe(this.#names.cancel, {
       callback: (err, msg) => {
         if (!err) this.#onCancel(msg.data);
@@ -266,6 +280,24 @@ export class NatsWorker {
     }
   }
 
+  #onDirect(msg: Msg): void {
+    const parsed = parseRequestMessage(msg.data);
+    const req = parsed.ok ? parsed.value : null;
+    const accepted =
+      req !== null &&
+      !this.#draining &&
+      this.#hasRoom() &&
+      this.#served.has(req.model) &&
+      Date.now() <= req.deadline &&
+      !this.#cancelled.has(req.id) &&
+      !this.#inFlight.has(req.id);
+    const reply: DirectReply = { v: PROTOCOL_VERSION, id: req?.id ?? "invalid", accepted };
+    // Refusals cost the gateway nothing: it queues the request under another id (malformed ones get their error
+    // from the queue path).
+    msg.respond(new TextEncoder().encode(JSON.stringify(reply)));
+    if (accepted && req) this.#start(req, null);
+  }
+
   async #admit(msg: JsMsg): Promise<void> {
     const parsed = parseRequestMessage(msg.data);
     if (!parsed.ok) return this.#reject(msg, parsed);
@@ -321,7 +353,7 @@ export class NatsWorker {
     this.#publish(failure.replyTo, ev);
   }
 
-  #start(req: RequestMessage, msg: JsMsg): void {
+  #start(req: RequestMessage, msg: JsMsg | null): void {
     const now = Date.now();
     const f: InFlight = {
       req,
@@ -337,7 +369,10 @@ export class NatsWorker {
     const queueMs = req.submitted_at === undefined ? 0 : Math.max(0, now - req.submitted_at);
     this.#o.metrics?.inFlight.set(this.#inFlight.size);
     this.#o.metrics?.queueSeconds.observe(queueMs / 1000);
-    f.log.info({ queue_ms: queueMs, deliveries: msg.info.deliveryCount, prompt: req.prompt.type }, "admitted");
+    f.log.info(
+      { queue_ms: queueMs, deliveries: msg?.info.deliveryCount ?? 0, direct: msg === null, prompt: req.prompt.type },
+      "admitted",
+    );
     this.#emit(f, { type: "start", worker_id: this.#o.workerId, queue_ms: queueMs });
     let events: AsyncIterable<EngineEvent>;
     try {
@@ -400,7 +435,7 @@ export class NatsWorker {
       else f.log.error({ err: end }, "request failed");
     }
     this.#inFlight.delete(f.req.id);
-    f.msg.ack();
+    f.msg?.ack();
     metrics?.requests.inc({ outcome });
     metrics?.inFlight.set(this.#inFlight.size);
     this.#wakeRoomWaiter?.();
@@ -446,7 +481,7 @@ export class NatsWorker {
       if (now - f.lastEventAt >= this.#o.heartbeatIntervalMs) this.#emit(f, { type: "heartbeat" });
       if (now - f.lastProgressAt >= this.#ackWaitMs / 3) {
         f.lastProgressAt = now;
-        f.msg.working(); // keeps JetStream from redelivering a request that is running fine
+        f.msg?.working(); // keeps JetStream from redelivering a request that is running fine
       }
     }
     for (const [id, until] of this.#cancelled) {
@@ -477,6 +512,7 @@ export class NatsWorker {
       },
       tokens_per_second: s.tokensPerSecond,
       draining: this.#draining,
+      direct_subject: this.#directSubject,
     };
     if (this.nc.isClosed()) return;
     try {
