@@ -8,9 +8,9 @@
  */
 import {
   CancelledError,
+  DirectReplySchema,
   type DispatchEvent,
   Dispatcher,
-  DirectReplySchema,
   MAX_REQUEST_BYTES,
   PROTOCOL_VERSION,
   parseLoadReport,

@@ -1,10 +1,10 @@
 import { describe, expect, test } from "vitest";
 import {
+  directSubject,
   MAX_REQUEST_BYTES,
   PROTOCOL_VERSION,
   parseReplyMessage,
   parseRequestMessage,
-  directSubject,
   poolNames,
   type RequestMessage,
 } from "./protocol.ts";
