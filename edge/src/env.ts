@@ -15,7 +15,7 @@ export interface Env {
   /** Secrets, when the NATS WebSocket listener requires authentication. */
   NATS_TOKEN?: string;
   NATS_USER?: string;
-  NATS_PASS?: string;
+  NATS_PASSWORD?: string;
   /** Secret: enables the admin API. */
   ADMIN_SECRET?: string;
   /** Number of dispatch shards (connection-holding Durable Objects). */

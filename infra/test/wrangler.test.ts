@@ -77,7 +77,7 @@ describe("production wrangler config", () => {
   });
 
   it("lists every secret with `wrangler secret put`, and keeps them out of vars", () => {
-    expect(secrets).toEqual(expect.arrayContaining(["ADMIN_SECRET", "NATS_URL", "NATS_USER", "NATS_PASS"]));
+    expect(secrets).toEqual(expect.arrayContaining(["ADMIN_SECRET", "NATS_URL", "NATS_USER", "NATS_PASSWORD"]));
     for (const s of secrets) expect(Object.keys(config.vars ?? {}), `${s} is a secret, not a var`).not.toContain(s);
     // The gateway logs into NATS as the `edge` user of the NATS values.
     expect(configText).toMatch(/NATS_USER\s.*#\s*edge\b/);

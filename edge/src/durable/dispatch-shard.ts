@@ -42,7 +42,7 @@ export class DispatchShard extends DurableObject<Env> {
       url: env.NATS_URL,
       token: env.NATS_TOKEN,
       user: env.NATS_USER,
-      pass: env.NATS_PASS,
+      pass: env.NATS_PASSWORD,
       onLoadReport: (report, directSubject) => this.#table.update(report, directSubject),
     });
     this.#backend = new NatsBackend(this.#link, this.#router);
