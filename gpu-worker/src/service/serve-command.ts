@@ -39,6 +39,8 @@ shown; the flag wins.
                                                         (default 0.05)
   --ack-wait <s>                LLAMA_ACK_WAIT          ack_wait of the pool's consumer when this worker
                                                         creates it (default 30)
+  --stream-replicas <n>         LLAMA_STREAM_REPLICAS   Replicas of the pool's stream when this worker
+                                                        creates it (default 1; 3 in a NATS cluster)
   --drain-timeout <s>           LLAMA_DRAIN_TIMEOUT     Grace period for requests in flight on SIGTERM
                                                         (default 25, under Kubernetes' default 30)
   --health-port <port>          LLAMA_HEALTH_PORT       /healthz, /readyz, /metrics (default 8080, 0 = any)
@@ -62,6 +64,7 @@ const OPTIONS = {
   device: { type: "string", env: "LLAMA_DEVICE" },
   "kv-free-watermark": { type: "string", env: "LLAMA_KV_FREE_WATERMARK" },
   "ack-wait": { type: "string", env: "LLAMA_ACK_WAIT" },
+  "stream-replicas": { type: "string", env: "LLAMA_STREAM_REPLICAS" },
   "drain-timeout": { type: "string", env: "LLAMA_DRAIN_TIMEOUT" },
   "health-port": { type: "string", env: "LLAMA_HEALTH_PORT" },
   "log-level": { type: "string", env: "LLAMA_LOG_LEVEL" },
@@ -115,6 +118,7 @@ function readOptions(argv: string[]) {
     device: device as "cpu" | "cuda",
     kvFreeWatermark: num("kv-free-watermark", (n) => n >= 0 && n < 1),
     ackWaitS: num("ack-wait") ?? 30,
+    streamReplicas: num("stream-replicas", (n) => Number.isInteger(n) && n >= 1 && n <= 5) ?? 1,
     drainTimeoutS: num("drain-timeout", (n) => n >= 0) ?? 25,
     healthPort: num("health-port", (n) => Number.isInteger(n) && n >= 0 && n < 65536) ?? 8080,
     logLevel: str("log-level") ?? "info",
@@ -232,7 +236,7 @@ export async function serveCommand(argv: string[]): Promise<number> {
         metrics,
         servedModelNames: o.servedModelNames,
         kvFreeWatermark: o.kvFreeWatermark,
-        poolSetup: { ackWaitMs: o.ackWaitS * 1000 },
+        poolSetup: { ackWaitMs: o.ackWaitS * 1000, replicas: o.streamReplicas },
         signal: stop.signal,
       })) ?? undefined;
     if (!worker) return crashed ? 1 : 0; // stopped while connecting
