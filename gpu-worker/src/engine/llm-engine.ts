@@ -270,7 +270,7 @@ export class LLMEngine {
         });
       }
     }
-    const tokens = sampleBatch(out.logits, this.cfg.vocabSize, sampleRows, out.probs);
+    const tokens = sampleBatch(out.logits, this.cfg.vocabSize, sampleRows, out.probs, out.argmax);
     let generated = 0;
     sampled.forEach((st, i) => {
       if (st.abortRequested) return;

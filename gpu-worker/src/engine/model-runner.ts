@@ -17,8 +17,10 @@ export interface StepSequence {
 export interface StepOutput {
   /** [rows, vocab] raw next-token logits. */
   logits: Float32Array;
-  /** [rows, vocab] softmax of logits / temperature, per row. */
-  probs: Float32Array;
+  /** [rows] index of each row's largest logit (lowest index on ties). */
+  argmax: BigInt64Array;
+  /** [rows, vocab] softmax of logits / temperature, per row; only computed when some row samples. */
+  probs: Float32Array | undefined;
 }
 
 export interface ModelRunnerOptions {
@@ -109,10 +111,17 @@ export class ModelRunner {
     const inv = new Float32Array(rows).fill(1);
     if (temperatures) for (let i = 0; i < rows; i++) if (temperatures[i] > 0) inv[i] = 1 / temperatures[i];
     feeds.inv_temperature = new ort.Tensor("float32", inv, [rows]);
-    const out = await this.session.run(feeds);
+    // ONNX Runtime runs only what the requested outputs need: an all-greedy step skips the softmax.
+    const sampling = temperatures?.some((t) => t > 0) ?? false;
+    const fetches = ["logits", "argmax", "new_kv", ...(sampling ? ["probs"] : [])];
+    const out = await this.session.run(feeds, fetches);
     this.writeNewKv(seqs, out.new_kv.data as Float32Array);
     out.new_kv.dispose();
-    return { logits: out.logits.data as Float32Array, probs: out.probs.data as Float32Array };
+    return {
+      logits: out.logits.data as Float32Array,
+      argmax: out.argmax.data as BigInt64Array,
+      probs: sampling ? (out.probs.data as Float32Array) : undefined,
+    };
   }
 
   private slot(blockTable: readonly number[], pos: number): number {

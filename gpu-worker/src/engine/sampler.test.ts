@@ -457,3 +457,23 @@ describe("sampling from the model's probabilities", () => {
     expect(new Set(tokens)).toEqual(new Set([3]));
   });
 });
+
+describe("greedy rows with the model's argmax", () => {
+  const V = 8;
+  const logits = Float32Array.from([0, 1, 5, 2, 5, 0, 0, 0]);
+  const row = (params: Partial<SamplingParams>) => ({
+    params: validateSamplingParams(params, { vocabSize: V }),
+    rng: new SeededRng(1),
+    promptTokenIds: [1],
+    outputTokenIds: [],
+  });
+  it("takes the model's argmax when nothing edited the logits", () => {
+    // a deliberately different argmax proves it is used, not recomputed
+    expect(sampleBatch(logits, V, [row({ temperature: 0 })], undefined, BigInt64Array.from([4n]))[0].tokenId).toBe(4);
+    expect(sampleBatch(logits, V, [row({ temperature: 0 })])[0].tokenId).toBe(2);
+  });
+  it("recomputes it after logit_bias changed the logits", () => {
+    const biased = row({ temperature: 0, logitBias: { 7: 10 } });
+    expect(sampleBatch(logits, V, [biased], undefined, BigInt64Array.from([2n]))[0].tokenId).toBe(7);
+  });
+});

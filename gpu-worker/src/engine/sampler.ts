@@ -355,6 +355,8 @@ export function sampleBatch(
    * vectorised op): rows whose logits no bias or penalty changes then draw from it with no exp per token.
    */
   probs?: Float32Array,
+  /** Each row's argmax, when the model computed it: greedy rows with unedited logits take it as their token. */
+  argmaxes?: BigInt64Array,
 ): SampledToken[] {
   if (logits.length < rows.length * vocabSize) {
     throw new RangeError(`sampleBatch: ${logits.length} logits for ${rows.length} rows of ${vocabSize}`);
@@ -367,20 +369,29 @@ export function sampleBatch(
       r,
       s,
       probs?.subarray(i * vocabSize, (i + 1) * vocabSize),
+      argmaxes === undefined ? undefined : Number(argmaxes[i]),
     ),
   );
 }
 
-function sampleRow(row: Float32Array, r: SamplingRow, s: Scratch, probs?: Float32Array): SampledToken {
+function sampleRow(
+  row: Float32Array,
+  r: SamplingRow,
+  s: Scratch,
+  probs?: Float32Array,
+  rowArgmax?: number,
+): SampledToken {
   const p = r.params;
   const raw = p.logprobs || p.topLogprobs > 0 ? rawLogprobs(row, p.topLogprobs) : null;
   let tokenId: number;
   try {
     applyBiasAndPenalties(row, r, s);
     const u = r.rng === null ? Math.random() : r.rng.next();
-    // probs match the row only while nothing edited it (no logit_bias, no penalty applied)
-    const rowProbs = probs !== undefined && s.savedIds.length === 0 ? probs : undefined;
-    tokenId = p.temperature < GREEDY_EPS ? argmax(row) : sampleFiltered(row, p, u, s, rowProbs);
+    // the model's probs and argmax match the row only while nothing edited it (no logit_bias, no penalty)
+    const unedited = s.savedIds.length === 0;
+    const rowProbs = unedited ? probs : undefined;
+    if (p.temperature < GREEDY_EPS) tokenId = unedited && rowArgmax !== undefined ? rowArgmax : argmax(row);
+    else tokenId = sampleFiltered(row, p, u, s, rowProbs);
   } finally {
     restore(row, s);
   }
