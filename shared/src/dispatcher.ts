@@ -15,7 +15,6 @@ import { type JetStreamClient, type JetStreamManager, jetstream, jetstreamManage
 import { createInbox, type Msg, type NatsConnection } from "@nats-io/nats-core";
 import {
   CancelledError,
-  type DispatchError,
   InvalidRequestError,
   NoWorkersError,
   ProtocolError,
@@ -23,6 +22,7 @@ import {
   WorkerError,
   WorkerLostError,
 } from "./errors.ts";
+import { Mailbox } from "./mailbox.ts";
 import {
   type ClaimMessage,
   DEFAULT_HEARTBEAT_TIMEOUT_MS,
@@ -260,34 +260,4 @@ function clearTimer(t: ReturnType<typeof setTimeout> | undefined): void {
 
 function respondToClaim(msg: Msg, claim: ClaimMessage, granted: boolean): void {
   msg.respond(encodeMessage({ v: PROTOCOL_VERSION, id: claim.id, granted }));
-}
-
-/** A single-consumer queue whose `next()` rejects once `fail()` was called: the subscription, the timers and the
- *  abort signal all feed one loop. */
-class Mailbox<T> {
-  #items: T[] = [];
-  #failure: DispatchError | undefined;
-  #wake: (() => void) | undefined;
-
-  push(item: T): void {
-    this.#items.push(item);
-    this.#wake?.();
-  }
-
-  fail(error: DispatchError): void {
-    this.#failure ??= error;
-    this.#wake?.();
-  }
-
-  async next(): Promise<T> {
-    for (;;) {
-      if (this.#failure) throw this.#failure;
-      const item = this.#items.shift();
-      if (item !== undefined) return item;
-      await new Promise<void>((resolve) => {
-        this.#wake = resolve;
-      });
-      this.#wake = undefined;
-    }
-  }
 }

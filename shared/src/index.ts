@@ -21,6 +21,7 @@ export {
   WorkerError,
   WorkerLostError,
 } from "./errors.ts";
+export { Mailbox } from "./mailbox.ts";
 export {
   type CancelMessage,
   type ChatMessage,

@@ -18,9 +18,9 @@ import {
   CancelledError,
   DEFAULT_HEARTBEAT_TIMEOUT_MS,
   DirectReplySchema,
-  type DispatchError,
   type DispatchEvent,
   encodeMessage,
+  Mailbox,
   PROTOCOL_VERSION,
   ProtocolError,
   parseReplyMessage,
@@ -137,34 +137,5 @@ async function* events(
     opts.signal.removeEventListener("abort", onAbort);
     sub.unsubscribe();
     if (!finished) cancel(nc, pool, id);
-  }
-}
-
-/** A single-consumer queue whose `next()` rejects once `fail()` was called. */
-class Mailbox<T> {
-  #items: T[] = [];
-  #failure: DispatchError | undefined;
-  #wake: (() => void) | undefined;
-
-  push(item: T): void {
-    this.#items.push(item);
-    this.#wake?.();
-  }
-
-  fail(error: DispatchError): void {
-    this.#failure ??= error;
-    this.#wake?.();
-  }
-
-  async next(): Promise<T> {
-    for (;;) {
-      if (this.#failure) throw this.#failure;
-      const item = this.#items.shift();
-      if (item !== undefined) return item;
-      await new Promise<void>((resolve) => {
-        this.#wake = resolve;
-      });
-      this.#wake = undefined;
-    }
   }
 }
