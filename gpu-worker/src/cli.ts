@@ -2,6 +2,7 @@ import { readFileSync } from "node:fs";
 import { parseArgs } from "node:util";
 import cliProgress from "cli-progress";
 import { type EngineOptions, EngineRequestError, LLMEngine } from "./engine/llm-engine.ts";
+import { ExecutionProviderError } from "./engine/model-runner.ts";
 import { SamplingParamError } from "./engine/sampler.ts";
 import type { FinishReason, SamplingParams } from "./engine/types.ts";
 import { ensureDefaultModel } from "./model/default-model.ts";
@@ -42,7 +43,12 @@ export async function main(argv: string[]): Promise<number> {
     process.stdout.write(USAGE);
     return command === undefined || command === "--help" || command === "-h" ? 0 : 2;
   } catch (e) {
-    if (e instanceof ModelLoadError || e instanceof SamplingParamError || e instanceof EngineRequestError) {
+    if (
+      e instanceof ModelLoadError ||
+      e instanceof SamplingParamError ||
+      e instanceof EngineRequestError ||
+      e instanceof ExecutionProviderError
+    ) {
       process.stderr.write(`llama-worker: ${e.message}\n`);
       return 1;
     }

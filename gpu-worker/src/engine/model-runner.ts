@@ -37,6 +37,11 @@ export interface ModelRunnerOptions {
   allowSpinning?: boolean;
 }
 
+/** The requested ONNX Runtime execution provider cannot run here (for example CUDA without its libraries). */
+export class ExecutionProviderError extends Error {
+  override name = "ExecutionProviderError";
+}
+
 /** -1e9 rather than -Infinity: a fully masked (padding) row then softmaxes to finite garbage, never NaN. */
 const MASKED = -1e9;
 
@@ -69,7 +74,25 @@ export class ModelRunner {
   }
 
   static async create(model: CompiledModel, cfg: LlamaConfig, opts: ModelRunnerOptions): Promise<ModelRunner> {
-    const session = await ort.InferenceSession.create(model.graph, {
+    const provider = opts.executionProvider ?? "cpu";
+    let session: ort.InferenceSession;
+    try {
+      session = await ModelRunner.createSession(model, opts);
+    } catch (e) {
+      const message = e instanceof Error ? e.message : String(e);
+      if (provider === "cuda" && /providers_(shared|cuda)|CUDA/i.test(message)) {
+        throw new ExecutionProviderError(
+          "the CUDA execution provider is not installed in onnxruntime-node (it ships the CPU build). On a GPU host " +
+            "with CUDA 12 and cuDNN 9, run: ONNXRUNTIME_NODE_INSTALL=true node node_modules/onnxruntime-node/script/install.js",
+        );
+      }
+      throw e;
+    }
+    return new ModelRunner(session, cfg, opts);
+  }
+
+  private static createSession(model: CompiledModel, opts: ModelRunnerOptions): Promise<ort.InferenceSession> {
+    return ort.InferenceSession.create(model.graph, {
       executionProviders: [opts.executionProvider ?? "cpu"],
       graphOptimizationLevel: "all",
       ...(opts.numThreads ? { intraOpNumThreads: opts.numThreads } : {}),
@@ -80,7 +103,6 @@ export class ModelRunner {
         },
       },
     });
-    return new ModelRunner(session, cfg, opts);
   }
 
   /** Bytes of KV cache per token (all layers, keys and values). */
