@@ -258,7 +258,7 @@ export class LLMEngine {
     const sampled: OutputState[] = [];
     for (const { request, numNewTokens } of plan.scheduled) {
       request.numComputedTokens += numNewTokens;
-      this.kv.cacheFullBlocks(request.requestId, request.allTokenIds(), request.numComputedTokens);
+      this.kv.cacheFullBlocks(request.requestId, request.tokenIds, request.numComputedTokens);
       if (request.numComputedTokens === request.numTokens) {
         const st = this.states.get(request.requestId)!;
         sampled.push(st);
@@ -290,7 +290,7 @@ export class LLMEngine {
   ): void {
     const req = st.request;
     const p = req.params;
-    req.outputTokenIds.push(tokenId);
+    req.appendOutput(tokenId);
     const isStopToken = (!p.ignoreEos && this.cfg.eosTokenIds.includes(tokenId)) || p.stopTokenIds.includes(tokenId);
     let text = "";
     let stopped = isStopToken;

@@ -24,6 +24,8 @@ export function finishReasonOf(s: RequestStatus): FinishReason {
 export class Request {
   status = RequestStatus.WAITING;
   readonly outputTokenIds: number[] = [];
+  /** Prompt then output tokens, grown in place (not rebuilt each step). */
+  readonly tokenIds: number[];
   /** Tokens whose KV is in the cache. Prefill and decode are the same thing: this catching up with numTokens. */
   numComputedTokens = 0;
   /** Prompt tokens served from the prefix cache at first admission (reported as cached_tokens). */
@@ -39,18 +41,21 @@ export class Request {
     readonly maxTotalTokens: number,
     /** FCFS order. */
     readonly arrival: number,
-  ) {}
+  ) {
+    this.tokenIds = [...promptTokenIds];
+  }
 
   get numTokens(): number {
-    return this.promptTokenIds.length + this.outputTokenIds.length;
+    return this.tokenIds.length;
   }
 
   tokenAt(i: number): number {
-    const p = this.promptTokenIds.length;
-    return i < p ? this.promptTokenIds[i] : this.outputTokenIds[i - p];
+    return this.tokenIds[i];
   }
 
-  allTokenIds(): number[] {
-    return [...this.promptTokenIds, ...this.outputTokenIds];
+  /** Append a sampled token (kept in both lists: penalties read the output alone, hashing reads all). */
+  appendOutput(tokenId: number): void {
+    this.outputTokenIds.push(tokenId);
+    this.tokenIds.push(tokenId);
   }
 }

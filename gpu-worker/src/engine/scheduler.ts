@@ -104,7 +104,7 @@ export class Scheduler {
   private scheduleWaiting(out: SchedulerOutput, budget: number): void {
     while (this.waiting.length > 0 && budget > 0 && this.running.length < this.config.maxNumSeqs) {
       const req = this.waiting[0];
-      const computed = this.kv.getComputedBlocks(req.allTokenIds());
+      const computed = this.kv.getComputedBlocks(req.tokenIds);
       if (req.numCachedTokens < 0) req.numCachedTokens = computed.numCachedTokens;
       const numComputed = computed.numCachedTokens;
       const numNew = Math.min(req.numTokens - numComputed, budget);
