@@ -452,6 +452,26 @@ describe("sampling from the model's probabilities", () => {
     expect(draw({ temperature: 0.7, topP: 0.9 }, softmax(0.7))).toEqual(draw({ temperature: 0.7, topP: 0.9 }));
   });
 
+  it("top_p over a flat distribution (too many candidates to sort) matches too", () => {
+    const W = 32000;
+    const flat = Float32Array.from({ length: W }, (_, j) => Math.sin(j * 7.31) * 0.5);
+    const m = Math.max(...flat);
+    const e = Array.from(flat, (x) => Math.exp(x - m));
+    const z = e.reduce((a, b) => a + b, 0);
+    const probs = Float32Array.from(e, (x) => x / z);
+    const drawW = (pr?: Float32Array) =>
+      Array.from({ length: 50 }, (_, seed) => {
+        const r = {
+          params: validateSamplingParams({ temperature: 1, topP: 0.9 }, { vocabSize: W }),
+          rng: new SeededRng(seed),
+          promptTokenIds: [1],
+          outputTokenIds: [],
+        };
+        return sampleBatch(flat, W, [r], pr)[0].tokenId;
+      });
+    expect(drawW(probs)).toEqual(drawW());
+  });
+
   it("ignores the probabilities when logit_bias or a penalty changed the logits", () => {
     const tokens = draw({ temperature: 0.7, logitBias: { 3: 100 } }, softmax(0.7));
     expect(new Set(tokens)).toEqual(new Set([3]));

@@ -500,7 +500,12 @@ function topTokens(row: Float32Array, k: number): number[] {
  */
 function sampleFiltered(row: Float32Array, p: SamplingParams, u: number, s: Scratch, probs?: Float32Array): number {
   const V = row.length;
-  if (probs !== undefined && !(p.topK > 0 && p.topK < V) && p.minP <= 0 && p.topP >= 1) return drawFrom(probs, u);
+  const onlyTemperatureAndTopP = !(p.topK > 0 && p.topK < V) && p.minP <= 0;
+  if (probs !== undefined && onlyTemperatureAndTopP) {
+    if (p.topP >= 1) return drawFrom(probs, u);
+    const id = nucleusDraw(probs, row, p.topP, u, s);
+    if (id >= 0) return id;
+  }
   const invT = 1 / p.temperature;
   // top_k keeps x >= the k-th largest value (ties kept); min_p keeps p >= minP * pmax, i.e. x >= m + T ln(minP).
   let thr = -Infinity;
@@ -623,6 +628,58 @@ function topPCut(
   while (k < numEdge - 1 && dropped + weight[sorted[k]] <= budget) dropped += weight[sorted[k++]];
   const id = cand[sorted[k]];
   return { edgeBin, x: row[id], id, keptMass: total - dropped };
+}
+
+/** Nucleus candidates beyond this many go to the histogram path (flat distributions), which needs no sort. */
+const MAX_NUCLEUS_SORT = 2048;
+
+/**
+ * top_p straight from the model's probabilities, for the usual peaked distribution. Every token with
+ * probability <= (1 - topP) / V is dropped by vLLM's rule anyway (together they hold at most 1 - topP, and they
+ * are the least likely), so only the rest is sorted. Returns -1 when too many remain (the caller then uses the
+ * histogram path). Same rule, tie order and id-ordered draw as topPCut + sampleFiltered.
+ */
+function nucleusDraw(probs: Float32Array, row: Float32Array, topP: number, u: number, s: Scratch): number {
+  const V = probs.length;
+  const floor = (1 - topP) / V;
+  const { cand, edge } = s;
+  let n = 0;
+  let dropped = 0;
+  for (let j = 0; j < V; j++) {
+    const q = probs[j];
+    if (q > floor) {
+      if (n === MAX_NUCLEUS_SORT) return -1;
+      cand[n++] = j;
+    } else dropped += q;
+  }
+  // ascending likelihood; on equal logits the higher id counts as less likely (as topPCut)
+  const sorted = edge.subarray(0, n);
+  for (let i = 0; i < n; i++) sorted[i] = cand[i];
+  sorted.sort((a, b) => row[a] - row[b] || b - a);
+  const budget = 1 - topP;
+  let k = 0;
+  while (k < n - 1 && dropped + probs[sorted[k]] <= budget) dropped += probs[sorted[k++]];
+  const cutX = row[sorted[k]];
+  const cutId = sorted[k];
+  // draw over the kept tokens in id order
+  let kept = 0;
+  for (let i = 0; i < n; i++) {
+    const id = cand[i];
+    const x = row[id];
+    if (x > cutX || (x === cutX && id <= cutId)) kept += probs[id];
+  }
+  const target = u * kept;
+  let acc = 0;
+  let last = cutId;
+  for (let i = 0; i < n; i++) {
+    const id = cand[i];
+    const x = row[id];
+    if (x < cutX || (x === cutX && id > cutId)) continue;
+    acc += probs[id];
+    last = id;
+    if (acc > target) return id;
+  }
+  return last;
 }
 
 /** Inverse-CDF draw from a normalised distribution: the first token whose cumulative probability exceeds u. */
