@@ -194,6 +194,17 @@ describe("accounting and cancellation", () => {
   it("cancels the request at the worker when the client disconnects mid-stream", async () => {
     const { key, id } = await newKey({ max_concurrent: 1 });
     const openai = client(key);
+    // Background streams (another key) slow each engine step, so the cut-off stream cannot finish its 200 tokens
+    // before the cancel arrives even on a loaded machine: the tiny model alone makes them in well under a second.
+    const busy = client((await newKey()).key);
+    const background = Array.from({ length: 12 }, () =>
+      busy.completions.create({
+        model: MODEL,
+        prompt: "Once",
+        max_tokens: 200,
+        ignore_eos: true,
+      } as OpenAI.CompletionCreateParamsNonStreaming),
+    );
     const stream = await openai.chat.completions.create(
       // ignore_eos is vLLM's extra: generate until max_tokens, long enough to be cut off.
       {
@@ -209,7 +220,7 @@ describe("accounting and cancellation", () => {
     // Leaving the loop aborts the HTTP request: the client disconnects.
     for await (const chunk of stream) {
       requestId = chunk.id;
-      if (++n === 3) break;
+      if (++n === 2) break; // the role chunk, then the first content chunk
     }
     const cancelled = await worker.waitForLog(
       (l) => l.msg === "finished" && String(l.request_id).startsWith(requestId) && l.finish_reason === "abort",
@@ -222,6 +233,7 @@ describe("accounting and cancellation", () => {
     const usage = (await admin(gw, "GET", `/keys/${id}/usage`)) as { totals: Record<string, number> };
     expect(usage.totals.requests).toBe(2);
     expect(usage.totals.completion_tokens).toBeLessThan(200);
+    await Promise.all(background);
   });
 
   it("serves a repeated system prompt from the prefix cache", async () => {
