@@ -34,7 +34,12 @@ function promptOf(len: number, salt: number): number[] {
 }
 
 /** Aggregate decode throughput of `n` concurrent streams, counted once every stream has its first token. */
-async function decodeThroughput(engine: LLMEngine, n: number, tokens: number): Promise<number> {
+async function decodeThroughput(
+  engine: LLMEngine,
+  n: number,
+  tokens: number,
+  sampling: Partial<SamplingParams> = {},
+): Promise<number> {
   let started = 0;
   let tStart = 0;
   let counted = 0;
@@ -44,7 +49,7 @@ async function decodeThroughput(engine: LLMEngine, n: number, tokens: number): P
       for await (const e of engine.submit({
         requestId: `tp-${n}-${i}-${Math.random()}`,
         prompt: promptOf(8, i),
-        sampling: decode(tokens),
+        sampling: { ...decode(tokens), ...sampling },
       })) {
         if (e.type !== "delta") continue;
         if (first) {
@@ -69,6 +74,29 @@ async function throughputTable(shape: "default" | "bench", sizes: number[], toke
     record(`${shape}_decode_tps_${n}`, tps, 1);
     record(`${shape}_decode_speedup_${n}`, tps / base);
     log(`| ${n} | ${tps.toFixed(1)} | ${(tps / base).toFixed(2)} |`);
+  }
+}
+
+/** What sampling costs on top of greedy decoding: 32 streams on the default model (where it weighs most). */
+async function samplingCost() {
+  const dir = await ensureDefaultModel("default", { quiet: true });
+  const engine = await LLMEngine.create({ modelDir: dir, maxNumSeqs: 32 });
+  await decodeThroughput(engine, 4, 4);
+  const tokens = quick ? 24 : 64;
+  const modes: [string, string, Partial<SamplingParams>][] = [
+    ["greedy", "greedy", {}],
+    ["temperature 0.8", "temperature", { temperature: 0.8, seed: 1 }],
+    ["temperature 0.8, top_p 0.95", "top_p", { temperature: 0.8, topP: 0.95, seed: 1 }],
+    ["temperature 0.8, top_k 50", "top_k", { temperature: 0.8, topK: 50, seed: 1 }],
+  ];
+  log(`\n## Sampling cost (default model, 32 streams, ${tokens} tokens each)`);
+  log("| sampling | tokens/s | vs greedy |\n|---|---:|---:|");
+  let greedy = 0;
+  for (const [label, key, params] of modes) {
+    const tps = await decodeThroughput(engine, 32, tokens, params);
+    if (key === "greedy") greedy = tps;
+    record(`sampling_tps_${key}`, tps, 1);
+    log(`| ${label} | ${tps.toFixed(1)} | ${(tps / greedy).toFixed(2)} |`);
   }
 }
 
@@ -297,6 +325,7 @@ results.machine = `${cpus().length}x ${cpus()[0]?.model ?? "cpu"}`;
 results.mode = quick ? "quick" : "full";
 await throughputTable("default", quick ? [1, 8, 32] : [1, 8, 32, 64], quick ? 24 : 64);
 await throughputTable("bench", quick ? [1, 32] : [1, 8, 32, 64], quick ? 16 : 48);
+await samplingCost();
 await poolSizeIndependence();
 await kvMemory();
 await prefixTtft();
