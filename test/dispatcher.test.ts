@@ -216,6 +216,34 @@ describe("dispatcher", () => {
       expect(parseCancelMessage(m.data)).toMatchObject({ ok: true, value: { id: "abort-me" } });
   });
 
+  test("leaving a started request early still delivers the worker's final abort event (exact usage)", async () => {
+    const pool = await newPool();
+    const cancels = nc.subscribe(poolNames(pool).cancel, { max: 1 });
+    let lateFinal: DispatchEvent | undefined;
+    const p = (async () => {
+      const it = new Dispatcher(nc).submit(pool, req("leave-early"), { onCancelledFinal: (f) => (lateFinal = f) });
+      for await (const ev of it) if (ev.type === "delta") break; // the client went away
+    })();
+    const w = await pull(pool);
+    w.send(start());
+    w.send(delta(1, "x"));
+    // the worker sees the cancel, aborts, and reports what it computed
+    for await (const _ of cancels) {
+      w.send({
+        seq: 2,
+        type: "final",
+        finish_reason: "abort",
+        usage: { prompt_tokens: 7, completion_tokens: 3, cached_tokens: 0 },
+      });
+    }
+    await p;
+    expect(lateFinal).toMatchObject({
+      type: "final",
+      finish_reason: "abort",
+      usage: { prompt_tokens: 7, completion_tokens: 3 },
+    });
+  });
+
   test("works over WebSocket (the edge's transport)", async () => {
     const pool = await newPool();
     const ws = await wsconnect({

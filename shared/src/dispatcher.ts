@@ -53,6 +53,9 @@ export interface DispatcherOptions {
   defaultDeadlineMs?: number;
   /** Prefix of reply subjects (must match the permissions of the gateway's NATS user). Default `_INBOX`. */
   inboxPrefix?: string;
+  /** How long to wait for the final event of a cancelled request (see SubmitOptions.onCancelledFinal). Default
+   *  2000: a worker aborts within one engine step. */
+  cancelFinalWaitMs?: number;
 }
 
 /** A request as the caller gives it: the dispatcher adds the version, the reply subject and the times. */
@@ -64,6 +67,12 @@ export type SubmitRequest = Omit<RequestMessageInput, "v" | "reply_to" | "deadli
 export interface SubmitOptions {
   /** Aborting cancels the request (at the worker too) and makes the iterator throw CancelledError. */
   signal?: AbortSignal;
+  /**
+   * When the caller stops a started request early (abort, or leaving the loop), the worker still sends a final
+   * `abort` event with the exact usage: it is delivered here (within `cancelFinalWaitMs`), so whoever settles
+   * usage need not estimate what a cancelled request consumed.
+   */
+  onCancelledFinal?: (final: Extract<DispatchEvent, { type: "final" }>) => void;
 }
 
 /** What the iterator yields; an `error` event is thrown as a WorkerError instead. */
@@ -84,6 +93,7 @@ export class Dispatcher {
       poolCheckTtlMs: opts.poolCheckTtlMs ?? 5000,
       defaultDeadlineMs: opts.defaultDeadlineMs ?? 120_000,
       inboxPrefix: opts.inboxPrefix ?? "_INBOX",
+      cancelFinalWaitMs: opts.cancelFinalWaitMs ?? 2000,
     };
     this.#js = jetstream(nc, { timeout: this.#opts.poolCheckTimeoutMs });
   }
@@ -94,10 +104,15 @@ export class Dispatcher {
    * cancels the request. Failures throw a DispatchError subclass (see `errors`).
    */
   submit(pool: string, request: SubmitRequest, options: SubmitOptions = {}): AsyncGenerator<DispatchEvent, void> {
-    return this.#run(pool, request, options.signal);
+    return this.#run(pool, request, options.signal, options.onCancelledFinal);
   }
 
-  async *#run(pool: string, request: SubmitRequest, signal?: AbortSignal): AsyncGenerator<DispatchEvent, void> {
+  async *#run(
+    pool: string,
+    request: SubmitRequest,
+    signal?: AbortSignal,
+    onCancelledFinal?: SubmitOptions["onCancelledFinal"],
+  ): AsyncGenerator<DispatchEvent, void> {
     const id = request.id;
     const { message, data } = this.#buildMessage(pool, request);
     if (signal?.aborted) throw new CancelledError("aborted before submission", id);
@@ -173,8 +188,14 @@ export class Dispatcher {
       clearTimer(queueTimer);
       clearTimer(silenceTimer);
       signal?.removeEventListener("abort", onAbort);
+      if (streamSeq !== undefined && !finished) {
+        this.#cancel(names, id, started ? undefined : streamSeq);
+        if (started && onCancelledFinal) {
+          const final = await finalAfterCancel(mailbox, id, this.#opts.cancelFinalWaitMs);
+          if (final) onCancelledFinal(final);
+        }
+      }
       sub.unsubscribe();
-      if (streamSeq !== undefined && !finished) this.#cancel(names, id, started ? undefined : streamSeq);
     }
   }
 
@@ -256,6 +277,27 @@ export class Dispatcher {
 /** clearTimeout that accepts "no timer" in every runtime (workerd's typings reject undefined). */
 function clearTimer(t: ReturnType<typeof setTimeout> | undefined): void {
   if (t !== undefined) clearTimeout(t);
+}
+
+/** The final event of a request just cancelled, if it arrives within `waitMs` (other events are skipped). */
+export async function finalAfterCancel(
+  mailbox: Mailbox<Msg>,
+  id: string,
+  waitMs: number,
+): Promise<Extract<DispatchEvent, { type: "final" }> | null> {
+  mailbox.clearFailure();
+  const timer = setTimeout(() => mailbox.fail(new CancelledError("no final event after the cancel", id)), waitMs);
+  try {
+    for (;;) {
+      const parsed = parseReplyMessage((await mailbox.next()).data);
+      if (parsed.ok && parsed.value.id === id && parsed.value.type === "final") return parsed.value;
+      if (parsed.ok && parsed.value.id === id && parsed.value.type === "error") return null;
+    }
+  } catch {
+    return null;
+  } finally {
+    clearTimeout(timer);
+  }
 }
 
 function respondToClaim(msg: Msg, claim: ClaimMessage, granted: boolean): void {

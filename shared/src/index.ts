@@ -7,6 +7,7 @@ export {
   type DispatchEvent,
   Dispatcher,
   type DispatcherOptions,
+  finalAfterCancel,
   type SubmitOptions,
   type SubmitRequest,
 } from "./dispatcher.ts";

@@ -17,6 +17,11 @@ export class Mailbox<T> {
     this.#wake?.();
   }
 
+  /** Read on after a failure (e.g. to collect one last message after a cancel). */
+  clearFailure(): void {
+    this.#failure = undefined;
+  }
+
   async next(): Promise<T> {
     for (;;) {
       if (this.#failure) throw this.#failure;

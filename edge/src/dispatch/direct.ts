@@ -20,6 +20,7 @@ import {
   DirectReplySchema,
   type DispatchEvent,
   encodeMessage,
+  finalAfterCancel,
   Mailbox,
   PROTOCOL_VERSION,
   ProtocolError,
@@ -27,14 +28,20 @@ import {
   parseRequestMessage,
   poolNames,
   type RequestMessageInput,
+  type SubmitOptions,
   type SubmitRequest,
   WorkerError,
   WorkerLostError,
 } from "@llama-edge/shared";
 import { createInbox, type Msg, type NatsConnection } from "@nats-io/nats-core";
 
+/** How long a cancelled request's final event is awaited (a worker aborts within one engine step). */
+const CANCEL_FINAL_WAIT_MS = 2000;
+
 export interface DirectOptions {
   signal: AbortSignal;
+  /** As in the shared Dispatcher: the final event of a started request cancelled by the caller. */
+  onCancelledFinal?: SubmitOptions["onCancelledFinal"];
   /** How long the worker has to accept. Default 250 ms: it answers before doing any work. */
   acceptTimeoutMs?: number;
   heartbeatTimeoutMs?: number;
@@ -135,7 +142,11 @@ async function* events(
   } finally {
     if (silence !== undefined) clearTimeout(silence);
     opts.signal.removeEventListener("abort", onAbort);
+    if (!finished) {
+      cancel(nc, pool, id);
+      const final = opts.onCancelledFinal ? await finalAfterCancel(mailbox, id, CANCEL_FINAL_WAIT_MS) : null;
+      if (final) opts.onCancelledFinal?.(final);
+    }
     sub.unsubscribe();
-    if (!finished) cancel(nc, pool, id);
   }
 }

@@ -17,7 +17,11 @@ export class NatsBackend implements SubmitBackend {
     readonly router: PrefixRouter,
   ) {}
 
-  async *submit(pool: string, request: SubmitRequest, options: Required<SubmitOptions>): AsyncGenerator<DispatchEvent> {
+  async *submit(
+    pool: string,
+    request: SubmitRequest,
+    options: SubmitOptions & { signal: AbortSignal },
+  ): AsyncGenerator<DispatchEvent> {
     const { nc, dispatcher } = await this.link.get(request.id);
     const keys = prefixKeys(request.prompt);
     let events: AsyncIterable<DispatchEvent> | null = null;
@@ -26,7 +30,10 @@ export class NatsBackend implements SubmitBackend {
     const subject = target?.worker.directSubject;
     if (target && subject) {
       target.worker.sentSinceReport++; // until its next report says so itself
-      events = await openDirect(nc, subject, pool, request, { signal: options.signal });
+      events = await openDirect(nc, subject, pool, request, {
+        signal: options.signal,
+        onCancelledFinal: options.onCancelledFinal,
+      });
       if (!events) {
         target.worker.sentSinceReport--;
         queued = { ...request, id: `${request.id}-q` }; // the refused id may still start late: never reuse it

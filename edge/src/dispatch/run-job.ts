@@ -30,7 +30,11 @@ import { decodeEvents, encodeEvent, type Job, type JobEvent, type JobRunner } fr
 
 /** Submits one request to one pool (the shared Dispatcher's shape, plus prefix-affinity routing in production). */
 export interface SubmitBackend {
-  submit(pool: string, request: SubmitRequest, options: Required<SubmitOptions>): AsyncIterable<DispatchEvent>;
+  submit(
+    pool: string,
+    request: SubmitRequest,
+    options: SubmitOptions & { signal: AbortSignal },
+  ): AsyncIterable<DispatchEvent>;
 }
 
 export interface RunJobDeps {
@@ -134,7 +138,11 @@ async function runChoice(
     };
     let sawTokens = false;
     try {
-      for await (const ev of backend.submit(pool, request, { signal })) {
+      // A cancelled choice's exact usage still arrives in the worker's final `abort` event: settle from it.
+      const onCancelledFinal = (f: Extract<DispatchEvent, { type: "final" }>) => {
+        ch.usage = f.usage;
+      };
+      for await (const ev of backend.submit(pool, request, { signal, onCancelledFinal })) {
         if (ev.type === "start") {
           emit({ type: "start", index: ch.index, worker_id: ev.worker_id, pool });
         } else if (ev.type === "delta") {
