@@ -331,6 +331,17 @@ describe("worker service over NATS", () => {
     expect(bad.error).toMatchObject({ code: "bad_request", status: 400 });
   });
 
+  test("a prompt that leaves no room in the context is a context_length_exceeded error, not a crash", async () => {
+    const long = await run(IN_PROC_POOL, {
+      id: rid("long"),
+      model,
+      prompt: { type: "tokens", token_ids: Array.from({ length: 300 }, () => 100) },
+      sampling: { temperature: 0, max_tokens: 3 },
+    });
+    expect(long.error).toMatchObject({ code: "context_length_exceeded", status: 400 });
+    expect(long.error?.message).toMatch(/maximum context length is 256 tokens/);
+  });
+
   test("workers publish load reports on the pool's load subject", async () => {
     const sub = nc.subscribe(poolNames(IN_PROC_POOL).load, { max: 1, timeout: 5000 });
     for await (const m of sub) {

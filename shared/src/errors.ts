@@ -65,6 +65,7 @@ export class WorkerError extends DispatchError {
 
 const WORKER_ERROR_STATUS: Record<ErrorCode, number> = {
   bad_request: 400,
+  context_length_exceeded: 400,
   unsupported_version: 400,
   too_large: 413,
   model_not_found: 404,

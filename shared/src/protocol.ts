@@ -90,8 +90,10 @@ export function directSubject(pool: string, token: string): string {
 // Error codes carried by `error` events
 
 export const ERROR_CODES = [
-  /** The message or its parameters are invalid (schema, sampling ranges, prompt longer than the context). */
+  /** The message or its parameters are invalid (schema, sampling ranges). */
   "bad_request",
+  /** The prompt leaves no room to generate in the model's context (or does not fit the worker's KV cache). */
+  "context_length_exceeded",
   "unsupported_version",
   /** The request message is larger than MAX_REQUEST_BYTES. */
   "too_large",

@@ -57,7 +57,9 @@ interface Choice {
 
 /** Worker errors that mean "the prompt does not fit this pool's context" (the engine's wording). */
 export const isContextLengthError = (e: unknown): boolean =>
-  e instanceof WorkerError && e.code === "bad_request" && /maximum context length/i.test(e.message);
+  e instanceof WorkerError &&
+  // workers before the dedicated code said so in a bad_request's message
+  (e.code === "context_length_exceeded" || (e.code === "bad_request" && /maximum context length/i.test(e.message)));
 
 export async function* runJob(job: Job, deps: RunJobDeps, signal: AbortSignal): AsyncGenerator<JobEvent> {
   const ac = new AbortController();
@@ -219,6 +221,7 @@ export function toErrorInfo(e: unknown, abortReason?: unknown): ApiErrorInfo {
   }
   if (e instanceof WorkerError) {
     switch (e.code) {
+      case "context_length_exceeded":
       case "bad_request":
         return isContextLengthError(e)
           ? err(400, e.message, "context_length_exceeded", undefined, "messages")

@@ -430,7 +430,12 @@ export class NatsWorker {
       const badRequest = end instanceof EngineRequestFailed && BAD_REQUEST_ERRORS.has(end.error.name);
       outcome = badRequest ? "rejected" : "failed";
       const message = end instanceof Error ? end.message : String(end);
-      this.#emit(f, { type: "error", code: badRequest ? "bad_request" : "internal", message });
+      const code = !badRequest
+        ? "internal"
+        : end instanceof EngineRequestFailed && end.error.code === "context_length_exceeded"
+          ? "context_length_exceeded"
+          : "bad_request";
+      this.#emit(f, { type: "error", code, message });
       if (badRequest) f.log.warn({ reason: message }, "engine refused the request");
       else f.log.error({ err: end }, "request failed");
     }
