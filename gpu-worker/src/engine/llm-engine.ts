@@ -313,9 +313,9 @@ export class LLMEngine {
         : [
             {
               tokenId,
-              token: this.tokenizer.decode([tokenId]),
+              token: this.tokenizer.tokenText(tokenId),
               logprob,
-              ...(top ? { topLogprobs: top.map((t) => ({ ...t, token: this.tokenizer.decode([t.tokenId]) })) } : {}),
+              ...(top ? { topLogprobs: top.map((t) => ({ ...t, token: this.tokenizer.tokenText(t.tokenId) })) } : {}),
             },
           ];
     st.channel.push({ type: "delta", text, tokenIds: [tokenId], ...(logprobs ? { logprobs } : {}) });

@@ -67,6 +67,11 @@ describe("LlamaTokenizer on the Llama-3 tokenizer", () => {
     }
   });
 
+  it("gives each token's text with its leading space (byte-level Ġ)", () => {
+    expect(tok.tokenText(1917)).toBe(" world");
+    expect(tok.tokenText(9906)).toBe("Hello");
+  });
+
   it("renders the chat template with the header tokens and never adds a second bos", () => {
     const ids = tok.encodeChat([
       { role: "system", content: "Be brief." },

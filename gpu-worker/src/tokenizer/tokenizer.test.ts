@@ -138,6 +138,18 @@ describe("LlamaTokenizer on the Llama-2 tokenizer", () => {
   });
 });
 
+describe("tokenText", () => {
+  it("gives a token's text as it appears mid-sequence, SentencePiece leading space included", () => {
+    const [hello, world] = tok.encode("Hello world", { addSpecialTokens: false });
+    expect(tok.tokenText(world)).toBe(" world");
+    expect(tok.tokenText(hello)).toBe(" Hello"); // "▁Hello": the space the tokenizer prepends to the text
+    const [, ...rest] = tok.encode("x grabbed", { addSpecialTokens: false });
+    expect(rest.length).toBeGreaterThan(1); // a word split into pieces: only the first carries the space
+    expect(rest.map((id) => tok.tokenText(id)).join("")).toBe(" grabbed");
+    expect(tok.tokenText(2)).toBe("</s>");
+  });
+});
+
 describe("bos handling", () => {
   const fromConfig = (config: Json) => new LlamaTokenizer(tokenizerJson, config);
 

@@ -209,6 +209,33 @@ export class LlamaTokenizer {
     return this.hf.id_to_token(id);
   }
 
+  /**
+   * The text one token contributes in the middle of a sequence, as OpenAI's logprobs show it (" choose", not
+   * "choose"): decoding a token alone would drop SentencePiece's leading space. Decoded after an anchor token
+   * and cut; a byte-fallback piece of a longer character comes out as U+FFFD (its bytes say the rest).
+   */
+  tokenText(id: number): string {
+    let text = this.tokenTextCache.get(id);
+    if (text === undefined) {
+      if (this.specialIds.has(id)) text = this.decode([id]);
+      else {
+        const anchor = this.anchorIds();
+        const prefix = this.decode(anchor, { cleanUpTokenizationSpaces: false });
+        const full = this.decode([...anchor, id], { cleanUpTokenizationSpaces: false });
+        text = full.startsWith(prefix) ? full.slice(prefix.length) : this.decode([id]);
+      }
+      this.tokenTextCache.set(id, text);
+    }
+    return text;
+  }
+
+  private readonly tokenTextCache = new Map<number, string>();
+  private anchor: number[] | null = null;
+  private anchorIds(): number[] {
+    this.anchor ??= this.encode("a", { addSpecialTokens: false });
+    return this.anchor;
+  }
+
   tokenToId(token: string): number | undefined {
     return this.hf.token_to_id(token);
   }
