@@ -197,11 +197,17 @@ export type RequestMessageInput = z.input<typeof RequestMessageSchema>;
 // ---------------------------------------------------------------------------------------------------------------
 // Token events (worker -> requester, on reply_to)
 
+/** A token's UTF-8 bytes (OpenAI's logprobs `bytes`), exact also for a piece of a multi-byte character. */
+const tokenBytes = z.array(z.number().int().min(0).max(255)).max(64);
+
 export const LogprobSchema = z.object({
   token_id: tokenId,
   token: z.string(),
+  bytes: tokenBytes.optional(),
   logprob: z.number(),
-  top_logprobs: z.array(z.object({ token_id: tokenId, token: z.string(), logprob: z.number() })).optional(),
+  top_logprobs: z
+    .array(z.object({ token_id: tokenId, token: z.string(), bytes: tokenBytes.optional(), logprob: z.number() }))
+    .optional(),
 });
 export type Logprob = z.infer<typeof LogprobSchema>;
 

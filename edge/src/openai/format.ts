@@ -93,11 +93,11 @@ function chatLogprob(l: Logprob) {
   return {
     token: l.token,
     logprob: l.logprob,
-    bytes: utf8Bytes(l.token),
+    bytes: l.bytes ?? utf8Bytes(l.token),
     top_logprobs: (l.top_logprobs ?? []).map((t) => ({
       token: t.token,
       logprob: t.logprob,
-      bytes: utf8Bytes(t.token),
+      bytes: t.bytes ?? utf8Bytes(t.token),
     })),
   };
 }

@@ -314,8 +314,17 @@ export class LLMEngine {
             {
               tokenId,
               token: this.tokenizer.tokenText(tokenId),
+              bytes: this.tokenizer.tokenBytes(tokenId),
               logprob,
-              ...(top ? { topLogprobs: top.map((t) => ({ ...t, token: this.tokenizer.tokenText(t.tokenId) })) } : {}),
+              ...(top
+                ? {
+                    topLogprobs: top.map((t) => ({
+                      ...t,
+                      token: this.tokenizer.tokenText(t.tokenId),
+                      bytes: this.tokenizer.tokenBytes(t.tokenId),
+                    })),
+                  }
+                : {}),
             },
           ];
     st.channel.push({ type: "delta", text, tokenIds: [tokenId], ...(logprobs ? { logprobs } : {}) });

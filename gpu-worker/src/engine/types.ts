@@ -40,9 +40,12 @@ export interface EngineRequest {
 
 export interface TokenLogprob {
   tokenId: number;
+  /** The token's text as it appears mid-sequence (leading space included). */
   token: string;
+  /** Its UTF-8 bytes (exact also for a piece of a multi-byte character). */
+  bytes: number[];
   logprob: number;
-  topLogprobs?: { tokenId: number; token: string; logprob: number }[];
+  topLogprobs?: { tokenId: number; token: string; bytes: number[]; logprob: number }[];
 }
 
 export type FinishReason = "stop" | "length" | "abort";

@@ -54,9 +54,17 @@ export function toWireLogprob(l: TokenLogprob): Logprob {
   return {
     token_id: l.tokenId,
     token: l.token,
+    bytes: l.bytes,
     logprob: l.logprob,
     ...(l.topLogprobs
-      ? { top_logprobs: l.topLogprobs.map((t) => ({ token_id: t.tokenId, token: t.token, logprob: t.logprob })) }
+      ? {
+          top_logprobs: l.topLogprobs.map((t) => ({
+            token_id: t.tokenId,
+            token: t.token,
+            bytes: t.bytes,
+            logprob: t.logprob,
+          })),
+        }
       : {}),
   };
 }

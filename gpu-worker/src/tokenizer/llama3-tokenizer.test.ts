@@ -70,6 +70,11 @@ describe("LlamaTokenizer on the Llama-3 tokenizer", () => {
   it("gives each token's text with its leading space (byte-level Ġ)", () => {
     expect(tok.tokenText(1917)).toBe(" world");
     expect(tok.tokenText(9906)).toBe("Hello");
+    // byte-level tokens that each hold part of a character: their bytes join into the exact text
+    for (const text of TEXTS) {
+      const bytes = tok.encode(text, { addSpecialTokens: false }).flatMap((id) => tok.tokenBytes(id));
+      expect(new TextDecoder().decode(Uint8Array.from(bytes))).toBe(text);
+    }
   });
 
   it("renders the chat template with the header tokens and never adds a second bos", () => {

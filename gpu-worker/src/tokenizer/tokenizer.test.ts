@@ -148,6 +148,13 @@ describe("tokenText", () => {
     expect(rest.map((id) => tok.tokenText(id)).join("")).toBe(" grabbed");
     expect(tok.tokenText(2)).toBe("</s>");
   });
+
+  it("gives each token's exact UTF-8 bytes, byte-fallback pieces of a character included", () => {
+    const ids = tok.encode("a 👋 é", { addSpecialTokens: false });
+    const bytes = ids.flatMap((id) => tok.tokenBytes(id));
+    expect(new TextDecoder().decode(Uint8Array.from(bytes))).toBe(" a 👋 é");
+    expect(tok.tokenBytes(tok.tokenToId("<0xF0>")!)).toEqual([0xf0]);
+  });
 });
 
 describe("bos handling", () => {

@@ -144,6 +144,7 @@ export class LlamaTokenizer {
       throw new ModelLoadError(tokenizerFile, `unsupported tokenizer: ${(err as Error).message}`);
     }
     keepByteOrderMarks(this.hf.decoder);
+    this.byteLevel = usesByteLevel((tokenizerJson as { decoder?: unknown }).decoder);
 
     let maxId = -1;
     for (const id of this.hf.get_vocab(true).values()) maxId = Math.max(maxId, id);
@@ -229,6 +230,25 @@ export class LlamaTokenizer {
     return text;
   }
 
+  /**
+   * The UTF-8 bytes one token stands for, as OpenAI's logprobs `bytes` field gives them: exact also for a piece of
+   * a character (SentencePiece byte-fallback `<0xE2>`, or a byte-level BPE token holding half an emoji), whose
+   * text alone would be U+FFFD.
+   */
+  tokenBytes(id: number): number[] {
+    const piece = this.idToToken(id);
+    if (piece !== undefined && !this.specialIds.has(id)) {
+      const byte = /^<0x([0-9A-Fa-f]{2})>$/.exec(piece);
+      if (byte) return [Number.parseInt(byte[1], 16)];
+      if (this.byteLevel) {
+        const bytes = [...piece].map((ch) => BYTE_LEVEL_DECODE.get(ch));
+        if (bytes.every((b) => b !== undefined)) return bytes as number[];
+      }
+    }
+    return [...new TextEncoder().encode(this.tokenText(id))];
+  }
+
+  private readonly byteLevel: boolean;
   private readonly tokenTextCache = new Map<number, string>();
   private anchor: number[] | null = null;
   private anchorIds(): number[] {
@@ -271,3 +291,24 @@ export class LlamaTokenizer {
     return this.encode(this.applyChatTemplate(messages, opts), { addSpecialTokens: false });
   }
 }
+
+/** Whether the decoder (or one in its Sequence) is ByteLevel: GPT-2/Llama-3 style tokens spell bytes as chars. */
+function usesByteLevel(decoder: unknown): boolean {
+  if (!isObject(decoder)) return false;
+  if (decoder.type === "ByteLevel") return true;
+  return Array.isArray(decoder.decoders) && decoder.decoders.some(usesByteLevel);
+}
+
+/**
+ * GPT-2's bytes_to_unicode, inverted: printable bytes stand for themselves, the other 68 were moved to
+ * U+0100 onwards in byte order.
+ */
+const BYTE_LEVEL_DECODE: ReadonlyMap<string, number> = (() => {
+  const map = new Map<string, number>();
+  let shifted = 0;
+  for (let b = 0; b < 256; b++) {
+    const printable = (b >= 33 && b <= 126) || (b >= 161 && b <= 172) || (b >= 174 && b <= 255);
+    map.set(String.fromCharCode(printable ? b : 256 + shifted++), b);
+  }
+  return map;
+})();
