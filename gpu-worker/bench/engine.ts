@@ -100,6 +100,67 @@ async function samplingCost() {
   }
 }
 
+/**
+ * Mixed workload: streams decoding while long prompts keep arriving. Chunked prefill bounds each step's work by
+ * the token budget, so the decoding streams' inter-token latency stays low; a budget as large as the prompt
+ * prefills it in one step and stalls them for that step. Bench model, 8 streams, prompts of 768 tokens.
+ */
+async function mixedWorkload() {
+  const dir = await ensureDefaultModel("bench", { quiet: true });
+  const pct = (xs: number[], q: number) =>
+    [...xs].sort((a, b) => a - b)[Math.min(xs.length - 1, Math.floor(q * xs.length))];
+  log("\n## Mixed workload (bench model): 8 decoding streams, a 768-token prompt arriving every 250 ms");
+  log("| max_num_batched_tokens | inter-token p50 | inter-token p99 | new prompts' TTFT p50 |\n|---:|---:|---:|---:|");
+  for (const budget of [256, 1024]) {
+    const engine = await LLMEngine.create({
+      modelDir: dir,
+      maxNumSeqs: 16,
+      maxNumBatchedTokens: budget,
+      enablePrefixCaching: false,
+    });
+    await decodeThroughput(engine, 2, 4);
+    const gaps: number[] = [];
+    const ttfts: number[] = [];
+    let streaming = true;
+    const streams = Array.from({ length: 8 }, async (_, i) => {
+      let last = 0;
+      for await (const e of engine.submit({
+        requestId: `mx-${budget}-${i}`,
+        prompt: promptOf(8, i),
+        sampling: decode(quick ? 60 : 120),
+      })) {
+        if (e.type !== "delta") continue;
+        const now = performance.now();
+        if (last > 0) gaps.push(now - last);
+        last = now;
+      }
+      streaming = false;
+    });
+    const arrivals: Promise<void>[] = [];
+    for (let k = 0; streaming && k < (quick ? 3 : 6); k++) {
+      await new Promise((r) => setTimeout(r, 250));
+      const t0 = performance.now();
+      arrivals.push(
+        (async () => {
+          for await (const e of engine.submit({
+            requestId: `mx-${budget}-long-${k}`,
+            prompt: promptOf(768, 100 + k),
+            sampling: decode(1),
+          })) {
+            if (e.type === "delta") ttfts.push(performance.now() - t0);
+          }
+        })(),
+      );
+    }
+    await Promise.all([...streams, ...arrivals]);
+    const [p50, p99, t50] = [pct(gaps, 0.5), pct(gaps, 0.99), pct(ttfts, 0.5)];
+    log(`| ${budget} | ${p50.toFixed(1)} ms | ${p99.toFixed(1)} ms | ${t50.toFixed(0)} ms |`);
+    record(`mixed_itl_p50_ms_budget_${budget}`, p50);
+    record(`mixed_itl_p99_ms_budget_${budget}`, p99);
+    record(`mixed_ttft_p50_ms_budget_${budget}`, t50, 1);
+  }
+}
+
 /** Mean step time of the same 32-sequence decode batch with a pool 1× and 8× as large. */
 async function poolSizeIndependence() {
   const dir = await ensureDefaultModel("default", { quiet: true });
@@ -326,6 +387,7 @@ results.mode = quick ? "quick" : "full";
 await throughputTable("default", quick ? [1, 8, 32] : [1, 8, 32, 64], quick ? 24 : 64);
 await throughputTable("bench", quick ? [1, 32] : [1, 8, 32, 64], quick ? 16 : 48);
 await samplingCost();
+await mixedWorkload();
 await poolSizeIndependence();
 await kvMemory();
 await prefixTtft();
