@@ -79,6 +79,42 @@ abstract class BaseFormatter implements ResponseFormatter {
     return this.choices[index]!;
   }
 
+  /** `object` of this API's streamed chunks. */
+  protected abstract readonly chunkObject: string;
+
+  /** A streamed chunk around `choices`. */
+  protected chunk(choices: object[]): object {
+    const { id, created, model, includeUsage } = this.o;
+    return {
+      id,
+      object: this.chunkObject,
+      created,
+      model,
+      system_fingerprint: null,
+      choices,
+      ...(includeUsage ? { usage: null } : {}),
+    };
+  }
+
+  /**
+   * Adds a delta to its choice for `response()`. Returns the logprobs to show with it (undefined when not
+   * requested), or null when the delta shows nothing at all.
+   */
+  protected accumulate(ev: DeltaEvent): { logprobs: Logprob[] | undefined } | null {
+    const c = this.choice(ev.index);
+    c.text += ev.text;
+    const logprobs = this.o.logprobs && ev.logprobs ? ev.logprobs : undefined;
+    if (logprobs) c.logprobs.push(...logprobs);
+    return ev.text === "" && !logprobs ? null : { logprobs };
+  }
+
+  /** Records how a choice ended; returns the finish_reason to send. */
+  protected finish(ev: FinalEvent): FinishReason {
+    const finish = finishReason(ev.finish_reason);
+    this.choice(ev.index).finish = finish;
+    return finish;
+  }
+
   abstract openingChunks(): object[];
   abstract deltaChunk(ev: DeltaEvent): object | null;
   abstract finalChunk(ev: FinalEvent): object;
@@ -103,34 +139,21 @@ function chatLogprob(l: Logprob) {
 }
 
 export class ChatFormatter extends BaseFormatter {
-  #chunk(choices: object[]): object {
-    const { id, created, model, includeUsage } = this.o;
-    return {
-      id,
-      object: "chat.completion.chunk",
-      created,
-      model,
-      system_fingerprint: null,
-      choices,
-      ...(includeUsage ? { usage: null } : {}),
-    };
-  }
+  protected readonly chunkObject = "chat.completion.chunk";
 
   openingChunks(): object[] {
     return this.choices.map((_, index) =>
-      this.#chunk([
+      this.chunk([
         { index, delta: { role: "assistant", content: "", refusal: null }, logprobs: null, finish_reason: null },
       ]),
     );
   }
 
   deltaChunk(ev: DeltaEvent): object | null {
-    const c = this.choice(ev.index);
-    c.text += ev.text;
-    const lps = this.o.logprobs && ev.logprobs ? ev.logprobs : undefined;
-    if (lps) c.logprobs.push(...lps);
-    if (ev.text === "" && !lps) return null;
-    return this.#chunk([
+    const shown = this.accumulate(ev);
+    if (!shown) return null;
+    const lps = shown.logprobs;
+    return this.chunk([
       {
         index: ev.index,
         delta: { content: ev.text },
@@ -141,9 +164,7 @@ export class ChatFormatter extends BaseFormatter {
   }
 
   finalChunk(ev: FinalEvent): object {
-    const finish = finishReason(ev.finish_reason);
-    this.choice(ev.index).finish = finish;
-    return this.#chunk([{ index: ev.index, delta: {}, logprobs: null, finish_reason: finish }]);
+    return this.chunk([{ index: ev.index, delta: {}, logprobs: null, finish_reason: this.finish(ev) }]);
   }
 
   usageChunk(usage: Usage): object {
@@ -203,18 +224,7 @@ export class CompletionFormatter extends BaseFormatter {
     });
   }
 
-  #chunk(choices: object[]): object {
-    const { id, created, model, includeUsage } = this.o;
-    return {
-      id,
-      object: "text_completion",
-      created,
-      model,
-      system_fingerprint: null,
-      choices,
-      ...(includeUsage ? { usage: null } : {}),
-    };
-  }
+  protected readonly chunkObject = "text_completion";
 
   #logprobs(index: number, lps: Logprob[]): CompletionLogprobs {
     const out: CompletionLogprobs = { tokens: [], token_logprobs: [], top_logprobs: [], text_offset: [] };
@@ -230,25 +240,21 @@ export class CompletionFormatter extends BaseFormatter {
 
   openingChunks(): object[] {
     return this.#echo.flatMap((text, index) =>
-      text ? [this.#chunk([{ text, index, logprobs: null, finish_reason: null }])] : [],
+      text ? [this.chunk([{ text, index, logprobs: null, finish_reason: null }])] : [],
     );
   }
 
   deltaChunk(ev: DeltaEvent): object | null {
-    const c = this.choice(ev.index);
-    c.text += ev.text;
-    const lps = this.o.logprobs && ev.logprobs ? ev.logprobs : undefined;
-    if (lps) c.logprobs.push(...lps);
-    if (ev.text === "" && !lps) return null;
-    return this.#chunk([
+    const shown = this.accumulate(ev);
+    if (!shown) return null;
+    const lps = shown.logprobs;
+    return this.chunk([
       { text: ev.text, index: ev.index, logprobs: lps ? this.#logprobs(ev.index, lps) : null, finish_reason: null },
     ]);
   }
 
   finalChunk(ev: FinalEvent): object {
-    const finish = finishReason(ev.finish_reason);
-    this.choice(ev.index).finish = finish;
-    return this.#chunk([{ text: "", index: ev.index, logprobs: null, finish_reason: finish }]);
+    return this.chunk([{ text: "", index: ev.index, logprobs: null, finish_reason: this.finish(ev) }]);
   }
 
   usageChunk(usage: Usage): object {
