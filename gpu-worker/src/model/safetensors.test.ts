@@ -3,7 +3,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import fc from "fast-check";
 import { afterEach, beforeEach, describe, expect, it } from "vitest";
-import { ModelLoadError } from "./errors.ts";
+import { expectLoadError } from "../../test/expect-load-error.ts";
 import {
   f16BitsToF32,
   f32BitsToBf16Bits,
@@ -23,18 +23,6 @@ beforeEach(() => {
 afterEach(() => {
   rmSync(dir, { recursive: true, force: true });
 });
-
-/** Assert `fn` throws a ModelLoadError whose message contains every one of `parts`. */
-function expectLoadError(fn: () => unknown, ...parts: string[]): ModelLoadError {
-  try {
-    fn();
-  } catch (e) {
-    expect(e).toBeInstanceOf(ModelLoadError);
-    for (const p of parts) expect((e as Error).message).toContain(p);
-    return e as ModelLoadError;
-  }
-  throw new Error("expected a ModelLoadError");
-}
 
 /** Write one tensor of `values` and read it back as f32. */
 function roundTrip(values: number[], dtype: SafetensorsDtype): Float32Array {

@@ -2,8 +2,8 @@ import { mkdtempSync, rmSync, statSync, truncateSync, writeFileSync } from "node
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterEach, beforeEach, describe, expect, it } from "vitest";
+import { expectLoadError } from "../../test/expect-load-error.ts";
 import { loadLlamaConfig, parseLlamaConfig } from "./config.ts";
-import { ModelLoadError } from "./errors.ts";
 import { type SafetensorsDtype, type SafetensorsTensor, writeSafetensors } from "./safetensors.ts";
 import { LlamaWeights, llamaWeightSpecs } from "./weights.ts";
 
@@ -14,17 +14,6 @@ beforeEach(() => {
 afterEach(() => {
   rmSync(dir, { recursive: true, force: true });
 });
-
-function expectLoadError(fn: () => unknown, ...parts: string[]): ModelLoadError {
-  try {
-    fn();
-  } catch (e) {
-    expect(e).toBeInstanceOf(ModelLoadError);
-    for (const p of parts) expect((e as Error).message).toContain(p);
-    return e as ModelLoadError;
-  }
-  throw new Error("expected a ModelLoadError");
-}
 
 /** hidden 32, 4 heads of 8, 2 kv heads, 2 layers, vocab 50. */
 const GQA = {
