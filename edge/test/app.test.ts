@@ -2,6 +2,7 @@ import { NoWorkersError, QueueTimeoutError } from "@llama-edge/shared";
 import { describe, expect, it } from "vitest";
 import {
   bearer,
+  chat,
   eventually,
   MODEL,
   makeApp,
@@ -11,12 +12,6 @@ import {
   ScriptedBackend,
   sseEvents,
 } from "./helpers.ts";
-
-const chat = (extra: Record<string, unknown> = {}) => ({
-  model: MODEL,
-  messages: [{ role: "user", content: "Hi" }],
-  ...extra,
-});
 
 describe("chat completions", () => {
   it("answers a non-streaming request with the full object and usage", async () => {

@@ -145,6 +145,13 @@ export async function newKey(limits: Partial<Limits> = {}): Promise<{ key: strin
 
 export const bearer = (key: string) => ({ authorization: `Bearer ${key}` });
 
+/** A minimal chat completions body for MODEL, with `extra` fields. */
+export const chat = (extra: Record<string, unknown> = {}) => ({
+  model: MODEL,
+  messages: [{ role: "user", content: "Hi" }],
+  ...extra,
+});
+
 export function post(path: string, key: string | undefined, body: unknown, headers: Record<string, string> = {}) {
   return new Request(`http://gateway${path}`, {
     method: "POST",

@@ -3,6 +3,7 @@ import { describe, expect, it } from "vitest";
 import {
   ADMIN_SECRET,
   bearer,
+  chat,
   eventually,
   MODEL,
   makeApp,
@@ -11,12 +12,6 @@ import {
   post,
   ScriptedBackend,
 } from "./helpers.ts";
-
-const chat = (extra: Record<string, unknown> = {}) => ({
-  model: MODEL,
-  messages: [{ role: "user", content: "Hi" }],
-  ...extra,
-});
 
 describe("rate limits", () => {
   it("admits exactly 50 of a burst of 200 concurrent requests on a 50 RPM key", async () => {
