@@ -127,6 +127,16 @@ async function consumerState(pool: string) {
   return { pending: ci.num_pending, ackPending: ci.num_ack_pending };
 }
 
+/** Nothing queued and nothing ack-pending on the pool's consumer (waits up to 2 s for the last acks). */
+async function expectQueueEmpty(pool: string): Promise<void> {
+  const state = await until(
+    () => consumerState(pool),
+    (st) => st.pending + st.ackPending === 0,
+    2000,
+  );
+  expect(state).toEqual({ pending: 0, ackPending: 0 });
+}
+
 async function spawnWorker(pool: string, workerId: string, args: string[] = []): Promise<WorkerProcess> {
   const w = await startWorkerProcess({ natsUrl: nats.url, pool, workerId, args });
   children.push(w);
@@ -161,16 +171,7 @@ describe("worker service over NATS", () => {
     // Exactly once: one admission per request across both workers, and nothing left in the queue.
     const admitted = [...a.logs, ...b.logs].filter((l) => l.msg === "admitted").map((l) => l.request_id);
     expect(admitted.sort()).toEqual([...ids].sort());
-    expect(
-      await until(
-        () => consumerState(pool),
-        (s) => s.pending + s.ackPending === 0,
-        2000,
-      ),
-    ).toEqual({
-      pending: 0,
-      ackPending: 0,
-    });
+    await expectQueueEmpty(pool);
     // Health and metrics, as Kubernetes and Prometheus see them.
     const port = a.logs.find((l) => l.msg === "health server listening")?.port;
     expect((await fetch(`http://127.0.0.1:${port}/healthz`)).status).toBe(200);
@@ -243,16 +244,7 @@ describe("worker service over NATS", () => {
     // from the requester's cancel (sent when it gave up), or else from the claim the requester no longer answers.
     await survivor.waitForLog((l) => l.request_id === id1 && /dropped/.test(String(l.msg)), 15_000);
     expect(survivor.logs.some((l) => l.msg === "admitted" && l.request_id === id1)).toBe(false);
-    expect(
-      await until(
-        () => consumerState(pool),
-        (s) => s.pending + s.ackPending === 0,
-        2000,
-      ),
-    ).toEqual({
-      pending: 0,
-      ackPending: 0,
-    });
+    await expectQueueEmpty(pool);
     survivor.kill();
     expect(await survivor.exited).toBe(0);
   });
