@@ -6,8 +6,10 @@ import { IncrementalDetokenizer } from "./detokenizer.ts";
 import { KVCacheManager } from "./kv-cache-manager.ts";
 import { ModelRunner, type StepOutput, type StepSequence } from "./model-runner.ts";
 import { finishReasonOf, isFinished, Request, RequestStatus } from "./request.ts";
-import { type SamplingRow, SeededRng, sampleBatch, validateSamplingParams } from "./sampler.ts";
+import { type SamplingRow, sampleBatch } from "./sampler.ts";
+import { validateSamplingParams } from "./sampling-params.ts";
 import { Scheduler } from "./scheduler.ts";
+import { SeededRng } from "./seeded-rng.ts";
 import { StopStringChecker } from "./stop-checker.ts";
 import type { EngineEvent, EngineRequest, EngineStats, TokenLogprob } from "./types.ts";
 

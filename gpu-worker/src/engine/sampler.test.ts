@@ -1,13 +1,8 @@
 import fc from "fast-check";
 import { describe, expect, it } from "vitest";
-import {
-  type SampledToken,
-  SamplingParamError,
-  type SamplingRow,
-  SeededRng,
-  sampleBatch,
-  validateSamplingParams,
-} from "./sampler.ts";
+import { type SampledToken, type SamplingRow, sampleBatch } from "./sampler.ts";
+import { validateSamplingParams } from "./sampling-params.ts";
+import { SeededRng } from "./seeded-rng.ts";
 import type { SamplingParams } from "./types.ts";
 
 /** Always draws `u`, so a test can place the draw in the kept distribution's CDF exactly. */
@@ -40,106 +35,6 @@ function sample1(
 
 /** Logits whose softmax at temperature 1 is `probs`. */
 const fromProbs = (probs: number[]) => probs.map(Math.log);
-
-describe("validateSamplingParams", () => {
-  it("applies the defaults", () => {
-    expect(validateSamplingParams({}, { vocabSize: 10 })).toEqual({
-      temperature: 1,
-      topP: 1,
-      topK: 0,
-      minP: 0,
-      repetitionPenalty: 1,
-      presencePenalty: 0,
-      frequencyPenalty: 0,
-      logitBias: {},
-      seed: null,
-      maxTokens: null,
-      stop: [],
-      stopTokenIds: [],
-      ignoreEos: false,
-      logprobs: false,
-      topLogprobs: 0,
-    });
-  });
-
-  it("keeps valid values, treats null as not given and normalises top_k -1 to 0", () => {
-    const p = validateSamplingParams(
-      {
-        temperature: 0,
-        topP: 0.5,
-        topK: -1,
-        minP: 1,
-        seed: -7,
-        maxTokens: 3,
-        stop: ["a"],
-        logitBias: { 9: -100 },
-        logprobs: true,
-        topLogprobs: 20,
-        frequencyPenalty: null as unknown as number,
-      },
-      { vocabSize: 10 },
-    );
-    expect(p).toMatchObject({ temperature: 0, topP: 0.5, topK: 0, minP: 1, seed: -7, maxTokens: 3, stop: ["a"] });
-    expect(p).toMatchObject({ logitBias: { 9: -100 }, logprobs: true, topLogprobs: 20, frequencyPenalty: 0 });
-  });
-
-  const bad: [Partial<SamplingParams> | Record<string, unknown>, string][] = [
-    [{ temperature: -0.1 }, "temperature"],
-    [{ temperature: Number.NaN }, "temperature"],
-    [{ temperature: "1" }, "temperature"],
-    [{ topP: 0 }, "top_p"],
-    [{ topP: 1.01 }, "top_p"],
-    [{ topK: -2 }, "top_k"],
-    [{ topK: 1.5 }, "top_k"],
-    [{ minP: -0.1 }, "min_p"],
-    [{ minP: 1.1 }, "min_p"],
-    [{ repetitionPenalty: 0 }, "repetition_penalty"],
-    [{ presencePenalty: 2.5 }, "presence_penalty"],
-    [{ frequencyPenalty: -2.5 }, "frequency_penalty"],
-    [{ logitBias: { 10: 1 } }, "logit_bias"],
-    [{ logitBias: { 1: 101 } }, "logit_bias"],
-    [{ logitBias: { "-1": 1 } }, "logit_bias"],
-    [{ logitBias: { x: 1 } }, "logit_bias"],
-    [{ seed: 1.5 }, "seed"],
-    [{ seed: 2 ** 60 }, "seed"],
-    [{ maxTokens: 0 }, "max_tokens"],
-    [{ maxTokens: 2.5 }, "max_tokens"],
-    [{ stop: [""] }, "stop"],
-    [{ stop: "x" }, "stop"],
-    [{ stop: Array.from({ length: 17 }, (_, i) => `s${i}`) }, "stop"],
-    [{ stopTokenIds: [10] }, "stop_token_ids"],
-    [{ ignoreEos: 1 }, "ignore_eos"],
-    [{ logprobs: "yes" }, "logprobs"],
-    [{ logprobs: true, topLogprobs: 21 }, "top_logprobs"],
-    [{ topLogprobs: 2 }, "top_logprobs"], // needs logprobs: true
-  ];
-  it.each(bad)("rejects %j naming %s", (p, name) => {
-    let err: unknown;
-    try {
-      validateSamplingParams(p as Partial<SamplingParams>, { vocabSize: 10 });
-    } catch (e) {
-      err = e;
-    }
-    expect(err).toBeInstanceOf(SamplingParamError);
-    expect((err as SamplingParamError).param).toBe(name);
-    expect((err as SamplingParamError).message).toContain(name);
-  });
-});
-
-describe("SeededRng", () => {
-  it("is reproducible per seed, distinct across seeds, and uniform in [0, 1)", () => {
-    const draw = (rng: SeededRng, n: number) => Array.from({ length: n }, () => rng.next());
-    expect(draw(new SeededRng(42), 5)).toEqual(draw(new SeededRng(42), 5));
-    expect(draw(new SeededRng(42), 5)).not.toEqual(draw(new SeededRng(43), 5));
-    expect(draw(new SeededRng(-1), 5)).not.toEqual(draw(new SeededRng(2 ** 53 - 1), 5));
-    const xs = draw(new SeededRng(7), 20000);
-    expect(xs.every((x) => x >= 0 && x < 1)).toBe(true);
-    const mean = xs.reduce((a, b) => a + b, 0) / xs.length;
-    expect(Math.abs(mean - 0.5)).toBeLessThan(0.01);
-    expect(draw(SeededRng.forSeed(null), 3)).not.toEqual(draw(SeededRng.forSeed(null), 3));
-    expect(() => new SeededRng(0.5)).toThrow(RangeError);
-  });
-});
 
 describe("sampleBatch", () => {
   it("greedy picks the argmax, the lowest id on ties, and still advances the generator once", () => {
