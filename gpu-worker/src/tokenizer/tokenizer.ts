@@ -105,6 +105,11 @@ export class LlamaTokenizer {
   readonly addBosToken: boolean;
   readonly vocabSize: number;
   readonly hasChatTemplate: boolean;
+  /**
+   * How token pieces spell text, in XGrammar's terms: SentencePiece with byte fallback (Llama 2, "▁" for space,
+   * `<0xNN>` bytes), byte-level BPE (Llama 3, GPT-2's byte alphabet) or raw; and whether encoding prepends a space.
+   */
+  readonly decoding: { vocabType: "byte_fallback" | "byte_level" | "raw"; addPrefixSpace: boolean };
 
   private readonly hf: HfTokenizer;
   private readonly bosToken: string | null;
@@ -144,7 +149,15 @@ export class LlamaTokenizer {
       throw new ModelLoadError(tokenizerFile, `unsupported tokenizer: ${(err as Error).message}`);
     }
     keepByteOrderMarks(this.hf.decoder);
-    this.byteLevel = usesByteLevel((tokenizerJson as { decoder?: unknown }).decoder);
+    this.byteLevel = hasStep(tokenizerJson.decoder, "decoders", "ByteLevel");
+    this.decoding = {
+      vocabType: this.byteLevel
+        ? "byte_level"
+        : hasStep(tokenizerJson.decoder, "decoders", "ByteFallback")
+          ? "byte_fallback"
+          : "raw",
+      addPrefixSpace: prependsSpace(tokenizerJson),
+    };
 
     let maxId = -1;
     for (const id of this.hf.get_vocab(true).values()) maxId = Math.max(maxId, id);
@@ -292,11 +305,25 @@ export class LlamaTokenizer {
   }
 }
 
-/** Whether the decoder (or one in its Sequence) is ByteLevel: GPT-2/Llama-3 style tokens spell bytes as chars. */
-function usesByteLevel(decoder: unknown): boolean {
-  if (!isObject(decoder)) return false;
-  if (decoder.type === "ByteLevel") return true;
-  return Array.isArray(decoder.decoders) && decoder.decoders.some(usesByteLevel);
+/** Whether a pipeline step (or one in its Sequence, listed under `list`) has the given type. */
+function hasStep(step: unknown, list: string, type: string, match: (s: Json) => boolean = () => true): boolean {
+  if (!isObject(step)) return false;
+  if (step.type === type && match(step)) return true;
+  const inner = step[list];
+  return Array.isArray(inner) && inner.some((s) => hasStep(s, list, type, match));
+}
+
+/** SentencePiece's leading "▁": a Prepend normalizer (Llama 2's legacy file) or a Metaspace pre-tokenizer. */
+function prependsSpace(tokenizerJson: Json): boolean {
+  return (
+    hasStep(tokenizerJson.normalizer, "normalizers", "Prepend", (s) => s.prepend === "\u2581") ||
+    hasStep(
+      tokenizerJson.pre_tokenizer,
+      "pretokenizers",
+      "Metaspace",
+      (s) => s.add_prefix_space === true || (typeof s.prepend_scheme === "string" && s.prepend_scheme !== "never"),
+    )
+  );
 }
 
 /**
