@@ -105,7 +105,9 @@ describe("GrammarCache", () => {
     ];
     for (let round = 0; round < 10; round++) {
       for (const [schema, reason] of bad) {
-        const err = await cache.matcher({ type: "json_schema", schema: schema as Record<string, unknown> }).catch((e) => e);
+        const err = await cache
+          .matcher({ type: "json_schema", schema: schema as Record<string, unknown> })
+          .catch((e) => e);
         expect(err).toBeInstanceOf(GrammarError);
         expect((err as Error).message).toMatch(reason);
       }
