@@ -1,6 +1,7 @@
 import { freemem } from "node:os";
 import { compileModel } from "../model/compiled-model.ts";
 import { type LlamaConfig, loadLlamaConfig } from "../model/config.ts";
+import type { Quantization } from "../model/quantize.ts";
 import { LlamaTokenizer } from "../tokenizer/tokenizer.ts";
 import { IncrementalDetokenizer } from "./detokenizer.ts";
 import { KVCacheManager } from "./kv-cache-manager.ts";
@@ -31,6 +32,8 @@ export interface EngineOptions {
   /** Context length; default and maximum: the model's max_position_embeddings. */
   maxModelLen?: number;
   executionProvider?: "cpu" | "cuda";
+  /** Weight format the checkpoint is compiled to; default "none" (f32). */
+  quantization?: Quantization;
   numThreads?: number;
   /** ONNX Runtime thread spinning between operators; default on (see ModelRunnerOptions.allowSpinning). */
   allowSpinning?: boolean;
@@ -120,6 +123,7 @@ export class LLMEngine {
     const numBlocks = Math.floor(kvBytes / bytesPerBlock);
     if (numBlocks < 1) throw new Error(`KV cache budget of ${kvBytes} bytes holds no block of ${bytesPerBlock} bytes`);
     const compiled = compileModel(opts.modelDir, cfg, {
+      quantization: opts.quantization,
       onProgress: opts.onProgress && ((d, t) => opts.onProgress?.("compile", d, t)),
     });
     const runner = await ModelRunner.create(compiled, cfg, {
