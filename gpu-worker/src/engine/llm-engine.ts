@@ -342,16 +342,18 @@ export class LLMEngine {
     req.appendOutput(tokenId);
     const isStopToken = (!p.ignoreEos && this.cfg.eosTokenIds.includes(tokenId)) || p.stopTokenIds.includes(tokenId);
     let text = "";
-    let stopped = isStopToken;
+    let stopString = false;
     if (!isStopToken) {
+      // a stop token's own text is never emitted
       const r = st.stops.push(st.detok.push(tokenId));
       text = r.emit;
-      stopped = r.stopped;
+      stopString = r.stopped;
     }
-    let status: RequestStatus | null = stopped ? RequestStatus.FINISHED_STOPPED : null;
+    let status: RequestStatus | null = isStopToken || stopString ? RequestStatus.FINISHED_STOPPED : null;
     if (status === null && req.numTokens >= req.maxTotalTokens) status = RequestStatus.FINISHED_LENGTH;
-    if (status !== null && !stopped) {
-      // Release text held back for a possible stop string or an incomplete character.
+    if (status !== null && !stopString) {
+      // Ending for any reason but a stop string: release the text held back for a possible stop string or an
+      // incomplete character (with stop ["\n\n"], a final "\n" before EOS is real output).
       const r = st.stops.push(st.detok.flush());
       text += r.emit + (r.stopped ? "" : st.stops.flush());
       if (r.stopped) status = RequestStatus.FINISHED_STOPPED;
