@@ -1,6 +1,7 @@
 import { freemem } from "node:os";
 import { compileModel } from "../model/compiled-model.ts";
 import { type LlamaConfig, loadLlamaConfig } from "../model/config.ts";
+import type { Quantization } from "../model/quantize.ts";
 import { LlamaTokenizer } from "../tokenizer/tokenizer.ts";
 import { IncrementalDetokenizer } from "./detokenizer.ts";
 import { GrammarCache, type GrammarSpec, type SequenceGrammar } from "./grammar.ts";
@@ -32,6 +33,8 @@ export interface EngineOptions {
   /** Context length; default and maximum: the model's max_position_embeddings. */
   maxModelLen?: number;
   executionProvider?: "cpu" | "cuda";
+  /** Weight format the checkpoint is compiled to; default "none" (f32). */
+  quantization?: Quantization;
   numThreads?: number;
   /** ONNX Runtime thread spinning between operators; default on (see ModelRunnerOptions.allowSpinning). */
   allowSpinning?: boolean;
@@ -48,6 +51,24 @@ export class EngineRequestError extends Error {
   ) {
     super(message);
   }
+}
+
+/**
+ * One sequence failed on its own (non-finite logits, an error while sampling or processing its output). Only that
+ * request ends; the worker reports it as an internal error.
+ */
+export class EngineSequenceError extends Error {
+  override name = "EngineSequenceError";
+  readonly code = "internal";
+}
+
+/**
+ * A step failed in a way no single sequence explains (the model run itself). The step's requests end with this;
+ * retrying them, here or on another worker, may succeed.
+ */
+export class EngineStepError extends Error {
+  override name = "EngineStepError";
+  readonly code = "unavailable";
 }
 
 /** Per-request output state: where its events go, and the text pipeline (detokenizer, then stop strings). */
@@ -106,6 +127,7 @@ export class LLMEngine {
     const numBlocks = Math.floor(kvBytes / bytesPerBlock);
     if (numBlocks < 1) throw new Error(`KV cache budget of ${kvBytes} bytes holds no block of ${bytesPerBlock} bytes`);
     const compiled = compileModel(opts.modelDir, cfg, {
+      quantization: opts.quantization,
       onProgress: opts.onProgress && ((d, t) => opts.onProgress?.("compile", d, t)),
     });
     const runner = await ModelRunner.create(compiled, cfg, {
@@ -203,7 +225,7 @@ export class LLMEngine {
         this.scheduler.add(st.request);
         this.kick();
       },
-      (err) => this.failOne(st, err),
+      (err) => this.fail(st, err instanceof Error ? err : new Error(String(err))),
     );
   }
 
@@ -265,7 +287,11 @@ export class LLMEngine {
     }
   }
 
-  /** One iteration: schedule, run the model, sample, stream out. */
+  /**
+   * One iteration: schedule, run the model, sample, stream out. Failures are contained: a sequence whose
+   * sampling or output processing fails ends alone with an error; a model run that fails ends the step's
+   * sequences with a retriable error. Either way the other requests and the next step carry on.
+   */
   async step(): Promise<void> {
     const plan = this.scheduler.schedule();
     if (plan.scheduled.length === 0) return;
@@ -283,6 +309,16 @@ export class LLMEngine {
         return { tokenIds, startPos: start, blockTable, needLogits };
       });
       out = await this.runner.execute(seqs, temperatures);
+    } catch (e) {
+      // Not attributable to one sequence: the step's sequences end (their KV may be half written), nothing else.
+      const err = new EngineStepError(`the engine step failed: ${e instanceof Error ? e.message : String(e)}`, {
+        cause: e,
+      });
+      for (const { request } of plan.scheduled) {
+        const st = this.states.get(request.requestId);
+        if (st) this.fail(st, err);
+      }
+      return;
     } finally {
       this.stepping = false;
     }
@@ -294,21 +330,40 @@ export class LLMEngine {
       this.kv.cacheFullBlocks(request.requestId, request.tokenIds, request.numComputedTokens);
       if (request.numComputedTokens === request.numTokens) {
         const st = this.states.get(request.requestId)!;
+        let allowedTokens: Int32Array | undefined;
+        try {
+          allowedTokens = await st.grammar?.nextTokenBitmask();
+        } catch (e) {
+          const message = e instanceof Error ? e.message : String(e);
+          this.fail(st, new EngineSequenceError(`the grammar failed: ${message}`, { cause: e }));
+          continue;
+        }
         sampled.push(st);
         sampleRows.push({
           params: request.params,
           rng: request.rng,
           promptTokenIds: request.promptTokenIds,
           outputTokenIds: request.outputTokenIds,
-          allowedTokens: st.grammar ? await st.grammar.nextTokenBitmask() : undefined,
+          allowedTokens,
         });
       }
     }
-    const tokens = sampleBatch(out.logits, this.cfg.vocabSize, sampleRows, out.probs, out.argmax);
+    const tokens = sampleBatch(out.logits, this.cfg.vocabSize, sampleRows, out);
     let generated = 0;
     sampled.forEach((st, i) => {
       if (st.abortRequested) return;
-      this.appendToken(st, tokens[i].tokenId, tokens[i].logprob, tokens[i].topLogprobs);
+      const t = tokens[i];
+      if (t.error !== undefined) {
+        this.fail(st, new EngineSequenceError(t.error));
+        return;
+      }
+      try {
+        this.appendToken(st, t.tokenId, t.logprob, t.topLogprobs);
+      } catch (e) {
+        const message = e instanceof Error ? e.message : String(e);
+        this.fail(st, new EngineSequenceError(`output processing failed: ${message}`, { cause: e }));
+        return;
+      }
       generated++;
     });
     if (generated > 0) this.recentTokens.push({ t: performance.now(), n: generated });
@@ -326,8 +381,7 @@ export class LLMEngine {
     const p = req.params;
     req.appendOutput(tokenId);
     if (st.grammar && !st.grammar.accept(tokenId)) {
-      this.failOne(st, new Error(`internal: token ${tokenId} was sampled outside the request's grammar`));
-      return;
+      throw new Error(`token ${tokenId} was sampled outside the request's grammar`);
     }
     // A completed grammar ends the sequence with its stop token, ignore_eos or not.
     const isStopToken =
@@ -335,16 +389,18 @@ export class LLMEngine {
       (!p.ignoreEos && this.cfg.eosTokenIds.includes(tokenId)) ||
       p.stopTokenIds.includes(tokenId);
     let text = "";
-    let stopped = isStopToken;
+    let stopString = false;
     if (!isStopToken) {
+      // a stop token's own text is never emitted
       const r = st.stops.push(st.detok.push(tokenId));
       text = r.emit;
-      stopped = r.stopped;
+      stopString = r.stopped;
     }
-    let status: RequestStatus | null = stopped ? RequestStatus.FINISHED_STOPPED : null;
+    let status: RequestStatus | null = isStopToken || stopString ? RequestStatus.FINISHED_STOPPED : null;
     if (status === null && req.numTokens >= req.maxTotalTokens) status = RequestStatus.FINISHED_LENGTH;
-    if (status !== null && !stopped) {
-      // Release text held back for a possible stop string or an incomplete character.
+    if (status !== null && !stopString) {
+      // Ending for any reason but a stop string: release the text held back for a possible stop string or an
+      // incomplete character (with stop ["\n\n"], a final "\n" before EOS is real output).
       const r = st.stops.push(st.detok.flush());
       text += r.emit + (r.stopped ? "" : st.stops.flush());
       if (r.stopped) status = RequestStatus.FINISHED_STOPPED;
@@ -392,17 +448,20 @@ export class LLMEngine {
     st.channel.close();
   }
 
-  /** Ends one request with an error (its stream throws it); the others go on. */
-  private failOne(st: OutputState, err: unknown): void {
+  /** End one request with an error (its stream throws it); its blocks are freed before the next step. */
+  private fail(st: OutputState, err: Error): void {
     if (isFinished(st.request.status)) return;
     this.scheduler.finish(st.request, RequestStatus.FINISHED_ABORTED);
     this.states.delete(st.request.requestId);
     st.grammar?.dispose();
-    st.channel.fail(err instanceof Error ? err : new Error(String(err)));
+    st.channel.fail(err);
   }
 
+  /** A failure outside any step (a scheduler invariant broke): every request ends, retriably; the engine stays up. */
   private failAll(err: unknown): void {
-    for (const st of [...this.states.values()]) this.failOne(st, err);
+    const cause = err instanceof Error ? err : new Error(String(err));
+    const stepErr = new EngineStepError(`the engine failed: ${cause.message}`, { cause });
+    for (const st of [...this.states.values()]) this.fail(st, stepErr);
   }
 }
 

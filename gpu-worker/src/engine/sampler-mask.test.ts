@@ -2,7 +2,7 @@
 // masked row never takes the model's precomputed argmax or probabilities.
 import fc from "fast-check";
 import { describe, expect, it } from "vitest";
-import { type SamplingRow, sampleBatch } from "./sampler.ts";
+import { type SampledToken, type SamplingRow, sampleBatch } from "./sampler.ts";
 import { validateSamplingParams } from "./sampling-params.ts";
 import { SeededRng } from "./seeded-rng.ts";
 import type { SamplingParams } from "./types.ts";
@@ -11,6 +11,13 @@ function bitmask(vocabSize: number, allowed: Iterable<number>): Int32Array {
   const mask = new Int32Array(Math.ceil(vocabSize / 32));
   for (const id of allowed) mask[id >> 5] |= 1 << (id & 31);
   return mask;
+}
+
+/** One row's token, failing the test on a sampling error. */
+function only(results: ReturnType<typeof sampleBatch>): SampledToken {
+  const [t] = results;
+  if (t.error !== undefined) throw new Error(t.error);
+  return t;
 }
 
 function row(p: Partial<SamplingParams>, vocabSize: number, extra: Partial<SamplingRow> = {}): SamplingRow {
@@ -28,7 +35,7 @@ describe("sampleBatch with a grammar bitmask", () => {
     const logits = Float32Array.from([0, 9, 1, 5, 3, 2]);
     const argmaxes = BigInt64Array.from([1n]);
     const allowedTokens = bitmask(6, [2, 4, 5]);
-    const [t] = sampleBatch(logits, 6, [row({ temperature: 0 }, 6, { allowedTokens })], undefined, argmaxes);
+    const t = only(sampleBatch(logits, 6, [row({ temperature: 0 }, 6, { allowedTokens })], { argmax: argmaxes }));
     expect(t.tokenId).toBe(4);
     expect(Array.from(logits)).toEqual([0, 9, 1, 5, 3, 2]); // the caller's buffer is untouched
   });
@@ -40,7 +47,8 @@ describe("sampleBatch with a grammar bitmask", () => {
     const allowedTokens = bitmask(4, [1, 3]);
     const draw = (u: number) => {
       const rng = { next: () => u } as unknown as SeededRng;
-      return sampleBatch(logits, 4, [{ ...row({ temperature: 1 }, 4, { allowedTokens }), rng }], probs)[0].tokenId;
+      return only(sampleBatch(logits, 4, [{ ...row({ temperature: 1 }, 4, { allowedTokens }), rng }], { probs }))
+        .tokenId;
     };
     expect(draw(0.1)).toBe(1);
     expect(draw(0.49)).toBe(1);
@@ -51,17 +59,22 @@ describe("sampleBatch with a grammar bitmask", () => {
   it("reports logprobs of the masked distribution", () => {
     const logits = Float32Array.from([3, 0, 0, 2, 9]);
     const allowedTokens = bitmask(5, [0, 3]);
-    const [t] = sampleBatch(logits, 5, [row({ temperature: 0, logprobs: true, topLogprobs: 3 }, 5, { allowedTokens })]);
+    const t = only(
+      sampleBatch(logits, 5, [row({ temperature: 0, logprobs: true, topLogprobs: 3 }, 5, { allowedTokens })]),
+    );
     expect(t.tokenId).toBe(0);
     const top = t.topLogprobs!.filter((x) => Number.isFinite(x.logprob));
     expect(top.map((x) => x.tokenId)).toEqual([0, 3]);
     expect(top.reduce((s, x) => s + Math.exp(x.logprob), 0)).toBeCloseTo(1, 6);
   });
 
-  it("refuses a bitmask that allows nothing", () => {
-    expect(() => sampleBatch(new Float32Array(40), 40, [row({}, 40, { allowedTokens: new Int32Array(2) })])).toThrow(
-      /allows no token/,
-    );
+  it("fails the row whose bitmask allows nothing, and only that row", () => {
+    const [bad, good] = sampleBatch(new Float32Array(80), 40, [
+      row({}, 40, { allowedTokens: new Int32Array(2) }),
+      row({}, 40, { allowedTokens: bitmask(40, [7]) }),
+    ]);
+    expect(bad.error).toMatch(/allows no token/);
+    expect(good).toMatchObject({ tokenId: 7 });
   });
 
   it("never samples a disallowed token, whatever the parameters (property)", () => {
@@ -88,7 +101,7 @@ describe("sampleBatch with a grammar bitmask", () => {
             rng: new SeededRng(p.seed),
           });
           const probs = new Float32Array(V).fill(1 / V);
-          const [t] = sampleBatch(logits, V, [r], probs, BigInt64Array.from([0n]));
+          const t = only(sampleBatch(logits, V, [r], { probs, argmax: BigInt64Array.from([0n]) }));
           expect(allowed).toContain(t.tokenId);
         },
       ),
