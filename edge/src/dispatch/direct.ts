@@ -131,7 +131,7 @@ async function* events(
       arm();
       if (ev.type === "error") {
         finished = true;
-        throw new WorkerError(ev.code, ev.message, id);
+        throw new WorkerError(ev.code, ev.message, id, ev.param);
       }
       yield ev;
       if (ev.type === "final") {

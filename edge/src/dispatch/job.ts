@@ -7,7 +7,7 @@
  *
  * @module
  */
-import type { Logprob, Prompt, SamplingParams, Usage } from "@llama-edge/shared";
+import type { Logprob, Prompt, RequestMessageInput, SamplingParams, ToolCallDelta, Usage } from "@llama-edge/shared";
 import type { ApiErrorInfo } from "../errors.ts";
 
 export interface Job {
@@ -22,16 +22,27 @@ export interface Job {
   prompts: Prompt[];
   n: number;
   sampling: SamplingParams;
+  /** What the output must be (response_format) and which tool calls are wanted, as the protocol carries them. */
+  output?: JobOutput;
   /** Epoch ms: no worker may start the job after this, and the gateway gives up on it then. */
   deadline: number;
   /** Prompt tokens as estimated at admission, per prompt: usage of prompts that never reported their own. */
   estimatedPromptTokens: number[];
 }
 
+export type JobOutput = Pick<RequestMessageInput, "response_format" | "tool_choice" | "parallel_tool_calls">;
+
 export type JobEvent =
   /** A worker started choice `index`. */
   | { type: "start"; index: number; worker_id: string; pool: string }
-  | { type: "delta"; index: number; text: string; num_tokens: number; logprobs?: Logprob[] }
+  | {
+      type: "delta";
+      index: number;
+      text: string;
+      num_tokens: number;
+      logprobs?: Logprob[];
+      tool_calls?: ToolCallDelta[];
+    }
   | { type: "final"; index: number; finish_reason: "stop" | "length" | "abort" | "tool_calls"; usage: Usage }
   /** Terminal: the job failed; nothing follows. */
   | { type: "error"; error: ApiErrorInfo }

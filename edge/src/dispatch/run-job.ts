@@ -134,6 +134,7 @@ async function runChoice(
       id: p === 0 ? `${job.id}-${ch.index}` : `${job.id}-${ch.index}-p${p}`,
       model: job.model,
       prompt: job.prompts[ch.promptIndex]!,
+      ...job.output,
       // Each choice of a seeded request gets its own seed: reproducible, yet the n choices differ.
       sampling: seed == null ? job.sampling : { ...job.sampling, seed: seed + choiceInPrompt },
       deadline: job.deadline,
@@ -156,6 +157,7 @@ async function runChoice(
             text: ev.text,
             num_tokens: ev.token_ids.length,
             ...(ev.logprobs ? { logprobs: ev.logprobs } : {}),
+            ...(ev.tool_calls ? { tool_calls: ev.tool_calls } : {}),
           });
         } else if (ev.type === "final") {
           ch.usage = ev.usage;
@@ -225,7 +227,7 @@ export function toErrorInfo(e: unknown, abortReason?: unknown): ApiErrorInfo {
       case "bad_request":
         return isContextLengthError(e)
           ? err(400, e.message, "context_length_exceeded", undefined, "messages")
-          : err(400, e.message, "invalid_request");
+          : err(400, e.message, "invalid_request", undefined, e.param ?? null);
       case "too_large":
         return err(413, e.message, "request_too_large");
       case "model_not_found":

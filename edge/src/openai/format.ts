@@ -4,16 +4,16 @@
  *
  * @module
  */
-import type { Logprob, Usage } from "@llama-edge/shared";
+import type { Logprob, ToolCallDelta, Usage } from "@llama-edge/shared";
 import type { JobEvent } from "../dispatch/job.ts";
 import { randomBase62 } from "../keys/api-key.ts";
 
-export type FinishReason = "stop" | "length";
+export type FinishReason = "stop" | "length" | "tool_calls";
 type DeltaEvent = Extract<JobEvent, { type: "delta" }>;
 type FinalEvent = Extract<JobEvent, { type: "final" }>;
 
 /** "abort" only happens once the client is gone, so no client ever sees it; "stop" if one ever does. */
-const finishReason = (r: FinalEvent["finish_reason"]): FinishReason => (r === "length" ? "length" : "stop");
+const finishReason = (r: FinalEvent["finish_reason"]): FinishReason => (r === "abort" ? "stop" : r);
 
 export const newCompletionId = (kind: "chat" | "completion"): string =>
   `${kind === "chat" ? "chatcmpl" : "cmpl"}-${randomBase62(24)}`;
@@ -56,6 +56,8 @@ interface ChoiceText {
   text: string;
   logprobs: Logprob[];
   finish: FinishReason | null;
+  /** Tool calls, assembled from their pieces (chat only). */
+  toolCalls: { id: string; name: string; arguments: string }[];
 }
 
 interface FormatterOptions {
@@ -72,7 +74,12 @@ interface FormatterOptions {
 abstract class BaseFormatter implements ResponseFormatter {
   protected readonly choices: ChoiceText[];
   constructor(protected readonly o: FormatterOptions) {
-    this.choices = Array.from({ length: o.numChoices }, () => ({ text: "", logprobs: [], finish: null }));
+    this.choices = Array.from({ length: o.numChoices }, () => ({
+      text: "",
+      logprobs: [],
+      finish: null,
+      toolCalls: [],
+    }));
   }
 
   protected choice(index: number): ChoiceText {
@@ -138,8 +145,27 @@ function chatLogprob(l: Logprob) {
   };
 }
 
+/** A tool-call piece as OpenAI streams it: id, type and name in the first piece of a call, then arguments. */
+function toolCallChunk(p: ToolCallDelta) {
+  return p.id !== undefined
+    ? { index: p.index, id: p.id, type: "function", function: { name: p.name, arguments: p.arguments } }
+    : { index: p.index, function: { arguments: p.arguments } };
+}
+
 export class ChatFormatter extends BaseFormatter {
   protected readonly chunkObject = "chat.completion.chunk";
+
+  /** Adds tool-call pieces to their choice's calls; returns them as chunk parts (undefined if none). */
+  #toolCalls(ev: DeltaEvent): object[] | undefined {
+    if (!ev.tool_calls?.length) return undefined;
+    const calls = this.choice(ev.index).toolCalls;
+    for (const p of ev.tool_calls) {
+      if (p.id !== undefined) calls[p.index] = { id: p.id, name: p.name ?? "", arguments: "" };
+      const call = calls[p.index];
+      if (call) call.arguments += p.arguments;
+    }
+    return ev.tool_calls.map(toolCallChunk);
+  }
 
   openingChunks(): object[] {
     return this.choices.map((_, index) =>
@@ -151,12 +177,16 @@ export class ChatFormatter extends BaseFormatter {
 
   deltaChunk(ev: DeltaEvent): object | null {
     const shown = this.accumulate(ev);
-    if (!shown) return null;
-    const lps = shown.logprobs;
+    const toolCalls = this.#toolCalls(ev);
+    if (!shown && !toolCalls) return null;
+    const lps = shown?.logprobs;
+    const delta = toolCalls
+      ? { ...(ev.text ? { content: ev.text } : {}), tool_calls: toolCalls }
+      : { content: ev.text };
     return this.chunk([
       {
         index: ev.index,
-        delta: { content: ev.text },
+        delta,
         logprobs: lps ? { content: lps.map(chatLogprob), refusal: null } : null,
         finish_reason: null,
       },
@@ -189,7 +219,21 @@ export class ChatFormatter extends BaseFormatter {
       model,
       choices: this.choices.map((c, index) => ({
         index,
-        message: { role: "assistant", content: c.text, refusal: null },
+        message: {
+          role: "assistant",
+          // OpenAI: content is null when the turn is only tool calls
+          content: c.text === "" && c.toolCalls.length > 0 ? null : c.text,
+          refusal: null,
+          ...(c.toolCalls.length > 0
+            ? {
+                tool_calls: c.toolCalls.map((t) => ({
+                  id: t.id,
+                  type: "function",
+                  function: { name: t.name, arguments: t.arguments },
+                })),
+              }
+            : {}),
+        },
         logprobs: this.o.logprobs ? { content: c.logprobs.map(chatLogprob), refusal: null } : null,
         finish_reason: c.finish ?? "stop",
       })),

@@ -48,6 +48,7 @@ export function completionsRoute(deps: InferenceDeps) {
       prompts,
       n,
       sampling: samplingParams(req, maxTokens, { logprobs, topLogprobs: req.logprobs ?? 0 }),
+      ...(req.response_format ? { output: { response_format: req.response_format } } : {}),
       maxTokens,
       stream: req.stream === true,
       includeUsage: req.stream === true && req.stream_options?.include_usage === true,

@@ -11,7 +11,7 @@
 import type { Prompt, SamplingParams, Usage } from "@llama-edge/shared";
 import type { Context } from "hono";
 import type { GatewayConfig } from "../config.ts";
-import type { Job, JobEvent, JobRunner } from "../dispatch/job.ts";
+import type { Job, JobEvent, JobOutput, JobRunner } from "../dispatch/job.ts";
 import { estimatePromptTokens, planPools } from "../dispatch/routing.ts";
 import { ApiError, type ApiErrorInfo, errorBody, errors } from "../errors.ts";
 import type { Limiter } from "../keys/key-store.ts";
@@ -33,6 +33,8 @@ export interface InferencePlan {
   prompts: Prompt[];
   n: number;
   sampling: SamplingParams;
+  /** response_format and tool calling, passed to the workers as they are. */
+  output?: JobOutput;
   /** Completion tokens allowed per choice; null = until the context is full. */
   maxTokens: number | null;
   stream: boolean;
@@ -88,6 +90,7 @@ export async function runInference(
     prompts: plan.prompts,
     n: plan.n,
     sampling: plan.sampling,
+    ...(plan.output ? { output: plan.output } : {}),
     deadline,
     estimatedPromptTokens: estimates.map((e) => e.tokens),
   };
