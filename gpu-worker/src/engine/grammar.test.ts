@@ -83,6 +83,45 @@ describe("GrammarCache", () => {
     expect(m.accept(EOS) && m.isTerminated).toBe(true);
   });
 
+  it("keeps bounded numbers inside their bounds (XGrammar alone lets -2.3 into [-2, -1])", async () => {
+    const spec: GrammarSpec = {
+      type: "json_schema",
+      schema: {
+        type: "object",
+        properties: {
+          x: { type: "number", minimum: -2, maximum: -1 },
+          p: { type: "number", exclusiveMinimum: 0, maximum: 1 },
+        },
+        required: ["x", "p"],
+      },
+    };
+    const accepts = async (text: string) => {
+      const m = await cache.matcher(spec);
+      const ok = feed(m, text) && m.accept(EOS) && m.isTerminated;
+      m.dispose();
+      return ok;
+    };
+    expect(await accepts('{"x": -1.5, "p": 0.25}')).toBe(true);
+    expect(await accepts('{"x": -2, "p": 1}')).toBe(true);
+    expect(await accepts('{"x": -2.3, "p": 0.25}')).toBe(false);
+    expect(await accepts('{"x": -1.5, "p": 0}')).toBe(false);
+  });
+
+  it("refuses keywords it cannot enforce, naming where they are", async () => {
+    const cases: [Record<string, unknown>, RegExp][] = [
+      [{ type: "array", items: { type: "integer" }, uniqueItems: true }, /the top level: 'uniqueItems'/],
+      [{ type: "object", properties: { n: { type: "integer", multipleOf: 3 } } }, /\/properties\/n: 'multipleOf'/],
+      [{ type: "object", properties: { a: { not: { const: 1 } } } }, /'not'/],
+      [{ type: "object", minProperties: 1 }, /'minProperties'/],
+      [{ pattern: "^a$", minimum: 1 }, /need a single matching 'type'/],
+    ];
+    for (const [schema, reason] of cases) {
+      const err = await cache.matcher({ type: "json_schema", schema }).catch((e) => e);
+      expect(err).toBeInstanceOf(GrammarError);
+      expect((err as Error).message).toMatch(reason);
+    }
+  });
+
   it("compiles a schema once per tokenizer", async () => {
     const spec: GrammarSpec = {
       type: "json_schema",
@@ -100,7 +139,7 @@ describe("GrammarCache", () => {
     const bad: [unknown, RegExp][] = [
       [{ type: "string", pattern: "(?=a)b" }, /Lookahead is not supported/],
       [{ type: "integer", minimum: 5, maximum: 1 }, /minimum greater than maximum/],
-      [{ type: "wizard" }, /Unsupported type "wizard"/],
+      [{ type: "wizard" }, /'type' must be a JSON type/],
       [{ $ref: "#/definitions/nope" }, /definitions/],
     ];
     for (let round = 0; round < 10; round++) {

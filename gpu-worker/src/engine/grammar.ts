@@ -6,7 +6,8 @@
  * JSON comes out compact, on one line, with `", "` and `": "` separators (what Python's json.dumps writes, and what
  * Llama 3.1's tool calls look like): with free whitespace a model can emit newlines forever inside valid JSON.
  * Schemas are compiled in XGrammar's strict mode, as vLLM does: properties and items the schema does not list are
- * not generated, so every output validates against the schema as given.
+ * not generated, so every output validates against the schema as given. Keywords XGrammar would not enforce are
+ * refused first (json-schema-support.ts).
  *
  * NOTE on failures: XGrammar's WebAssembly build aborts on a schema it cannot convert (an unsupported keyword, a
  * regex with lookahead, minimum > maximum) instead of throwing, and an aborted instance hangs after a few aborts.
@@ -18,6 +19,12 @@
  */
 import { createHash } from "node:crypto";
 import type { LlamaTokenizer } from "../tokenizer/tokenizer.ts";
+import {
+  type PreparedSchema,
+  prepareSchema,
+  sanitizeStringClasses,
+  spliceNumberRanges,
+} from "./json-schema-support.ts";
 import {
   type CompiledGrammar,
   type GrammarCompiler,
@@ -214,12 +221,29 @@ export class GrammarCache {
   }
 
   async #compileUncached(spec: GrammarSpec): Promise<Compiled> {
+    // A compilation blocks the thread while it runs (tens to hundreds of ms): start each one in its own macrotask,
+    // so that engine steps run between the compilations of a burst of new schemas.
+    await new Promise((resolve) => setImmediate(resolve));
     const { xg, compiler } = await this.#getCompiler();
     if (spec.type === "json_object") {
       const grammar = await compiler.compileJSONSchema(JSON.stringify({ type: "object" }), false, -1, undefined, false);
       return { xg, grammar };
     }
-    let ebnf = await converter.toEbnf(JSON.stringify(spec.schema), true);
+    let prepared: PreparedSchema;
+    let ebnf: string;
+    const refuse = (e: unknown) =>
+      new GrammarError(`the JSON schema cannot be used for constrained decoding: ${(e as Error).message}`);
+    try {
+      prepared = prepareSchema(spec.schema);
+    } catch (e) {
+      throw refuse(e);
+    }
+    const converted = await converter.toEbnf(JSON.stringify(prepared.schema), true);
+    try {
+      ebnf = spliceNumberRanges(sanitizeStringClasses(converted), prepared.numberRanges);
+    } catch (e) {
+      throw refuse(e);
+    }
     if (spec.separator !== undefined) ebnf = repeated(ebnf, spec.separator);
     try {
       return { xg, grammar: await compiler.compileGrammar(ebnf) };
