@@ -3,7 +3,7 @@
 import { beforeAll, describe, expect, it } from "vitest";
 import { ensureDefaultModel } from "../model/default-model.ts";
 import { LlamaTokenizer } from "../tokenizer/tokenizer.ts";
-import { GrammarCache, GrammarError, type GrammarSpec, type SequenceGrammar } from "./grammar.ts";
+import { GrammarCache, GrammarError, type GrammarSpec, grammarVocabulary, type SequenceGrammar } from "./grammar.ts";
 
 const EOS = 2;
 let tok: LlamaTokenizer;
@@ -11,7 +11,7 @@ let cache: GrammarCache;
 
 beforeAll(async () => {
   tok = LlamaTokenizer.fromDir(await ensureDefaultModel());
-  cache = GrammarCache.for(tok, 32000, [EOS]);
+  cache = GrammarCache.for(grammarVocabulary(tok, 32000, [EOS]));
   await cache.warmUp();
 }, 120_000);
 
@@ -130,7 +130,7 @@ describe("GrammarCache", () => {
     const before = { hits: cache.hits, misses: cache.misses };
     await (await cache.matcher(spec)).dispose();
     await (await cache.matcher(spec)).dispose();
-    expect(GrammarCache.for(tok, 32000, [EOS])).toBe(cache);
+    expect(GrammarCache.for(grammarVocabulary(tok, 32000, [EOS]))).toBe(cache);
     expect(cache.misses - before.misses).toBe(1);
     expect(cache.hits - before.hits).toBe(1);
   });

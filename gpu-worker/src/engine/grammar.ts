@@ -116,13 +116,35 @@ const converter = new SchemaConverter();
 // ---------------------------------------------------------------------------------------------------------------
 // Compiling and caching, per tokenizer
 
-/** The vocabulary as XGrammar needs it: each token's raw piece (special tokens as "", which it never allows). */
-function xgrammarVocab(tokenizer: LlamaTokenizer): string[] {
-  const vocab: string[] = [];
+/** What XGrammar needs of a tokenizer: plain data, so that it can cross to the grammar thread. */
+export interface GrammarVocabulary {
+  /** Each token's raw piece by id; special tokens as "" (XGrammar never allows those as text). */
+  pieces: string[];
+  decoding: LlamaTokenizer["decoding"];
+  /** The model's logits size (may exceed the tokenizer's: padded embeddings). */
+  vocabSize: number;
+  /** The tokens that end a sequence; a completed grammar allows only these. */
+  stopTokenIds: number[];
+}
+
+export function grammarVocabulary(
+  tokenizer: LlamaTokenizer,
+  vocabSize: number,
+  stopTokenIds: number[],
+): GrammarVocabulary {
+  const pieces: string[] = [];
   for (let id = 0; id < tokenizer.vocabSize; id++) {
-    vocab.push(tokenizer.isSpecial(id) ? "" : (tokenizer.idToToken(id) ?? ""));
+    pieces.push(tokenizer.isSpecial(id) ? "" : (tokenizer.idToToken(id) ?? ""));
   }
-  return vocab;
+  return { pieces, decoding: tokenizer.decoding, vocabSize, stopTokenIds: [...stopTokenIds] };
+}
+
+/** Identifies a vocabulary: its pieces, their decoding and the stop tokens. */
+export function vocabularyKey(v: GrammarVocabulary): string {
+  return createHash("sha256")
+    .update(JSON.stringify([v.decoding, v.vocabSize, v.stopTokenIds]))
+    .update(v.pieces.join("\u0000"))
+    .digest("hex");
 }
 
 /** Names the grammar's top rule so that `root` can repeat it with a separator. */
@@ -150,26 +172,18 @@ export class GrammarCache {
   hits = 0;
   misses = 0;
 
-  private constructor(
-    private readonly vocab: string[],
-    private readonly decoding: LlamaTokenizer["decoding"],
-    private readonly vocabSize: number,
-    readonly stopTokenIds: number[],
-  ) {}
+  private constructor(private readonly vocab: GrammarVocabulary) {}
 
-  /**
-   * @param vocabSize the model's logits size (may exceed the tokenizer's: padded embeddings)
-   * @param stopTokenIds the tokens that end a sequence; a completed grammar allows only these
-   */
-  static for(tokenizer: LlamaTokenizer, vocabSize: number, stopTokenIds: number[]): GrammarCache {
-    const vocab = xgrammarVocab(tokenizer);
-    const key = createHash("sha256")
-      .update(JSON.stringify([tokenizer.decoding, vocabSize, stopTokenIds]))
-      .update(vocab.join("\u0000"))
-      .digest("hex");
+  get stopTokenIds(): number[] {
+    return this.vocab.stopTokenIds;
+  }
+
+  /** The cache of `vocab`'s grammars in this thread (one per vocabulary). */
+  static for(vocab: GrammarVocabulary): GrammarCache {
+    const key = vocabularyKey(vocab);
     let cache = GrammarCache.#byTokenizer.get(key);
     if (!cache) {
-      cache = new GrammarCache(vocab, tokenizer.decoding, vocabSize, [...stopTokenIds]);
+      cache = new GrammarCache(vocab);
       GrammarCache.#byTokenizer.set(key, cache);
     }
     return cache;
@@ -183,13 +197,13 @@ export class GrammarCache {
   #getCompiler(): Promise<{ xg: XGrammarModule; compiler: GrammarCompiler }> {
     this.#compiler ??= (async () => {
       const xg = loadXGrammar();
-      const { vocabType, addPrefixSpace } = this.decoding;
+      const { pieces, decoding, vocabSize, stopTokenIds } = this.vocab;
       const info = await xg.TokenizerInfo.createTokenizerInfo(
-        this.vocab,
-        vocabType,
-        addPrefixSpace,
-        this.vocabSize,
-        this.stopTokenIds,
+        pieces,
+        decoding.vocabType,
+        decoding.addPrefixSpace,
+        vocabSize,
+        stopTokenIds,
       );
       // XGrammar's own cache is off: ours is bounded and keyed the same way (spec text, this tokenizer).
       return { xg, compiler: await xg.GrammarCompiler.createGrammarCompiler(info, false) };

@@ -4,7 +4,8 @@ import { type LlamaConfig, loadLlamaConfig } from "../model/config.ts";
 import type { Quantization } from "../model/quantize.ts";
 import { LlamaTokenizer } from "../tokenizer/tokenizer.ts";
 import { IncrementalDetokenizer } from "./detokenizer.ts";
-import { GrammarCache, type GrammarSpec, type SequenceGrammar } from "./grammar.ts";
+import { type GrammarSpec, grammarVocabulary } from "./grammar.ts";
+import { GrammarWorker } from "./grammar-worker.ts";
 import { KVCacheManager } from "./kv-cache-manager.ts";
 import { ModelRunner, type StepOutput, type StepSequence } from "./model-runner.ts";
 import { finishReasonOf, isFinished, Request, RequestStatus } from "./request.ts";
@@ -78,8 +79,8 @@ interface OutputState {
   detok: IncrementalDetokenizer;
   stops: StopStringChecker;
   abortRequested: boolean;
-  /** The request's grammar matcher (constrained decoding), advanced with every output token. */
-  grammar: SequenceGrammar | null;
+  /** The request's matcher in the grammar thread (constrained decoding), advanced with every output token. */
+  grammar: number | null;
 }
 
 /**
@@ -93,7 +94,9 @@ export class LLMEngine {
   private stepping = false;
   private loopRunning = false;
   private readonly recentTokens: { t: number; n: number }[] = [];
-  #grammars: GrammarCache | null = null;
+  #grammars: GrammarWorker | null = null;
+  /** Tokens constrained sequences accepted this step, sent to the grammar thread at its end. */
+  #accepted: [matcher: number, token: number][] = [];
 
   private constructor(
     readonly cfg: LlamaConfig,
@@ -207,18 +210,18 @@ export class LLMEngine {
     return channel;
   }
 
-  /** Compiled grammars of this engine's tokenizer (created on first use). */
-  get grammars(): GrammarCache {
-    this.#grammars ??= GrammarCache.for(this.tokenizer, this.cfg.vocabSize, this.cfg.eosTokenIds);
+  /** The grammar thread of this engine's vocabulary (started on first use). */
+  get grammars(): GrammarWorker {
+    this.#grammars ??= GrammarWorker.for(grammarVocabulary(this.tokenizer, this.cfg.vocabSize, this.cfg.eosTokenIds));
     return this.#grammars;
   }
 
   /** Queues the request once its grammar is compiled (or found in the cache); a bad grammar fails its stream. */
   private queueWithGrammar(st: OutputState, spec: GrammarSpec): void {
-    this.grammars.matcher(spec).then(
+    this.grammars.open(spec).then(
       (matcher) => {
         if (isFinished(st.request.status)) {
-          matcher.dispose(); // aborted while compiling
+          this.grammars.close(matcher); // aborted while compiling
           return;
         }
         st.grammar = matcher;
@@ -323,30 +326,30 @@ export class LLMEngine {
       this.stepping = false;
     }
 
-    const sampleRows: SamplingRow[] = [];
-    const sampled: OutputState[] = [];
+    const toSample: OutputState[] = [];
     for (const { request, numNewTokens } of plan.scheduled) {
       request.numComputedTokens += numNewTokens;
       this.kv.cacheFullBlocks(request.requestId, request.tokenIds, request.numComputedTokens);
-      if (request.numComputedTokens === request.numTokens) {
-        const st = this.states.get(request.requestId)!;
-        let allowedTokens: Int32Array | undefined;
-        try {
-          allowedTokens = await st.grammar?.nextTokenBitmask();
-        } catch (e) {
-          const message = e instanceof Error ? e.message : String(e);
-          this.fail(st, new EngineSequenceError(`the grammar failed: ${message}`, { cause: e }));
-          continue;
-        }
-        sampled.push(st);
-        sampleRows.push({
-          params: request.params,
-          rng: request.rng,
-          promptTokenIds: request.promptTokenIds,
-          outputTokenIds: request.outputTokenIds,
-          allowedTokens,
-        });
+      if (request.numComputedTokens === request.numTokens) toSample.push(this.states.get(request.requestId)!);
+    }
+    const masks = await this.grammarMasks(toSample);
+    const sampleRows: SamplingRow[] = [];
+    const sampled: OutputState[] = [];
+    for (const st of toSample) {
+      const mask = st.grammar === null ? undefined : masks.get(st.grammar);
+      if (mask !== undefined && !(mask instanceof Int32Array)) {
+        this.fail(st, new EngineSequenceError(`the grammar failed: ${mask.failed}`));
+        continue;
       }
+      const { request } = st;
+      sampled.push(st);
+      sampleRows.push({
+        params: request.params,
+        rng: request.rng,
+        promptTokenIds: request.promptTokenIds,
+        outputTokenIds: request.outputTokenIds,
+        allowedTokens: mask,
+      });
     }
     const tokens = sampleBatch(out.logits, this.cfg.vocabSize, sampleRows, out);
     let generated = 0;
@@ -367,8 +370,25 @@ export class LLMEngine {
       generated++;
     });
     if (generated > 0) this.recentTokens.push({ t: performance.now(), n: generated });
+    // The grammar thread computes the next masks while the next step runs.
+    if (this.#accepted.length > 0) {
+      this.grammars.advance(this.#accepted);
+      this.#accepted = [];
+    }
     // Aborts that arrived during the step take effect now, before the next one.
     for (const st of [...this.states.values()]) if (st.abortRequested) this.finish(st, RequestStatus.FINISHED_ABORTED);
+  }
+
+  /** The grammar masks of the constrained sequences about to be sampled (aborts wait until the step ends). */
+  private async grammarMasks(states: OutputState[]): Promise<Map<number, Int32Array | { failed: string }>> {
+    const ids = states.flatMap((st) => (st.grammar === null ? [] : [st.grammar]));
+    if (ids.length === 0) return new Map();
+    this.stepping = true;
+    try {
+      return await this.grammars.masks(ids);
+    } finally {
+      this.stepping = false;
+    }
   }
 
   private appendToken(
@@ -380,14 +400,12 @@ export class LLMEngine {
     const req = st.request;
     const p = req.params;
     req.appendOutput(tokenId);
-    if (st.grammar && !st.grammar.accept(tokenId)) {
-      throw new Error(`token ${tokenId} was sampled outside the request's grammar`);
-    }
-    // A completed grammar ends the sequence with its stop token, ignore_eos or not.
+    // Under its mask a grammar allows a stop token only once complete: that token ends the sequence, ignore_eos or
+    // not; any other token advances the matcher (in the grammar thread, at the end of the step).
+    const grammarDone = st.grammar !== null && this.grammars.stopTokenIds.includes(tokenId);
+    if (st.grammar !== null && !grammarDone) this.#accepted.push([st.grammar, tokenId]);
     const isStopToken =
-      st.grammar?.isTerminated === true ||
-      (!p.ignoreEos && this.cfg.eosTokenIds.includes(tokenId)) ||
-      p.stopTokenIds.includes(tokenId);
+      grammarDone || (!p.ignoreEos && this.cfg.eosTokenIds.includes(tokenId)) || p.stopTokenIds.includes(tokenId);
     let text = "";
     let stopString = false;
     if (!isStopToken) {
@@ -434,7 +452,7 @@ export class LLMEngine {
     if (isFinished(req.status)) return;
     this.scheduler.finish(req, status);
     this.states.delete(req.requestId);
-    st.grammar?.dispose();
+    if (st.grammar !== null) this.grammars.close(st.grammar);
     st.channel.push({
       type: "final",
       finishReason: finishReasonOf(status),
@@ -453,7 +471,7 @@ export class LLMEngine {
     if (isFinished(st.request.status)) return;
     this.scheduler.finish(st.request, RequestStatus.FINISHED_ABORTED);
     this.states.delete(st.request.requestId);
-    st.grammar?.dispose();
+    if (st.grammar !== null) this.grammars.close(st.grammar);
     st.channel.fail(err);
   }
 
