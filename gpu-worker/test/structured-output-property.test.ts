@@ -110,7 +110,7 @@ describe("constrained outputs validate against random schemas (property)", () =>
     await checkModel(await ensureDefaultModel("default", { quiet: true }), runs, 200);
   }, 900_000);
 
-  it(`GQA model with a byte-level vocabulary: ${Math.ceil(runs / 2)} schemas × 2 seeds`, async () => {
-    await checkModel(ensureToolModel(), Math.ceil(runs / 2), 300);
+  it(`GQA model with a byte-level vocabulary: ${Math.ceil(runs / 3)} schemas × 2 seeds`, async () => {
+    await checkModel(ensureToolModel(), Math.ceil(runs / 3), 300);
   }, 900_000);
 });

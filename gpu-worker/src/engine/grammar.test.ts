@@ -107,6 +107,24 @@ describe("GrammarCache", () => {
     expect(await accepts('{"x": -1.5, "p": 0}')).toBe(false);
   });
 
+  it('keeps enum and const choices exact (XGrammar alone lets "coneone" into ["cone", "c"])', async () => {
+    for (const schema of [
+      { enum: ["cone", "c", "ups"] },
+      { anyOf: [{ const: "cone" }, { const: "c" }, { const: 12 }] },
+    ]) {
+      const accepts = async (text: string) => {
+        const m = await cache.matcher({ type: "json_schema", schema });
+        const ok = feed(m, text) && m.accept(EOS) && m.isTerminated;
+        m.dispose();
+        return ok;
+      };
+      expect(await accepts('"cone"')).toBe(true);
+      expect(await accepts('"c"')).toBe(true);
+      expect(await accepts('"coneone"')).toBe(false);
+      expect(await accepts('"co"')).toBe(false);
+    }
+  });
+
   it("refuses keywords it cannot enforce, naming where they are", async () => {
     const cases: [Record<string, unknown>, RegExp][] = [
       [{ type: "array", items: { type: "integer" }, uniqueItems: true }, /the top level: 'uniqueItems'/],
@@ -138,7 +156,7 @@ describe("GrammarCache", () => {
   it("fails a schema XGrammar cannot handle with its reason, and keeps serving (many times over)", async () => {
     const bad: [unknown, RegExp][] = [
       [{ type: "string", pattern: "(?=a)b" }, /Lookahead is not supported/],
-      [{ type: "integer", minimum: 5, maximum: 1 }, /minimum greater than maximum/],
+      [{ type: "integer", minimum: 5, maximum: 1 }, /no integer .* fits the bounds/],
       [{ type: "wizard" }, /'type' must be a JSON type/],
       [{ $ref: "#/definitions/nope" }, /definitions/],
     ];

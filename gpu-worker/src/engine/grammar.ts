@@ -19,12 +19,7 @@
  */
 import { createHash } from "node:crypto";
 import type { LlamaTokenizer } from "../tokenizer/tokenizer.ts";
-import {
-  type PreparedSchema,
-  prepareSchema,
-  sanitizeStringClasses,
-  spliceNumberRanges,
-} from "./json-schema-support.ts";
+import { type PreparedSchema, prepareSchema, sanitizeStringClasses, splice } from "./json-schema-support.ts";
 import {
   type CompiledGrammar,
   type GrammarCompiler,
@@ -158,6 +153,18 @@ interface Compiled {
   grammar: CompiledGrammar;
 }
 
+/** A cached compilation. An evicted grammar is disposed once no matcher is being created from it. */
+interface CacheEntry {
+  compiled: Promise<Compiled>;
+  /** Matchers being created from it right now. */
+  users: number;
+  evicted: boolean;
+}
+
+function release(entry: CacheEntry): void {
+  if (entry.evicted && entry.users === 0) entry.compiled.then((c) => c.grammar.dispose()).catch(() => {});
+}
+
 /**
  * One tokenizer's compiler and its cache of compiled grammars. Shared by every engine of the process that uses the
  * same vocabulary (the key covers the vocabulary, its decoding and the stop tokens).
@@ -166,7 +173,7 @@ export class GrammarCache {
   static readonly #byTokenizer = new Map<string, GrammarCache>();
 
   /** Compiled grammars by spec (JSON text), least recently used first. */
-  readonly #compiled = new Map<string, Promise<Compiled>>();
+  readonly #compiled = new Map<string, CacheEntry>();
   #compiler: Promise<{ xg: XGrammarModule; compiler: GrammarCompiler }> | null = null;
   /** Compilations served from the cache, and compiled anew. */
   hits = 0;
@@ -213,6 +220,10 @@ export class GrammarCache {
 
   /** The compiled grammar of `spec`, from the cache when it was compiled before. */
   compile(spec: GrammarSpec): Promise<Compiled> {
+    return this.#entry(spec).compiled;
+  }
+
+  #entry(spec: GrammarSpec): CacheEntry {
     const key = JSON.stringify(spec);
     const cached = this.#compiled.get(key);
     if (cached) {
@@ -222,16 +233,19 @@ export class GrammarCache {
       return cached;
     }
     this.misses++;
-    const compiled = this.#compileUncached(spec);
-    this.#compiled.set(key, compiled);
-    compiled.catch(() => this.#compiled.delete(key));
+    const entry: CacheEntry = { compiled: this.#compileUncached(spec), users: 0, evicted: false };
+    this.#compiled.set(key, entry);
+    entry.compiled.catch(() => {
+      if (this.#compiled.get(key) === entry) this.#compiled.delete(key);
+    });
     while (this.#compiled.size > MAX_CACHED_GRAMMARS) {
       const [oldest, evicted] = this.#compiled.entries().next().value!;
       this.#compiled.delete(oldest);
       // Matchers hold their own reference to the compiled grammar, so running sequences are unaffected.
-      evicted.then((c) => c.grammar.dispose()).catch(() => {});
+      evicted.evicted = true;
+      release(evicted);
     }
-    return compiled;
+    return entry;
   }
 
   async #compileUncached(spec: GrammarSpec): Promise<Compiled> {
@@ -254,7 +268,7 @@ export class GrammarCache {
     }
     const converted = await converter.toEbnf(JSON.stringify(prepared.schema), true);
     try {
-      ebnf = spliceNumberRanges(sanitizeStringClasses(converted), prepared.numberRanges);
+      ebnf = splice(sanitizeStringClasses(converted), prepared.splices);
     } catch (e) {
       throw refuse(e);
     }
@@ -271,8 +285,15 @@ export class GrammarCache {
 
   /** A matcher for one sequence, at the grammar's start. */
   async matcher(spec: GrammarSpec): Promise<SequenceGrammar> {
-    const { xg, grammar } = await this.compile(spec);
-    return new SequenceGrammar(await xg.GrammarMatcher.createGrammarMatcher(grammar, this.stopTokenIds));
+    const entry = this.#entry(spec);
+    entry.users++;
+    try {
+      const { xg, grammar } = await entry.compiled;
+      return new SequenceGrammar(await xg.GrammarMatcher.createGrammarMatcher(grammar, this.stopTokenIds));
+    } finally {
+      entry.users--;
+      release(entry);
+    }
   }
 }
 

@@ -3,8 +3,9 @@
  * approximate (uniqueItems, multipleOf, not, if/then, minProperties, ...) would let outputs through that do not
  * validate, so it is refused with the path of the subschema instead. Annotations (title, description, examples,
  * ...) are fine. Keywords that only apply to one type get that type when the schema leaves it out (a narrowing:
- * every output still validates). Bounded `number`s are swapped for placeholders that grammar.ts replaces with
- * number-range.ts's grammar, since XGrammar 0.1.27 gets those ranges wrong.
+ * every output still validates). Bounded `number`s and `integer`s, and choices between literal values (enums,
+ * anyOf of consts), are swapped for placeholders that grammar.ts replaces with grammars of ours (number-range.ts,
+ * `literalTrie`), since XGrammar 0.1.27 gets those wrong.
  *
  * XGrammar 0.1.27 also writes character classes for `pattern`, `minLength` and `maxLength` strings that let raw
  * control characters, `"` and `\` into the JSON text (invalid JSON); `sanitizeStringClasses` takes those out of
@@ -41,14 +42,77 @@ const isObject = (v: unknown): v is Json => typeof v === "object" && v !== null 
 export interface PreparedSchema {
   schema: Json | boolean;
   /** Placeholder string -> EBNF expression to put where XGrammar wrote the placeholder's JSON string. */
-  numberRanges: Map<string, string>;
+  splices: Map<string, string>;
+}
+
+type Scalar = string | number | boolean | null;
+const isScalar = (v: unknown): v is Scalar => v === null || ["string", "number", "boolean"].includes(typeof v);
+
+/** An EBNF string literal holding `text`. */
+const literal = (text: string) => `"${text.replace(/\\/g, "\\\\").replace(/"/g, '\\"')}"`;
+
+/**
+ * The JSON texts of `values` as a trie: alternatives never share a first character. XGrammar 0.1.27 matches an
+ * alternation of literals wrongly when a longer one comes before a shorter one it extends (["cone", "c"] lets
+ * "coneone" through); a trie has no such pair.
+ */
+function literalTrie(values: Scalar[]): string {
+  interface Node {
+    end: boolean;
+    next: Map<string, Node>;
+  }
+  const root: Node = { end: false, next: new Map() };
+  for (const v of values) {
+    let node = root;
+    for (const ch of JSON.stringify(v)) {
+      let child = node.next.get(ch);
+      if (!child) {
+        child = { end: false, next: new Map() };
+        node.next.set(ch, child);
+      }
+      node = child;
+    }
+    node.end = true;
+  }
+  const emit = (node: Node): string => {
+    const alternatives = node.end ? ['""'] : [];
+    for (const [ch, child] of node.next) {
+      let run = ch;
+      let n = child;
+      while (!n.end && n.next.size === 1) {
+        const [c, only] = n.next.entries().next().value!;
+        run += c;
+        n = only;
+      }
+      const rest = n.next.size > 0 ? ` ${emit(n)}` : "";
+      alternatives.push(`${literal(run)}${rest}`);
+    }
+    return alternatives.length === 1 ? alternatives[0]! : `(${alternatives.join(" | ")})`;
+  };
+  return `(${emit(root)})`;
+}
+
+/** The scalar values a branch allows when it is nothing but a const or an enum of scalars; else null. */
+function scalarChoices(branch: unknown): Scalar[] | null {
+  if (!isObject(branch)) return null;
+  const keys = Object.keys(branch).filter((k) => !ANNOTATIONS.includes(k));
+  if (keys.length === 1 && keys[0] === "const" && isScalar(branch.const)) return [branch.const];
+  if (keys.length === 1 && keys[0] === "enum" && Array.isArray(branch.enum) && branch.enum.every(isScalar)) {
+    return branch.enum as Scalar[];
+  }
+  return null;
 }
 
 /**
  * @throws UnsupportedSchemaError naming the JSON pointer of the first part that cannot be enforced
  */
 export function prepareSchema(schema: unknown): PreparedSchema {
-  const numberRanges = new Map<string, string>();
+  const splices = new Map<string, string>();
+  const splice = (ebnf: string) => {
+    const placeholder = `__llama_edge_splice_${splices.size}__`;
+    splices.set(placeholder, ebnf);
+    return { const: placeholder };
+  };
   const walk = (s: unknown, path: string): Json | boolean => {
     const at = path || "the top level";
     if (typeof s === "boolean") return s;
@@ -79,12 +143,23 @@ export function prepareSchema(schema: unknown): PreparedSchema {
     for (const k of ["exclusiveMinimum", "exclusiveMaximum", "minimum", "maximum"]) {
       if (k in s && typeof s[k] !== "number") throw new UnsupportedSchemaError(`${at}: '${k}' must be a number`);
     }
-    if (out.type === "number" && families.includes("number")) {
-      const ebnf = numberRangeEbnf(s as NumberBounds);
-      if (ebnf === null) throw new UnsupportedSchemaError(`${at}: no number with up to 6 decimals fits the bounds`);
-      const placeholder = `__llama_edge_number_range_${numberRanges.size}__`;
-      numberRanges.set(placeholder, ebnf);
-      return { const: placeholder };
+    if ((out.type === "number" || out.type === "integer") && families.includes("number")) {
+      const ebnf = numberRangeEbnf(s as NumberBounds, out.type === "integer");
+      if (ebnf === null) throw new UnsupportedSchemaError(`${at}: no ${out.type} (up to 6 decimals) fits the bounds`);
+      return splice(ebnf);
+    }
+    // Literal choices (an enum, or an anyOf/oneOf of consts and enums) become one trie, see literalTrie.
+    const onlyEnum = Object.keys(s).every((k) => k === "enum" || k === "type" || ANNOTATIONS.includes(k));
+    if (onlyEnum && Array.isArray(s.enum) && s.enum.every(isScalar)) {
+      const allowed = (s.enum as Scalar[]).filter((v) => s.type === undefined || typeMatches(v, s.type));
+      if (allowed.length === 0) throw new UnsupportedSchemaError(`${at}: no enum value has the schema's type`);
+      return splice(literalTrie([...new Set(allowed)]));
+    }
+    for (const key of ["anyOf", "oneOf"]) {
+      if (!Array.isArray(s[key]) || Object.keys(s).some((k) => k !== key && !ANNOTATIONS.includes(k))) continue;
+      const branches = s[key] as unknown[];
+      const choices = branches.map(scalarChoices);
+      if (choices.every((c) => c !== null)) return splice(literalTrie([...new Set(choices.flat())]));
     }
     const sub = (key: string, v: unknown) => walk(v, `${path}/${key}`);
     const map = (key: string) => {
@@ -116,13 +191,20 @@ export function prepareSchema(schema: unknown): PreparedSchema {
       out.additionalProperties = sub("additionalProperties", s.additionalProperties);
     return out;
   };
-  return { schema: walk(schema, ""), numberRanges };
+  return { schema: walk(schema, ""), splices };
 }
 
-/** Puts the number grammars where XGrammar wrote their placeholders (as JSON strings) in its EBNF. */
-export function spliceNumberRanges(ebnf: string, numberRanges: Map<string, string>): string {
+/** Whether a scalar has the JSON type (or one of the types) given. */
+function typeMatches(v: Scalar, type: unknown): boolean {
+  const types = Array.isArray(type) ? type : [type];
+  const t = v === null ? "null" : typeof v === "number" ? (Number.isInteger(v) ? "integer" : "number") : typeof v;
+  return types.includes(t) || (t === "integer" && types.includes("number"));
+}
+
+/** Puts our grammars where XGrammar wrote their placeholders (as JSON strings) in its EBNF. */
+export function splice(ebnf: string, splices: Map<string, string>): string {
   let out = ebnf;
-  for (const [placeholder, rule] of numberRanges) out = out.split(`"\\"${placeholder}\\""`).join(rule);
+  for (const [placeholder, rule] of splices) out = out.split(`"\\"${placeholder}\\""`).join(rule);
   return out;
 }
 

@@ -3,8 +3,9 @@ import { describe, expect, it } from "vitest";
 import { type NumberBounds, numberRangeEbnf, numberRangeRegExp } from "./number-range.ts";
 
 /** What the grammar must accept: a plain decimal (≤ 6 fraction digits, no leading zeros) inside the bounds. */
-function inRange(text: string, b: NumberBounds): boolean {
+function inRange(text: string, b: NumberBounds, integer = false): boolean {
   if (!/^-?(0|[1-9][0-9]*)(\.[0-9]{1,6})?$/.test(text) || text === "-0" || /^-0\.0*$/.test(text)) return false;
+  if (integer && text.includes(".")) return false;
   const v = Number(text);
   return (
     (b.minimum === undefined || v >= b.minimum) &&
@@ -31,9 +32,10 @@ describe("numberRangeEbnf", () => {
           { requiredKeys: [] },
         ),
         fc.array(decimal, { minLength: 20, maxLength: 40 }),
-        (b, texts) => {
-          const re = numberRangeRegExp(b);
-          for (const t of texts) expect(re.test(t), `${t} in ${JSON.stringify(b)}`).toBe(inRange(t, b));
+        fc.boolean(),
+        (b, texts, integer) => {
+          const re = numberRangeRegExp(b, integer);
+          for (const t of texts) expect(re.test(t), `${t} in ${JSON.stringify(b)}`).toBe(inRange(t, b, integer));
         },
       ),
       { numRuns: 500 },
@@ -51,6 +53,10 @@ describe("numberRangeEbnf", () => {
     expect(open.test("0.000001") && open.test("0.5") && !open.test("0") && !open.test("1")).toBe(true);
     const low = numberRangeRegExp({ minimum: 10 });
     expect(low.test("10") && low.test("123456789.5") && !low.test("9.99")).toBe(true);
+    const ints = numberRangeRegExp({ minimum: 507, maximum: 515 }, true);
+    expect(["507", "510", "515"].every((t) => ints.test(t)) && !["500", "516", "510.5"].some((t) => ints.test(t))).toBe(
+      true,
+    );
     expect(numberRangeEbnf({ minimum: 2, maximum: 1 })).toBeNull();
     expect(numberRangeEbnf({ exclusiveMinimum: 0.0000001, exclusiveMaximum: 0.0000009 })).toBeNull();
   });

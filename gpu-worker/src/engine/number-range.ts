@@ -1,7 +1,8 @@
 /**
- * The JSON numbers within a range, as a grammar: `{"type": "number", "minimum": 1.5, "maximum": 2.5}` and the
- * exclusive bounds. XGrammar 0.1.27 converts these wrongly (it lets `-2.3` through for [-2, -1] and any character
- * stand for the decimal point in [1.5, 2.5]), so grammar.ts splices this grammar in instead.
+ * The JSON numbers (or integers) within a range, as a grammar: `{"type": "number", "minimum": 1.5, "maximum": 2.5}`
+ * and the exclusive bounds. XGrammar 0.1.27 converts these wrongly (it lets `-2.3` through for [-2, -1], any
+ * character stand for the decimal point in [1.5, 2.5], and 516 through for the integers [507, 515]), so
+ * grammar.ts splices this grammar in instead.
  *
  * Written numbers have an optional `-`, an integer part without leading zeros and up to 6 fraction digits, no
  * exponent: every value in the range that can be written so is allowed, nothing else (bounds with more digits are
@@ -141,10 +142,29 @@ function scaledRange(b: NumberBounds): [bigint | null, bigint | null] | null {
   return [lo, hi];
 }
 
-function sequences(b: NumberBounds): Sequence[] {
+const floorDiv = (a: bigint, d: bigint) => (a >= 0n ? a / d : -((-a + d - 1n) / d));
+const ceilDiv = (a: bigint, d: bigint) => -floorDiv(-a, d);
+
+/** Integers within the scaled range: "-"? and digits without leading zeros. */
+function integerSequences(lo: bigint | null, hi: bigint | null): Sequence[] {
+  const a = lo === null ? null : ceilDiv(lo, SCALE);
+  const b = hi === null ? null : floorDiv(hi, SCALE);
+  if (a !== null && b !== null && a > b) return [];
+  const out: Sequence[] = [];
+  if (b === null || b >= 0n) out.push(...integers(a === null || a < 0n ? 0n : a, b));
+  if (a === null || a < 0n) {
+    const uHi = a === null ? null : -a;
+    const uLo = b === null || b >= 0n ? 1n : -b;
+    if (uHi === null || uLo <= uHi) out.push(...integers(uLo, uHi).map((s) => ['"-"', ...s]));
+  }
+  return out;
+}
+
+function sequences(b: NumberBounds, integer: boolean): Sequence[] {
   const range = scaledRange(b);
   if (!range) return [];
   const [lo, hi] = range;
+  if (integer) return integerSequences(lo, hi);
   const out: Sequence[] = [];
   if (hi === null || hi >= 0n) out.push(...nonNegative(lo === null || lo < 0n ? 0n : lo, hi));
   if (lo === null || lo < 0n) {
@@ -156,21 +176,21 @@ function sequences(b: NumberBounds): Sequence[] {
 }
 
 /**
- * An EBNF expression (XGrammar's dialect) for the numbers within `bounds`; null when none can be written (the
- * range is empty, or narrower than 10^-6 between bounds).
+ * An EBNF expression (XGrammar's dialect) for the numbers (or, with `integer`, the integers) within `bounds`; null
+ * when none can be written (the range is empty, or narrower than 10^-6 between bounds).
  *
  * @example
  * numberRangeEbnf({ minimum: 0, maximum: 1 }) // '("0" ("." [0-9] ...)? | "1" | ...)'
  */
-export function numberRangeEbnf(bounds: NumberBounds): string | null {
-  const seqs = sequences(bounds);
+export function numberRangeEbnf(bounds: NumberBounds, integer = false): string | null {
+  const seqs = sequences(bounds, integer);
   if (seqs.length === 0) return null;
   return `(${seqs.map((s) => s.join(" ").replace(/\( /g, "(").replace(/ \)\?/g, ")?")).join(" | ")})`;
 }
 
 /** The same language as a JavaScript RegExp (for tests). */
-export function numberRangeRegExp(bounds: NumberBounds): RegExp {
-  const seqs = sequences(bounds);
+export function numberRangeRegExp(bounds: NumberBounds, integer = false): RegExp {
+  const seqs = sequences(bounds, integer);
   const term = (t: string) => (t.startsWith('"') ? t.slice(1, -1).replace(/[.-]/g, "\\$&") : t === ")?" ? ")?" : t);
   return new RegExp(`^(?:${seqs.map((s) => s.map(term).join("").replace(/\(/g, "(?:")).join("|") || "(?!)"})$`);
 }
