@@ -69,10 +69,11 @@ export type AttentionGroup = (typeof ATTENTION_GROUPS)[number];
  *
  * Inputs (T = tokens in the step, across all sequences):
  * - `input_ids`, `positions` [T] int64
- * - `kv_cache` [2 * layers * kvHeads * slots, headDim]: the whole paged pool, read-only here (ONNX Runtime wraps
- *   the caller's buffer without copying). Row ((2l + kv) * kvHeads + h) * slots + slot holds head h of layer l's
- *   key (kv = 0) or value (kv = 1) at that slot; slot = block * blockSize + offset. Head-major rows make a gather
- *   land directly in the [kvHeads, G, P, headDim] layout attention multiplies, with no transpose.
+ * - `kv_cache.{l}` [2 * kvHeads * slots, headDim] for each layer l: the paged pool, one array per layer (so no
+ *   single array outgrows a typed array's limit), read-only here (ONNX Runtime wraps the caller's buffer without
+ *   copying). Row (kv * kvHeads + h) * slots + slot holds head h's key (kv = 0) or value (kv = 1) at that slot;
+ *   slot = block * blockSize + offset. Head-major rows make a gather land directly in the [kvHeads, G, P, headDim]
+ *   layout attention multiplies, with no transpose.
  * - per attention group g (decode, prefill), G sequences padded to Q queries, P cached and N new keys:
  *   `g_query_index` [G, Q] (token rows), `g_past_slots` [G, P], `g_new_index` [G, N] (token rows whose fresh keys
  *   the sequence attends to), `g_mask` [G, Q, P + N] additive (P ≥ 1; pad with a masked slot) (0 or -1e9: padding and causality).
@@ -100,10 +101,11 @@ export function buildLlamaGraph(cfg: LlamaConfig, w: PackedWeights): Uint8Array 
 
   const ids = g.input("input_ids", i64, ["T"]);
   const positions = g.input("positions", i64, ["T"]);
-  const kvCache = g.input("kv_cache", f32, ["kv_rows", hd]);
-  // slots = kv_rows / (2 * layers * kvHeads): the pool size is a runtime property, not baked into the graph.
-  const kvRows = g.op("Gather", [g.op("Shape", [kvCache]), g.ints([0], true)], { axis: 0 });
-  const numSlots = g.op("Div", [kvRows, g.ints([2 * L * nkv], true)]);
+  const kvCaches = Array.from({ length: L }, (_, l) => g.input(`kv_cache.${l}`, f32, ["kv_rows", hd]));
+  // slots = kv_rows / (2 * kvHeads): the pool size is a runtime property, not baked into the graph.
+  const kvRows = g.op("Gather", [g.op("Shape", [kvCaches[0]]), g.ints([0], true)], { axis: 0 });
+  const numSlots = g.op("Div", [kvRows, g.ints([2 * nkv], true)]);
+  const valueRowOffset = g.op("Mul", [numSlots, g.ints([nkv], true)]); // values follow the keys
   // row offset of head h within a layer's keys or values: h * slots, as [nkv, 1, 1] to broadcast over [G, P]
   const headOffsets = g.op("Mul", [g.ints(Array.from({ length: nkv }, (_, h) => h)), numSlots]);
   const headOffsets3 = g.op("Reshape", [headOffsets, g.ints([nkv, 1, 1])]);
@@ -118,12 +120,14 @@ export function buildLlamaGraph(cfg: LlamaConfig, w: PackedWeights): Uint8Array 
     const dimK = g.op("Slice", [maskShape, g.ints([2]), g.ints([3])]);
     const dimP = g.op("Slice", [g.op("Shape", [pastSlots]), g.ints([1]), g.ints([2])]);
     const dimN = g.op("Slice", [g.op("Shape", [newIndex]), g.ints([1]), g.ints([2])]);
+    const keyRows = g.op("Add", [headOffsets3, pastSlots]);
     return {
       name,
       queryIndex: g.input(`${name}_query_index`, i64, [`${name}_G`, `${name}_Q`]),
       newIndex,
-      // rows of the past keys of layer 0, head-major [nkv, G, P]; each layer adds its base row
-      pastRows: g.op("Add", [headOffsets3, pastSlots]),
+      // rows of the past keys and values in every layer's array, head-major [nkv, G, P]
+      keyRows,
+      valueRows: g.op("Add", [keyRows, valueRowOffset]),
       mask: g.op("Unsqueeze", [mask, g.ints([0, 2])]), // [1, G, 1, Q, K]
       queryShape: g.op("Concat", [g.ints([nkv]), dimG, g.ints([-1, hd])], { axis: 0 }),
       scoreShape5: g.op("Concat", [g.ints([nkv]), dimG, g.ints([rep]), dimQK], { axis: 0 }),
@@ -195,8 +199,6 @@ export function buildLlamaGraph(cfg: LlamaConfig, w: PackedWeights): Uint8Array 
     const k = rope(kRaw, nkv); // [T, kvDim]
     newKv.push(k, v);
 
-    const layerRows = g.op("Mul", [numSlots, g.ints([2 * l * nkv], true)]); // first key row of layer l
-    const valueRows = g.op("Mul", [numSlots, g.ints([(2 * l + 1) * nkv], true)]);
     // this step's keys/values head-major [nkv, T, hd], shared by both groups
     const kFresh = g.op("Transpose", [g.op("Reshape", [k, g.ints([-1, nkv, hd])])], { perm: [1, 0, 2] });
     const vFresh = g.op("Transpose", [g.op("Reshape", [v, g.ints([-1, nkv, hd])])], { perm: [1, 0, 2] });
@@ -205,8 +207,8 @@ export function buildLlamaGraph(cfg: LlamaConfig, w: PackedWeights): Uint8Array 
       const qg = g.op("Reshape", [g.op("Gather", [q, grp.queryIndex], { axis: 0 }), g.ints([0, 0, nkv, rep, hd])]);
       const qh = g.op("Reshape", [g.op("Transpose", [qg], { perm: [2, 0, 3, 1, 4] }), grp.queryShape]);
       // past keys/values gathered from the pool [nkv, G, P, hd]; fresh ones from this step [nkv, G, N, hd]
-      const kPast = g.op("Gather", [kvCache, g.op("Add", [grp.pastRows, layerRows])], { axis: 0 });
-      const vPast = g.op("Gather", [kvCache, g.op("Add", [grp.pastRows, valueRows])], { axis: 0 });
+      const kPast = g.op("Gather", [kvCaches[l], grp.keyRows], { axis: 0 });
+      const vPast = g.op("Gather", [kvCaches[l], grp.valueRows], { axis: 0 });
       const kNew = g.op("Gather", [kFresh, grp.newIndex], { axis: 1 });
       const vNew = g.op("Gather", [vFresh, grp.newIndex], { axis: 1 });
       // scores q·kᵀ for past and fresh keys side by side: only scores are concatenated, never keys
