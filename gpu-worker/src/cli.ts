@@ -7,6 +7,7 @@ import { SamplingParamError } from "./engine/sampling-params.ts";
 import type { FinishReason, SamplingParams } from "./engine/types.ts";
 import { ensureDefaultModel } from "./model/default-model.ts";
 import { ModelLoadError } from "./model/errors.ts";
+import { parseQuantization } from "./model/quantize.ts";
 
 const USAGE = `Usage: llama-worker <command> [options]
 
@@ -30,6 +31,8 @@ generate options:
   --max-num-seqs <n>  --max-num-batched-tokens <n>  --block-size <n>  --kv-cache-bytes <n>
   --no-prefix-caching        Disable automatic prefix caching
   --device <cpu|cuda>        ONNX Runtime execution provider (default cpu)
+  --quantization <q>         Weight format: none (f32), int8 or int4 (default none; env LLAMA_QUANTIZATION)
+  --threads <n>              ONNX Runtime intra-op threads (default: every core; env LLAMA_THREADS)
 `;
 
 export async function main(argv: string[]): Promise<number> {
@@ -58,6 +61,22 @@ export async function main(argv: string[]): Promise<number> {
     }
     throw e;
   }
+}
+
+function flagOrEnv<T>(parse: () => T, name: string): T {
+  try {
+    return parse();
+  } catch (e) {
+    throw new SamplingParamError(name, (e as Error).message);
+  }
+}
+
+function threadsOption(v: string | undefined): number | undefined {
+  if (v === undefined || v === "") return undefined;
+  const n = Number(v);
+  if (!Number.isInteger(n) || n < 1)
+    throw new SamplingParamError("threads", `--threads must be an integer >= 1, got "${v}"`);
+  return n;
 }
 
 function num(name: string, v: string | undefined): number | undefined {
@@ -92,6 +111,8 @@ async function generate(argv: string[]): Promise<number> {
       "kv-cache-bytes": { type: "string" },
       "no-prefix-caching": { type: "boolean" },
       device: { type: "string" },
+      quantization: { type: "string" },
+      threads: { type: "string" },
       help: { type: "boolean", short: "h" },
     },
     strict: true,
@@ -134,6 +155,11 @@ async function generate(argv: string[]): Promise<number> {
     kvCacheBytes: num("kv-cache-bytes", values["kv-cache-bytes"]),
     enablePrefixCaching: !values["no-prefix-caching"],
     executionProvider: device,
+    quantization: flagOrEnv(
+      () => parseQuantization(values.quantization ?? process.env.LLAMA_QUANTIZATION),
+      "quantization",
+    ),
+    numThreads: threadsOption(values.threads ?? process.env.LLAMA_THREADS),
     onProgress: (stage, done, total) => progress.update(stage, done, total),
   };
   const engine = await LLMEngine.create(engineOpts);

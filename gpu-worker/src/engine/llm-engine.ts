@@ -1,4 +1,4 @@
-import { freemem } from "node:os";
+import { availableParallelism, freemem } from "node:os";
 import { compileModel } from "../model/compiled-model.ts";
 import { type LlamaConfig, loadLlamaConfig } from "../model/config.ts";
 import type { Quantization } from "../model/quantize.ts";
@@ -34,6 +34,7 @@ export interface EngineOptions {
   executionProvider?: "cpu" | "cuda";
   /** Weight format the checkpoint is compiled to; default "none" (f32). */
   quantization?: Quantization;
+  /** ONNX Runtime intra-op threads; default every core (its own default picks one core on some VMs). */
   numThreads?: number;
   /** ONNX Runtime thread spinning between operators; default on (see ModelRunnerOptions.allowSpinning). */
   allowSpinning?: boolean;
@@ -135,7 +136,7 @@ export class LLMEngine {
       numBlocks: sizePool,
       blockSize,
       executionProvider: opts.executionProvider,
-      numThreads: opts.numThreads,
+      numThreads: opts.numThreads ?? availableParallelism(),
       allowSpinning: opts.allowSpinning,
     });
     const numBlocks = runner.numBlocks;
