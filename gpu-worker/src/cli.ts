@@ -14,6 +14,7 @@ const USAGE = `Usage: llama-worker <command> [options]
 Commands:
   generate   Generate completions for one or more prompts (all run at once through the scheduler)
   serve      Serve a worker pool over NATS (see --help of serve)
+  random-model  Write a random-weight checkpoint with a real model's shape (see --help of random-model)
 
 generate options:
   --model <dir>              Hugging Face LLaMA checkpoint directory (default: the generated default model,
@@ -42,6 +43,16 @@ export async function main(argv: string[]): Promise<number> {
     if (command === "serve") {
       const { serveCommand } = await import("./service/serve-command.ts");
       return await serveCommand(rest);
+    }
+    if (command === "random-model") {
+      const { randomModelCommand, RandomModelUsageError } = await import("./random-model-command.ts");
+      try {
+        return await randomModelCommand(rest);
+      } catch (e) {
+        if (!(e instanceof RandomModelUsageError)) throw e;
+        process.stderr.write(`llama-worker random-model: ${e.message}\n`);
+        return 2;
+      }
     }
     process.stdout.write(USAGE);
     return command === undefined || command === "--help" || command === "-h" ? 0 : 2;
