@@ -8,8 +8,8 @@ import type { Hono } from "hono";
 import { createApp } from "./app.ts";
 import { parseGatewayConfig } from "./config.ts";
 import { ShardedJobRunner } from "./durable/dispatch-shard.ts";
+import { DurableKeyStore } from "./durable/durable-key-store.ts";
 import type { Env } from "./env.ts";
-import { DurableKeyStore } from "./keys/key-store.ts";
 
 export { DispatchShard } from "./durable/dispatch-shard.ts";
 export { KeyDirectory, KeyState } from "./durable/key-state.ts";

@@ -15,8 +15,9 @@ import {
 } from "@llama-edge/shared";
 import { createApp } from "../src/app.ts";
 import { type GatewayConfig, parseGatewayConfig } from "../src/config.ts";
-import { LocalJobRunner, type SubmitBackend } from "../src/dispatch/run-job.ts";
-import { DurableKeyStore } from "../src/keys/key-store.ts";
+import type { SubmitBackend } from "../src/dispatch/job.ts";
+import { LocalJobRunner } from "../src/dispatch/run-job.ts";
+import { DurableKeyStore } from "../src/durable/durable-key-store.ts";
 import type { Limits } from "../src/keys/types.ts";
 
 export const ADMIN_SECRET = "test-admin-secret-0123456789";

@@ -8,8 +8,8 @@
 import type { DispatchEvent, SubmitOptions, SubmitRequest } from "@llama-edge/shared";
 import { type PrefixRouter, prefixKeys } from "./affinity.ts";
 import { openDirect } from "./direct.ts";
+import type { SubmitBackend } from "./job.ts";
 import type { NatsLink } from "./nats-link.ts";
-import type { SubmitBackend } from "./run-job.ts";
 
 export class NatsBackend implements SubmitBackend {
   constructor(

@@ -15,27 +15,25 @@ import {
   DispatchError,
   type DispatchEvent,
   InvalidRequestError,
+  Mailbox,
   NoWorkersError,
   ProtocolError,
   QueueTimeoutError,
-  type SubmitOptions,
   type SubmitRequest,
   type Usage,
   WorkerError,
   WorkerLostError,
 } from "@llama-edge/shared";
 import type { ApiErrorInfo } from "../errors.ts";
-import type { Limiter } from "../keys/key-store.ts";
-import { decodeEvents, encodeEvent, type Job, type JobEvent, type JobRunner } from "./job.ts";
-
-/** Submits one request to one pool (the shared Dispatcher's shape, plus prefix-affinity routing in production). */
-export interface SubmitBackend {
-  submit(
-    pool: string,
-    request: SubmitRequest,
-    options: SubmitOptions & { signal: AbortSignal },
-  ): AsyncIterable<DispatchEvent>;
-}
+import {
+  decodeEvents,
+  encodeEvent,
+  type Job,
+  type JobEvent,
+  type JobRunner,
+  type Limiter,
+  type SubmitBackend,
+} from "./job.ts";
 
 export interface RunJobDeps {
   backend: SubmitBackend;
@@ -71,7 +69,7 @@ export async function* runJob(job: Job, deps: RunJobDeps, signal: AbortSignal): 
     Math.max(0, Math.min(job.deadline - Date.now(), 2 ** 31 - 1)),
   );
 
-  const queue = new EventQueue<JobEvent | null>(); // null: one choice is done
+  const queue = new Mailbox<JobEvent | null>(); // null: one choice is done
   const choices: Choice[] = job.prompts.flatMap((_, promptIndex) =>
     Array.from({ length: job.n }, (_, i) => ({ index: promptIndex * job.n + i, promptIndex, numTokens: 0 })),
   );
@@ -242,27 +240,6 @@ export function toErrorInfo(e: unknown, abortReason?: unknown): ApiErrorInfo {
   }
   if (e instanceof DispatchError) return err(e.status >= 400 ? e.status : 500, e.message, e.code);
   return err(500, "The server had an error while processing your request.", "internal_error");
-}
-
-/** A single-consumer queue of events pushed from several producers. */
-class EventQueue<T> {
-  #items: T[] = [];
-  #wake: (() => void) | undefined;
-
-  push(item: T): void {
-    this.#items.push(item);
-    this.#wake?.();
-  }
-
-  async next(): Promise<T> {
-    while (this.#items.length === 0) {
-      await new Promise<void>((resolve) => {
-        this.#wake = resolve;
-      });
-      this.#wake = undefined;
-    }
-    return this.#items.shift()!;
-  }
 }
 
 /**

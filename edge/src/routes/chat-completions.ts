@@ -7,11 +7,11 @@
 import type { ChatMessage } from "@llama-edge/shared";
 import { Hono } from "hono";
 import { errors } from "../errors.ts";
+import { type InferenceDeps, runInference } from "../inference.ts";
 import type { AuthVars } from "../middleware/auth.ts";
 import type { JsonBodyVars } from "../middleware/json-body.ts";
 import { ChatFormatter } from "../openai/format.ts";
 import { type ChatCompletionRequest, ChatCompletionRequestSchema, parseRequest } from "../openai/schemas.ts";
-import { type InferenceDeps, runInference } from "./inference.ts";
 import { samplingParams } from "./sampling.ts";
 
 function toMessages(req: ChatCompletionRequest): ChatMessage[] {

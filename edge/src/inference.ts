@@ -10,15 +10,14 @@
  */
 import type { Prompt, SamplingParams, Usage } from "@llama-edge/shared";
 import type { Context } from "hono";
-import type { GatewayConfig } from "../config.ts";
-import type { Job, JobEvent, JobRunner } from "../dispatch/job.ts";
-import { estimatePromptTokens, planPools } from "../dispatch/routing.ts";
-import { ApiError, type ApiErrorInfo, errorBody, errors } from "../errors.ts";
-import type { Limiter } from "../keys/key-store.ts";
-import type { AuthVars } from "../middleware/auth.ts";
-import type { JsonBodyVars } from "../middleware/json-body.ts";
-import { type FormatterOptions, newCompletionId, type ResponseFormatter } from "../openai/format.ts";
-import { admissionError, rateLimitHeaders } from "../rate-limit.ts";
+import type { GatewayConfig } from "./config.ts";
+import type { Job, JobEvent, JobRunner, Limiter } from "./dispatch/job.ts";
+import { estimatePromptTokens, planPools } from "./dispatch/routing.ts";
+import { ApiError, type ApiErrorInfo, errorBody, errors } from "./errors.ts";
+import type { AuthVars } from "./middleware/auth.ts";
+import type { JsonBodyVars } from "./middleware/json-body.ts";
+import { type FormatterOptions, newCompletionId, type ResponseFormatter } from "./openai/format.ts";
+import { admissionError, rateLimitHeaders } from "./rate-limit.ts";
 
 export interface InferenceDeps {
   limiter: Limiter;
