@@ -221,7 +221,7 @@ describe("routing", () => {
         ? {
             tokens: [],
             error: {
-              code: "bad_request",
+              code: "context_length_exceeded",
               message: "This model's maximum context length is 256 tokens; the prompt has 300 tokens.",
             },
           }

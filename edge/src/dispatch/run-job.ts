@@ -19,6 +19,7 @@ import {
   NoWorkersError,
   ProtocolError,
   QueueTimeoutError,
+  RequestTooLargeError,
   type SubmitRequest,
   type Usage,
   WorkerError,
@@ -53,11 +54,9 @@ interface Choice {
   usage?: Usage;
 }
 
-/** Worker errors that mean "the prompt does not fit this pool's context" (the engine's wording). */
+/** The worker error that means "the prompt does not fit this pool's context". */
 export const isContextLengthError = (e: unknown): boolean =>
-  e instanceof WorkerError &&
-  // workers before the dedicated code said so in a bad_request's message
-  (e.code === "context_length_exceeded" || (e.code === "bad_request" && /maximum context length/i.test(e.message)));
+  e instanceof WorkerError && e.code === "context_length_exceeded";
 
 export async function* runJob(job: Job, deps: RunJobDeps, signal: AbortSignal): AsyncGenerator<JobEvent> {
   const ac = new AbortController();
@@ -212,18 +211,14 @@ export function toErrorInfo(e: unknown, abortReason?: unknown): ApiErrorInfo {
     return err(502, "The worker serving the request stopped responding.", "worker_lost");
   }
   if (e instanceof ProtocolError) return err(502, "The worker sent an invalid response.", "bad_gateway");
-  if (e instanceof InvalidRequestError) {
-    return /bytes, limit/.test(e.message)
-      ? err(413, "The request is too large to dispatch.", "request_too_large")
-      : err(400, e.message, "invalid_request");
-  }
+  if (e instanceof RequestTooLargeError) return err(413, "The request is too large to dispatch.", "request_too_large");
+  if (e instanceof InvalidRequestError) return err(400, e.message, "invalid_request");
   if (e instanceof WorkerError) {
     switch (e.code) {
       case "context_length_exceeded":
+        return err(400, e.message, "context_length_exceeded", undefined, "messages");
       case "bad_request":
-        return isContextLengthError(e)
-          ? err(400, e.message, "context_length_exceeded", undefined, "messages")
-          : err(400, e.message, "invalid_request");
+        return err(400, e.message, "invalid_request");
       case "too_large":
         return err(413, e.message, "request_too_large");
       case "model_not_found":
