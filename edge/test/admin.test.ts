@@ -74,6 +74,10 @@ describe("admin API", () => {
     const bad = await app.request(admin("POST", "/keys", { limits: { rpm: "many" } }));
     expect(bad.status).toBe(400);
     expect(await bad.json()).toMatchObject({ error: { param: "limits.rpm", code: "invalid_type" } });
+    // RPM sizes the key's window in memory: bounded.
+    const huge = await app.request(admin("POST", "/keys", { limits: { rpm: 1_000_000 } }));
+    expect(huge.status).toBe(400);
+    expect(await huge.json()).toMatchObject({ error: { param: "limits.rpm", code: "invalid_value" } });
     expect((await app.request(admin("GET", "/keys/key_nope"))).status).toBe(404);
     expect((await app.request(admin("PATCH", "/keys/key_nope", { name: "x" }))).status).toBe(404);
     expect((await app.request(admin("DELETE", "/keys/key_nope"))).status).toBe(404);

@@ -36,6 +36,7 @@ export function chatCompletionsRoute(deps: InferenceDeps) {
       n: req.n ?? 1,
       sampling: samplingParams(req, maxTokens, { logprobs, topLogprobs: req.top_logprobs ?? 0 }),
       maxTokens,
+      maxTokensParam: req.max_completion_tokens != null ? "max_completion_tokens" : "max_tokens",
       stream: req.stream === true,
       includeUsage: req.stream === true && req.stream_options?.include_usage === true,
       logprobs,

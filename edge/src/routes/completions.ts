@@ -49,6 +49,7 @@ export function completionsRoute(deps: InferenceDeps) {
       n,
       sampling: samplingParams(req, maxTokens, { logprobs, topLogprobs: req.logprobs ?? 0 }),
       maxTokens,
+      maxTokensParam: "max_tokens",
       stream: req.stream === true,
       includeUsage: req.stream === true && req.stream_options?.include_usage === true,
       logprobs,
