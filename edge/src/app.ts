@@ -43,7 +43,7 @@ export function createApp(deps: AppDeps): Hono {
   app.use("/v1/*", cors({ origin: "*", allowHeaders: ["authorization", "content-type"], maxAge: 86_400 }));
   app.get("/health", (c) => c.json({ ok: true }));
 
-  app.use("/v1/*", apiKeyAuth());
+  app.use("/v1/*", apiKeyAuth({ acceptLegacyKeys: config.accept_legacy_keys }));
   app.use("/v1/chat/completions", authBeforeErrors({ keyStore }), body);
   app.use("/v1/completions", authBeforeErrors({ keyStore }), body);
   app.route("/v1/chat/completions", chatCompletionsRoute(inference));

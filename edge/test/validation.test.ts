@@ -1,7 +1,24 @@
 // Malformed JSON, wrong types, huge bodies, missing/invalid/revoked keys: the right status and OpenAI's error
 // shape, never a 500.
+import { env } from "cloudflare:workers";
 import { describe, expect, it } from "vitest";
-import { ADMIN_SECRET, bearer, keyStore, MODEL, makeApp, newKey, post, ScriptedBackend } from "./helpers.ts";
+import { createApp } from "../src/app.ts";
+import { LocalJobRunner } from "../src/dispatch/run-job.ts";
+import { DurableKeyStore } from "../src/durable/durable-key-store.ts";
+import { hashApiKey } from "../src/keys/api-key.ts";
+import { UNLIMITED } from "../src/keys/types.ts";
+import {
+  ADMIN_SECRET,
+  bearer,
+  instrumented,
+  keyStore,
+  MODEL,
+  makeApp,
+  newKey,
+  post,
+  ScriptedBackend,
+  testConfig,
+} from "./helpers.ts";
 
 const chat = { model: MODEL, messages: [{ role: "user", content: "Hi" }] };
 
@@ -184,6 +201,47 @@ describe("API keys", () => {
     await expectError(await app.request(post("/v1/chat/completions", undefined, chat)), 401, { code: null });
     await expectError(await app.request("/v1/models"), 401, {});
     await expectError(await app.request("/v1/models", { headers: { authorization: "Basic abc" } }), 401, {});
+  });
+
+  it("refuses a key whose checksum is wrong with 401, without touching a Durable Object", async () => {
+    const { key } = await newKey();
+    const keys = instrumented(env.KEYS);
+    const store = new DurableKeyStore(keys.ns, env.KEY_DIRECTORY);
+    const app = createApp({
+      keyStore: store,
+      limiter: store,
+      dispatcher: new LocalJobRunner({ backend: new ScriptedBackend(), limiter: store }),
+      config: testConfig,
+    });
+    const flipped = key.slice(0, 10) + (key[10] === "a" ? "b" : "a") + key.slice(11); // one typo
+    const made_up = `sk-le-${"A".repeat(48)}`;
+    for (const wrong of [flipped, made_up, `sk-${"A".repeat(47)}`, "sk-proj-abc"]) {
+      await expectError(await app.request(post("/v1/chat/completions", wrong, chat)), 401, { code: "invalid_api_key" });
+      await expectError(await app.request("/v1/models", { headers: bearer(wrong) }), 401, { code: "invalid_api_key" });
+    }
+    expect(keys.counter.gets).toBe(0);
+    expect((await app.request(post("/v1/chat/completions", key, chat))).status).toBe(200);
+    expect(keys.counter.gets).toBeGreaterThan(0); // the same instrumented store does reach a real key
+  });
+
+  it("keeps accepting keys issued before the checksum, unless accept_legacy_keys is off", async () => {
+    const legacy = `sk-${"Leg4cyKey".repeat(5)}abc`;
+    expect(legacy).toMatch(/^sk-[0-9A-Za-z]{48}$/);
+    const hash = await hashApiKey(legacy);
+    await env.KEYS.get(env.KEYS.idFromName(hash)).create({
+      id: `key_legacy${Date.now()}`,
+      object: "api_key",
+      name: "old",
+      hint: "sk-...Xabc",
+      created_at: 0,
+      revoked_at: null,
+      limits: UNLIMITED,
+    });
+    expect((await makeApp().app.request(post("/v1/chat/completions", legacy, chat))).status).toBe(200);
+    const strict = makeApp(undefined, { ...testConfig, accept_legacy_keys: false }).app;
+    await expectError(await strict.request(post("/v1/chat/completions", legacy, chat)), 401, {
+      code: "invalid_api_key",
+    });
   });
 
   it("answers 401 invalid_api_key for a wrong key, before looking at the body", async () => {

@@ -48,9 +48,14 @@ export class DurableKeyStore implements KeyStore, Limiter {
     return { ok: true, key: info };
   }
 
+  /**
+   * The directory entry is written first: if creating the key's object then fails, the entry is removed again,
+   * and if even that fails the key listed is one that does not authenticate. No failure leaves a working key that
+   * cannot be listed or revoked.
+   */
   async create(input: CreateKeyInput): Promise<{ key: string; info: KeyInfo }> {
     const parsed = CreateKeySchema.parse(input);
-    const key = generateApiKey();
+    const key = await generateApiKey();
     const hash = await hashApiKey(key);
     const info: KeyInfo = {
       id: generateKeyId(),
@@ -61,8 +66,15 @@ export class DurableKeyStore implements KeyStore, Limiter {
       revoked_at: null,
       limits: parsed.limits ?? UNLIMITED,
     };
-    await this.#key(hash).create(info);
     await this.#dir().put({ hash, info });
+    try {
+      await this.#key(hash).create(info);
+    } catch (e) {
+      await this.#dir()
+        .delete(info.id)
+        .catch((d: unknown) => console.error(`key ${info.id}: removing the directory entry failed`, d));
+      throw e;
+    }
     return { key, info };
   }
 

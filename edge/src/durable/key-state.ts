@@ -120,6 +120,10 @@ export class KeyDirectory extends DurableObject<unknown> {
     this.ctx.storage.kv.put(`key:${entry.info.id}`, entry);
   }
 
+  delete(id: string): void {
+    this.ctx.storage.kv.delete(`key:${id}`);
+  }
+
   get(id: string): DirectoryEntry | null {
     return this.ctx.storage.kv.get<DirectoryEntry>(`key:${id}`) ?? null;
   }
