@@ -93,7 +93,7 @@ export async function runInference(
   c.set("key", admitted.key);
 
   const id = newCompletionId(plan.kind);
-  const headers: Record<string, string> = { ...rateLimitHeaders(admitted.rate), "x-request-id": id };
+  const headers: Record<string, string> = rateLimitHeaders(admitted.rate);
   const job: Job = {
     id,
     keyHash,
