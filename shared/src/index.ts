@@ -19,6 +19,7 @@ export {
   NoWorkersError,
   ProtocolError,
   QueueTimeoutError,
+  RequestTooLargeError,
   WorkerError,
   WorkerLostError,
 } from "./errors.ts";
