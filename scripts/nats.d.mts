@@ -18,6 +18,11 @@ export declare function chooseNatsPorts(preferred?: {
   wsPort: number;
   httpPort: number;
 }): Promise<{ port: number; wsPort: number; httpPort: number; taken: number[] }>;
+export declare function preferredNatsPorts(env?: Record<string, string | undefined>): {
+  port: number;
+  wsPort: number;
+  httpPort: number;
+};
 export declare function spawnNatsServer(o: {
   dir: string;
   port: number;

@@ -2,8 +2,8 @@
 // nats-server for the local stack and the tests: find it (or install it on Debian/Ubuntu as root), write its
 // config (JetStream with a store under .cache/nats, a loopback WebSocket listener for the edge), start and stop it.
 //
-//   node scripts/nats.mjs            start in the foreground until Ctrl-C (ports from NATS_PORT, NATS_WS_PORT...;
-//                                    free ones when unset and the defaults are taken)
+//   node scripts/nats.mjs            start in the foreground until Ctrl-C (ports from NATS_PORT, NATS_WS_PORT,
+//                                    NATS_HTTP_PORT or the defaults; free ones when those are taken)
 //   node scripts/nats.mjs install    only make sure nats-server is installed
 import { spawn, spawnSync } from "node:child_process";
 import { accessSync, constants, mkdirSync, readFileSync, writeFileSync } from "node:fs";
@@ -206,9 +206,14 @@ export function spawnNatsServer(o) {
   return { proc, configFile };
 }
 
-function envPort(name, fallback) {
-  const v = process.env[name];
-  return v ? Number(v) : fallback;
+/** The ports to try first: NATS_PORT, NATS_WS_PORT and NATS_HTTP_PORT, else the defaults. */
+export function preferredNatsPorts(env = process.env) {
+  const port = (name, fallback) => (env[name] ? Number(env[name]) : fallback);
+  return {
+    port: port("NATS_PORT", defaultPorts.port),
+    wsPort: port("NATS_WS_PORT", defaultPorts.wsPort),
+    httpPort: port("NATS_HTTP_PORT", defaultPorts.httpPort),
+  };
 }
 
 if (process.argv[1] === fileURLToPath(import.meta.url)) {
@@ -216,15 +221,8 @@ if (process.argv[1] === fileURLToPath(import.meta.url)) {
     if (process.argv[2] === "install") {
       console.log(ensureNatsServer());
     } else {
-      const explicit = ["NATS_PORT", "NATS_WS_PORT", "NATS_HTTP_PORT"].some((n) => process.env[n]);
-      const ports = explicit
-        ? {
-            port: envPort("NATS_PORT", defaultPorts.port),
-            wsPort: envPort("NATS_WS_PORT", defaultPorts.wsPort),
-            httpPort: envPort("NATS_HTTP_PORT", defaultPorts.httpPort),
-          }
-        : await chooseNatsPorts();
-      if (ports.taken?.length) console.error(`[llama-edge] port(s) ${ports.taken.join(", ")} in use: using free ports`);
+      const ports = await chooseNatsPorts(preferredNatsPorts());
+      if (ports.taken.length) console.error(`[llama-edge] port(s) ${ports.taken.join(", ")} in use: using free ports`);
       const nats = await startNats({ ...ports, stdio: "inherit" });
       console.error(`[llama-edge] nats-server ready: ${nats.url} (WebSocket ${nats.wsUrl}), config ${nats.configFile}`);
       const stop = () => void nats.stop().then(() => process.exit(0));

@@ -61,7 +61,7 @@ ensureNpmDeps();
 const { register } = await import("tsx/esm/api");
 register();
 const { spawn } = await import("node:child_process");
-const { chooseNatsPorts, spawnNatsServer, waitForNats } = await import("./nats.mjs");
+const { chooseNatsPorts, preferredNatsPorts, spawnNatsServer, waitForNats } = await import("./nats.mjs");
 const { freePort, portInUse } = await import("./ports.mjs");
 const { Supervisor, exited, hasExited, signalGroup, stopProcess } = await import("./supervisor.mjs");
 const { ensureDevKey, persistentSecret } = await import("../edge/dev/gateway.mjs");
@@ -145,7 +145,7 @@ try {
   else if (await portInUse(port)) throw new Error(`port ${port} is in use: pick another with --port`);
 
   // 2. NATS: ours on the default ports, or on free ones when something (a packaged nats-server) holds them
-  const nats = await chooseNatsPorts();
+  const nats = await chooseNatsPorts(preferredNatsPorts());
   const natsUrl = `nats://127.0.0.1:${nats.port}`;
   const natsWsUrl = `ws://127.0.0.1:${nats.wsPort}`;
   if (nats.taken.length > 0) {
@@ -160,7 +160,10 @@ try {
       spawnNatsServer({ ...nats, dir: natsDir, storeDir: join(natsDir, "jetstream"), detached: true, stdio: "ignore" })
         .proc,
     ready: (proc) => waitForNats(nats.httpPort, 15_000, proc),
-    onStart: (proc) => log(`nats-server: pid ${proc.pid}, ${natsUrl} (WebSocket ${natsWsUrl})`),
+    onStart: (proc) =>
+      log(
+        `nats-server: pid ${proc.pid}, ${natsUrl} (WebSocket ${natsWsUrl}, monitoring http://127.0.0.1:${nats.httpPort})`,
+      ),
     stage: 0,
     stopTimeoutMs: 5000,
   });
@@ -192,7 +195,11 @@ try {
   // 3. the gateway on workerd; its secret and config travel in the environment, never on the command line
   const gatewayUrl = `http://127.0.0.1:${port}`;
   const adminSecret = persistentSecret(join(stateDir, "edge", "admin-secret"));
-  const gatewayConfig = { pools: { [POOL]: { max_context: maxContext, models: [modelName] } } };
+  const gatewayConfig = {
+    pools: { [POOL]: { max_context: maxContext, models: [modelName] } },
+    // Development: responses name the worker that served them (x-llama-edge-worker).
+    expose_worker_id: true,
+  };
   sup.add("gateway", {
     start: () =>
       spawn(

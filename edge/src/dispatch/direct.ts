@@ -117,6 +117,7 @@ async function* events(
     );
   };
   let finished = false;
+  let workerLost = false;
   try {
     arm();
     let nextSeq = 0;
@@ -139,12 +140,17 @@ async function* events(
         return;
       }
     }
+  } catch (e) {
+    workerLost = e instanceof WorkerLostError;
+    throw e;
   } finally {
     if (silence !== undefined) clearTimeout(silence);
     opts.signal.removeEventListener("abort", onAbort);
     if (!finished) {
       cancel(nc, pool, id);
-      const final = opts.onCancelledFinal ? await finalAfterCancel(mailbox, id, CANCEL_FINAL_WAIT_MS) : null;
+      // A silent worker is presumed dead: waiting for its final would only delay the error.
+      const wait = opts.onCancelledFinal && !workerLost;
+      const final = wait ? await finalAfterCancel(mailbox, id, CANCEL_FINAL_WAIT_MS) : null;
       if (final) opts.onCancelledFinal?.(final);
     }
     sub.unsubscribe();
