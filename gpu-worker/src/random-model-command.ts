@@ -77,9 +77,9 @@ export async function randomModelCommand(argv: string[]): Promise<number> {
 }
 
 /**
- * Parameters written so far: a cli-progress bar on a TTY, otherwise a log line every 10 % (CI logs, pipes).
+ * Parameters processed so far: a cli-progress bar on a TTY, otherwise a log line every 10 % (CI logs, pipes).
  */
-class ParamsProgress {
+export class ParamsProgress {
   private bar: cliProgress.SingleBar | null = null;
   private lastDecile = -1;
 

@@ -41,6 +41,8 @@ export interface CompiledModel {
   weightsDir: string;
   /** Bytes of `weights.bin` (what the weights take in memory once loaded). */
   weightBytes: number;
+  /** Bytes one decode step reads: every layer's weights and the lm_head, not the embedding table (one row). */
+  decodeBytesPerToken: number;
 }
 
 export interface CompileOptions {
@@ -80,7 +82,12 @@ export function compileModel(modelDir: string, cfg: LlamaConfig, opts: CompileOp
       rmSync(tmp, { recursive: true, force: true });
     }
   }
-  return { graph: buildLlamaGraph(cfg, layout.refs), weightsDir: outDir, weightBytes: layout.bytes };
+  return {
+    graph: buildLlamaGraph(cfg, layout.refs),
+    weightsDir: outDir,
+    weightBytes: layout.bytes,
+    decodeBytesPerToken: layout.decodeBytes,
+  };
 }
 
 function cacheKey(cfg: LlamaConfig, weights: LlamaWeights, quantization: Quantization): string {
@@ -178,10 +185,15 @@ function packedLayout(cfg: LlamaConfig, quantization: Quantization) {
   };
   const ropeCos = rope("cos");
   const ropeSin = rope("sin");
+  const notRead = new Set([embed.weight, ropeCos, ropeSin]);
+  let decodeBytes = 0;
+  for (const e of entries) for (const r of e.refs) if (!notRead.has(r)) decodeBytes += r.length;
+  if (lmHead.kind === "f32" && lmHead.weight === embed.weight) decodeBytes += embed.weight.length; // tied: read whole
   return {
     refs: { embed, layers, finalNorm, lmHead, ropeCos, ropeSin } satisfies PackedWeights,
     entries,
     bytes: offset,
+    decodeBytes,
   };
 }
 
