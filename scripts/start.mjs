@@ -1,7 +1,8 @@
 #!/usr/bin/env node
 // `npm start`: the whole stack on one machine. nats-server (JetStream + a loopback WebSocket listener for the
 // edge), GPU/CPU workers on the default model (or --model), and the gateway under workerd (`wrangler dev`).
-// Prints the base URL, a development API key and a curl to paste; Ctrl-C stops everything (workers drain).
+// Prints the console URL, the OpenAI base URL, a development API key and a curl to paste; Ctrl-C stops everything
+// (workers drain).
 import { readFileSync } from "node:fs";
 import { basename, join, resolve } from "node:path";
 import { parseArgs } from "node:util";
@@ -162,6 +163,7 @@ try {
   console.log(`
 llama-edge is up.
 
+  Web console       ${gw.url}/        (Playground, Usage, Admin: paste the key or the admin secret there)
   OpenAI base URL   ${gw.url}/v1
   API key           ${key}        (development key, kept in .cache/edge/dev-key)
   Admin secret      in .cache/edge/admin-secret

@@ -10,6 +10,9 @@ const PREFIX = "llama-edge.";
 /** Same-tab change notifications (the `storage` event only fires in other tabs). */
 const CHANGE = "llama-edge-session";
 
+/** How long a secret field waits after the last keystroke before the page uses the new value. */
+export const TYPING_PAUSE_MS = 300;
+
 export type SessionName = "api-key" | "admin-secret" | "recent-429s";
 
 export function readSession(name: SessionName): string {

@@ -43,7 +43,13 @@ export function BarChart({ title, days, series }: { title: string; days: string[
         {
           width,
           height: 220,
-          scales: { x: { time: true }, y: { range: (_u, _min, max) => [0, Math.max(1, max) * 1.1] } },
+          // Half a day of room on each side, so the first and last days' bars are not cut off.
+          // Half a day of room on each side, so the first and last days' bars are not cut off.
+          scales: {
+            x: { time: true, range: (_u, min, max) => [min - 43_200, max + 43_200] },
+            y: { range: (_u, _min, max) => [0, Math.max(1, max) * 1.1] },
+          },
+          legend: { live: false },
           axes: [{}, { size: 60 }],
           series: [
             {},

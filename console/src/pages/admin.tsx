@@ -13,7 +13,7 @@ import { CopyButton } from "../components/copy-button.tsx";
 import { ErrorNotice } from "../components/error-notice.tsx";
 import { describeLimits, LimitsForm } from "../components/limits.tsx";
 import { SecretField } from "../components/secret-field.tsx";
-import { useSession } from "../session.ts";
+import { TYPING_PAUSE_MS, useSession } from "../session.ts";
 import { dailyUsage, formatNumber } from "../usage-series.ts";
 
 const SPARK_DAYS = 14;
@@ -47,7 +47,8 @@ export function Admin() {
     setKeys(null);
     setUsage({});
     setCreated(null);
-    load();
+    const timer = setTimeout(load, TYPING_PAUSE_MS);
+    return () => clearTimeout(timer);
   }, [load]);
 
   /** Runs one admin action, then reloads the list; errors show above the table. */
@@ -85,6 +86,11 @@ export function Admin() {
         placeholder="ADMIN_SECRET"
         help="Sent only as the bearer header of /admin calls; kept in this tab only (sessionStorage)."
       />
+      <div class="row">
+        <button type="button" class="secondary" disabled={!secret || busy} onClick={() => act(async () => {})}>
+          Refresh
+        </button>
+      </div>
       <ErrorNotice error={error} />
       {created && (
         <section class="created" aria-labelledby="created-title">

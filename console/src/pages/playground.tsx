@@ -10,7 +10,7 @@ import { type ChatRequest, PublicApi } from "../api/public-api.ts";
 import { CopyButton } from "../components/copy-button.tsx";
 import { ErrorNotice } from "../components/error-notice.tsx";
 import { SecretField } from "../components/secret-field.tsx";
-import { record429, useSession } from "../session.ts";
+import { record429, TYPING_PAUSE_MS, useSession } from "../session.ts";
 import { snippets } from "../snippets.ts";
 
 interface ReplyStats {
@@ -39,6 +39,7 @@ interface Sampling {
   seed: string;
 }
 
+const EXAMPLE: Turn = { role: "user", content: "Hello!" };
 const NO_SAMPLING: Sampling = { temperature: "", top_p: "", max_tokens: "", stop: "", seed: "" };
 
 function buildRequest(model: string, system: string, turns: Turn[], s: Sampling): ChatRequest {
@@ -80,17 +81,21 @@ export function Playground() {
     setModels([]);
     if (!apiKey) return;
     let live = true;
-    new PublicApi(apiKey)
-      .models()
-      .then((list) => {
-        if (!live) return;
-        setModels(list);
-        setModel((m) => (list.includes(m) ? m : (list[0] ?? "")));
-        setError(null);
-      })
-      .catch((e) => live && setError(asApiError(e)));
+    // Once typing pauses: no request per keystroke.
+    const timer = setTimeout(() => {
+      new PublicApi(apiKey)
+        .models()
+        .then((list) => {
+          if (!live) return;
+          setModels(list);
+          setModel((m) => (list.includes(m) ? m : (list[0] ?? "")));
+          setError(null);
+        })
+        .catch((e) => live && setError(asApiError(e)));
+    }, TYPING_PAUSE_MS);
     return () => {
       live = false;
+      clearTimeout(timer);
     };
   }, [apiKey]);
 
@@ -161,12 +166,9 @@ export function Playground() {
     value: sampling[name],
     onInput: (e: Event) => setSampling({ ...sampling, [name]: (e.currentTarget as HTMLInputElement).value }),
   });
-  const request = buildRequest(
-    model || "MODEL",
-    system,
-    [...turns, { role: "user", content: input || "Hello!" }],
-    sampling,
-  );
+  // What Send would send now (an example message while there is nothing to send).
+  const next: Turn[] = input.trim() ? [{ role: "user", content: input }] : turns.length ? [] : [EXAMPLE];
+  const request = buildRequest(model || "MODEL", system, [...turns, ...next], sampling);
   const code = snippets(request, `${location.origin}/v1`);
 
   return (

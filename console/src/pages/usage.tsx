@@ -13,7 +13,7 @@ import { BarChart } from "../components/chart.tsx";
 import { ErrorNotice } from "../components/error-notice.tsx";
 import { describeLimits } from "../components/limits.tsx";
 import { SecretField } from "../components/secret-field.tsx";
-import { recent429s, useSession } from "../session.ts";
+import { recent429s, TYPING_PAUSE_MS, useSession } from "../session.ts";
 import { dailyUsage, formatNumber } from "../usage-series.ts";
 
 const RANGES = [7, 30, 90];
@@ -31,12 +31,15 @@ export function Usage() {
     setError(null);
     if (!apiKey) return;
     let live = true;
-    new PublicApi(apiKey)
-      .usage(lastDays(days))
-      .then((d) => live && setData(d))
-      .catch((e) => live && setError(asApiError(e)));
+    const timer = setTimeout(() => {
+      new PublicApi(apiKey)
+        .usage(lastDays(days))
+        .then((d) => live && setData(d))
+        .catch((e) => live && setError(asApiError(e)));
+    }, TYPING_PAUSE_MS);
     return () => {
       live = false;
+      clearTimeout(timer);
     };
   }, [apiKey, days, refresh]);
 
