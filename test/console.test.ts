@@ -3,54 +3,42 @@
  * `npm start` runs it: the gateway under `wrangler dev` serving console/dist as static assets, nats-server, and a
  * `llama-worker serve` on the generated default model. Screenshots of each page land in .cache/console/.
  */
-import { mkdirSync, mkdtempSync, rmSync } from "node:fs";
-import { tmpdir } from "node:os";
+import { mkdirSync } from "node:fs";
 import { join } from "node:path";
 import OpenAI from "openai";
 import type { Page } from "playwright-core";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { admin, ensureDevKey, type Gateway, startGateway } from "../edge/dev/gateway.mjs";
+import { admin, ensureDevKey, type Gateway } from "../edge/dev/gateway.mjs";
 import { launchBrowser, type TestBrowser } from "./helpers/browser.ts";
-import { startTestNats, type TestNats } from "./helpers/nats-server.ts";
-import { startWorkerProcess, type WorkerProcess } from "./helpers/worker-process.ts";
+import { startStack, type TestStack } from "./helpers/stack.ts";
+import type { WorkerProcess } from "./helpers/worker-process.ts";
 
 const MODEL = "stories15m-random";
 const SHOTS = join(import.meta.dirname, "..", ".cache", "console");
 
-let nats: TestNats;
+let stack: TestStack;
 let worker: WorkerProcess;
 let gw: Gateway;
 let browser: TestBrowser;
-let stateDir: string;
 /** Every request the console's pages sent: where, and with which Authorization header. */
 const sent: { url: string; authorization: string | undefined }[] = [];
 /** Credentials the console was given: none may show up in a URL. */
 const secrets: string[] = [];
 
 beforeAll(async () => {
-  nats = await startTestNats();
-  stateDir = mkdtempSync(join(tmpdir(), "llama-edge-console-"));
   mkdirSync(SHOTS, { recursive: true });
-  [worker, gw, browser] = await Promise.all([
-    startWorkerProcess({ natsUrl: nats.url, pool: "default", workerId: "console-w1" }),
-    startGateway({
-      natsWsUrl: nats.wsUrl,
-      persistTo: stateDir,
-      config: { pools: { default: { max_context: 256, models: [MODEL] } } },
-    }),
+  [stack, browser] = await Promise.all([
+    startStack({ workerId: "console-w1", config: { pools: { default: { max_context: 256, models: [MODEL] } } } }),
     launchBrowser(),
   ]);
+  ({ worker, gw } = stack);
   secrets.push(gw.adminSecret);
   await browser.context.grantPermissions(["clipboard-read", "clipboard-write"], { origin: gw.url });
 }, 180_000);
 
 afterAll(async () => {
   await browser?.close();
-  await gw?.stop();
-  worker?.kill("SIGTERM");
-  await worker?.exited;
-  await nats?.stop();
-  if (stateDir) rmSync(stateDir, { recursive: true, force: true });
+  await stack?.stop();
 });
 
 async function newKey(limits: Record<string, unknown> = {}): Promise<{ key: string; id: string }> {
@@ -86,7 +74,7 @@ const shot = (page: Page, name: string) => page.screenshot({ path: join(SHOTS, `
 
 describe("playground", () => {
   it("streams a reply from the dev key, arriving in pieces, with TTFT and tokens/s", async () => {
-    const key = await ensureDevKey(gw, join(stateDir, "dev-key"));
+    const key = await ensureDevKey(gw, join(stack.stateDir, "dev-key"));
     secrets.push(key);
     const page = await open("/");
     await useKey(page, key);
@@ -131,13 +119,17 @@ describe("playground", () => {
     // Background streams (another key) keep the engine busy, so the reply cannot finish its 200 tokens before
     // Stop: the tiny model alone makes them in well under a second.
     const busy = client((await newKey()).key);
+    const stopBackground = new AbortController();
     const background = Array.from({ length: 12 }, () =>
-      busy.completions.create({
-        model: MODEL,
-        prompt: "Once",
-        max_tokens: 200,
-        ignore_eos: true,
-      } as OpenAI.CompletionCreateParamsNonStreaming),
+      busy.completions.create(
+        {
+          model: MODEL,
+          prompt: "Once",
+          max_tokens: 200,
+          ignore_eos: true,
+        } as OpenAI.CompletionCreateParamsNonStreaming,
+        { signal: stopBackground.signal },
+      ),
     );
     const page = await open("/");
     await useKey(page, key);
@@ -155,7 +147,9 @@ describe("playground", () => {
       15_000,
     );
     expect((finished.usage as { completion_tokens: number }).completion_tokens).toBeLessThan(200);
-    await Promise.all(background);
+    // The background requests have done their part: cancelled too, so the next tests get an idle worker.
+    stopBackground.abort();
+    await Promise.allSettled(background);
     await page.close();
   });
 
@@ -166,7 +160,9 @@ describe("playground", () => {
     await page.getByLabel("max_tokens").fill("4");
     await send(page, "One");
     await expect.poll(() => lastReply(page).getAttribute("data-status")).toBe("done");
-    await send(page, "Two");
+    // From the keyboard this time: Enter in the message box sends.
+    await page.getByLabel("Message", { exact: true }).fill("Two");
+    await page.getByLabel("Message", { exact: true }).press("Enter");
     const alert = page.getByRole("alert");
     await expect.poll(() => alert.textContent()).toMatch(/^429 rate_limit_exceeded: .+ Retry in \d+ s\.$/);
     expect(await lastReply(page).getAttribute("data-status")).toBe("failed");

@@ -4,7 +4,7 @@
  *
  * @module
  */
-import { useEffect, useId, useState } from "preact/hooks";
+import { useEffect, useId, useRef, useState } from "preact/hooks";
 import { type ApiError, asApiError } from "../api/api-error.ts";
 import { type ChatRequest, PublicApi } from "../api/public-api.ts";
 import { CopyButton } from "../components/copy-button.tsx";
@@ -98,6 +98,12 @@ export function Playground() {
       clearTimeout(timer);
     };
   }, [apiKey]);
+
+  // Keep the newest text in view while it streams.
+  const log = useRef<HTMLDivElement>(null);
+  useEffect(() => {
+    log.current?.scrollTo({ top: log.current.scrollHeight });
+  }, [turns]);
 
   const updateLast = (f: (t: Turn) => Turn) => setTurns((ts) => [...ts.slice(0, -1), f(ts.at(-1)!)]);
 
@@ -216,7 +222,7 @@ export function Playground() {
 
       <section class="chat" aria-labelledby="chat-title">
         <h2 id="chat-title">Conversation</h2>
-        <div class="turns" role="log" aria-label="Conversation" aria-busy={running !== null}>
+        <div class="turns" ref={log} role="log" aria-label="Conversation" aria-busy={running !== null}>
           {turns.length === 0 && <p class="help">Messages and streamed replies appear here.</p>}
           {turns.map((t, i) => (
             <article
