@@ -3,7 +3,7 @@ import { parseArgs } from "node:util";
 import cliProgress from "cli-progress";
 import { type EngineOptions, EngineRequestError, LLMEngine } from "./engine/llm-engine.ts";
 import { ExecutionProviderError } from "./engine/model-runner.ts";
-import { SamplingParamError } from "./engine/sampler.ts";
+import { SamplingParamError } from "./engine/sampling-params.ts";
 import type { FinishReason, SamplingParams } from "./engine/types.ts";
 import { ensureDefaultModel } from "./model/default-model.ts";
 import { ModelLoadError } from "./model/errors.ts";

@@ -8,7 +8,7 @@ import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { type EngineOptions, EngineRequestError, LLMEngine } from "../src/engine/llm-engine.ts";
 import { ModelRunner } from "../src/engine/model-runner.ts";
-import { SamplingParamError } from "../src/engine/sampler.ts";
+import { SamplingParamError } from "../src/engine/sampling-params.ts";
 import type { EngineEvent, FinishReason, SamplingParams } from "../src/engine/types.ts";
 import { loadLlamaConfig } from "../src/model/config.ts";
 import { ensureDefaultModel } from "../src/model/default-model.ts";

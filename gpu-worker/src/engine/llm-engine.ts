@@ -1,13 +1,16 @@
 import { freemem } from "node:os";
 import { compileModel } from "../model/compiled-model.ts";
 import { type LlamaConfig, loadLlamaConfig } from "../model/config.ts";
+import type { Quantization } from "../model/quantize.ts";
 import { LlamaTokenizer } from "../tokenizer/tokenizer.ts";
 import { IncrementalDetokenizer } from "./detokenizer.ts";
 import { KVCacheManager } from "./kv-cache-manager.ts";
 import { ModelRunner, type StepOutput, type StepSequence } from "./model-runner.ts";
 import { finishReasonOf, isFinished, Request, RequestStatus } from "./request.ts";
-import { type SamplingRow, SeededRng, sampleBatch, validateSamplingParams } from "./sampler.ts";
+import { type SamplingRow, sampleBatch } from "./sampler.ts";
+import { validateSamplingParams } from "./sampling-params.ts";
 import { Scheduler } from "./scheduler.ts";
+import { SeededRng } from "./seeded-rng.ts";
 import { StopStringChecker } from "./stop-checker.ts";
 import type { EngineEvent, EngineRequest, EngineStats, TokenLogprob } from "./types.ts";
 
@@ -29,6 +32,8 @@ export interface EngineOptions {
   /** Context length; default and maximum: the model's max_position_embeddings. */
   maxModelLen?: number;
   executionProvider?: "cpu" | "cuda";
+  /** Weight format the checkpoint is compiled to; default "none" (f32). */
+  quantization?: Quantization;
   numThreads?: number;
   /** ONNX Runtime thread spinning between operators; default on (see ModelRunnerOptions.allowSpinning). */
   allowSpinning?: boolean;
@@ -45,6 +50,24 @@ export class EngineRequestError extends Error {
   ) {
     super(message);
   }
+}
+
+/**
+ * One sequence failed on its own (non-finite logits, an error while sampling or processing its output). Only that
+ * request ends; the worker reports it as an internal error.
+ */
+export class EngineSequenceError extends Error {
+  override name = "EngineSequenceError";
+  readonly code = "internal";
+}
+
+/**
+ * A step failed in a way no single sequence explains (the model run itself). The step's requests end with this;
+ * retrying them, here or on another worker, may succeed.
+ */
+export class EngineStepError extends Error {
+  override name = "EngineStepError";
+  readonly code = "unavailable";
 }
 
 /** Per-request output state: where its events go, and the text pipeline (detokenizer, then stop strings). */
@@ -100,6 +123,7 @@ export class LLMEngine {
     const numBlocks = Math.floor(kvBytes / bytesPerBlock);
     if (numBlocks < 1) throw new Error(`KV cache budget of ${kvBytes} bytes holds no block of ${bytesPerBlock} bytes`);
     const compiled = compileModel(opts.modelDir, cfg, {
+      quantization: opts.quantization,
       onProgress: opts.onProgress && ((d, t) => opts.onProgress?.("compile", d, t)),
     });
     const runner = await ModelRunner.create(compiled, cfg, {
@@ -232,7 +256,11 @@ export class LLMEngine {
     }
   }
 
-  /** One iteration: schedule, run the model, sample, stream out. */
+  /**
+   * One iteration: schedule, run the model, sample, stream out. Failures are contained: a sequence whose
+   * sampling or output processing fails ends alone with an error; a model run that fails ends the step's
+   * sequences with a retriable error. Either way the other requests and the next step carry on.
+   */
   async step(): Promise<void> {
     const plan = this.scheduler.schedule();
     if (plan.scheduled.length === 0) return;
@@ -250,6 +278,16 @@ export class LLMEngine {
         return { tokenIds, startPos: start, blockTable, needLogits };
       });
       out = await this.runner.execute(seqs, temperatures);
+    } catch (e) {
+      // Not attributable to one sequence: the step's sequences end (their KV may be half written), nothing else.
+      const err = new EngineStepError(`the engine step failed: ${e instanceof Error ? e.message : String(e)}`, {
+        cause: e,
+      });
+      for (const { request } of plan.scheduled) {
+        const st = this.states.get(request.requestId);
+        if (st) this.fail(st, err);
+      }
+      return;
     } finally {
       this.stepping = false;
     }
@@ -270,11 +308,22 @@ export class LLMEngine {
         });
       }
     }
-    const tokens = sampleBatch(out.logits, this.cfg.vocabSize, sampleRows, out.probs, out.argmax);
+    const tokens = sampleBatch(out.logits, this.cfg.vocabSize, sampleRows, out);
     let generated = 0;
     sampled.forEach((st, i) => {
       if (st.abortRequested) return;
-      this.appendToken(st, tokens[i].tokenId, tokens[i].logprob, tokens[i].topLogprobs);
+      const t = tokens[i];
+      if (t.error !== undefined) {
+        this.fail(st, new EngineSequenceError(t.error));
+        return;
+      }
+      try {
+        this.appendToken(st, t.tokenId, t.logprob, t.topLogprobs);
+      } catch (e) {
+        const message = e instanceof Error ? e.message : String(e);
+        this.fail(st, new EngineSequenceError(`output processing failed: ${message}`, { cause: e }));
+        return;
+      }
       generated++;
     });
     if (generated > 0) this.recentTokens.push({ t: performance.now(), n: generated });
@@ -349,12 +398,19 @@ export class LLMEngine {
     st.channel.close();
   }
 
+  /** End one request with an error (its stream throws it); its blocks are freed before the next step. */
+  private fail(st: OutputState, err: Error): void {
+    if (isFinished(st.request.status)) return;
+    this.scheduler.finish(st.request, RequestStatus.FINISHED_ABORTED);
+    this.states.delete(st.request.requestId);
+    st.channel.fail(err);
+  }
+
+  /** A failure outside any step (a scheduler invariant broke): every request ends, retriably; the engine stays up. */
   private failAll(err: unknown): void {
-    for (const st of [...this.states.values()]) {
-      this.scheduler.finish(st.request, RequestStatus.FINISHED_ABORTED);
-      this.states.delete(st.request.requestId);
-      st.channel.fail(err instanceof Error ? err : new Error(String(err)));
-    }
+    const cause = err instanceof Error ? err : new Error(String(err));
+    const stepErr = new EngineStepError(`the engine failed: ${cause.message}`, { cause });
+    for (const st of [...this.states.values()]) this.fail(st, stepErr);
   }
 }
 

@@ -1,7 +1,7 @@
 import { describe, expect, it } from "vitest";
 import { KVCacheManager } from "./kv-cache-manager.ts";
 import { Request, RequestStatus } from "./request.ts";
-import { validateSamplingParams } from "./sampler.ts";
+import { validateSamplingParams } from "./sampling-params.ts";
 import { Scheduler, type SchedulerOutput } from "./scheduler.ts";
 
 const params = validateSamplingParams({}, { vocabSize: 1000 });

@@ -3,7 +3,7 @@
  * edge/worker boundary live in `shared/`; these are the engine's own.
  */
 
-/** Sampling parameters of one request, after validation and defaults (see sampler.ts `validateSamplingParams`). */
+/** Sampling parameters of one request, after validation and defaults (see sampling-params.ts `validateSamplingParams`). */
 export interface SamplingParams {
   /** 0 = greedy. */
   temperature: number;
