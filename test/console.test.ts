@@ -185,11 +185,16 @@ describe("usage", () => {
       await send(page, message);
       await expect.poll(() => lastReply(page).getAttribute("data-status")).toBe("done");
     }
+    // The ledger is settled when the workers' final events reach the gateway, a moment after the client has
+    // its reply: wait until the API counts both, then open the page.
+    const usage = async () => {
+      const res = await fetch(`${gw.url}/v1/usage`, { headers: { authorization: `Bearer ${key}` } });
+      return { res, report: (await res.json()) as { totals: Record<string, number> } };
+    };
+    await expect.poll(async () => (await usage()).report.totals.requests).toBe(2);
+    const { res, report } = await usage();
     await page.getByRole("link", { name: "Usage" }).click();
     expect(new URL(page.url()).pathname).toBe("/usage");
-    const res = await fetch(`${gw.url}/v1/usage`, { headers: { authorization: `Bearer ${key}` } });
-    const report = (await res.json()) as { totals: Record<string, number> };
-    expect(report.totals.requests).toBe(2);
     const shown = async (label: string) => {
       const term = page.locator("dt", { hasText: new RegExp(`^${label}$`) });
       return (await page.locator("dl.totals div", { has: term }).locator("dd").textContent())?.replaceAll(",", "");
@@ -233,8 +238,13 @@ describe("admin", () => {
       max_tokens: 5,
     });
     const tokens = done.usage!.prompt_tokens + done.usage!.completion_tokens;
-    await page.getByRole("button", { name: "Refresh" }).click();
     const row = page.getByRole("row", { name: /from-the-browser/ });
+    const id = (await row.getAttribute("data-key-id"))!;
+    // Settled a moment after the reply (see the usage test): wait for the API to count it, then refresh.
+    await expect
+      .poll(async () => ((await admin(gw, "GET", `/keys/${id}/usage`)) as { totals: { requests: number } }).totals)
+      .toMatchObject({ requests: 1 });
+    await page.getByRole("button", { name: "Refresh" }).click();
     await expect.poll(() => row.textContent()).toContain(`${tokens} tokens, 1 requests`);
     expect(await row.getByRole("img", { name: /Tokens per day/ }).count()).toBe(1);
     await shot(page, "admin");
@@ -244,7 +254,6 @@ describe("admin", () => {
     await row.getByLabel("Requests per minute").fill("5");
     await row.getByRole("button", { name: "Save" }).click();
     await expect.poll(() => row.textContent()).toContain("5 requests/min");
-    const id = (await row.getAttribute("data-key-id"))!;
     const info = (await admin(gw, "GET", `/keys/${id}`)) as { limits: { rpm: number } };
     expect(info.limits.rpm).toBe(5);
 
