@@ -15,6 +15,8 @@ import type { WorkerProcess } from "./helpers/worker-process.ts";
 
 const MODEL = "stories15m-random";
 const SHOTS = join(import.meta.dirname, "..", ".cache", "console");
+/** Replies take seconds on a loaded two-core machine: wait for what the page shows for up to this long. */
+const EVENTUALLY = { timeout: 30_000, interval: 50 };
 
 let stack: TestStack;
 let worker: WorkerProcess;
@@ -60,7 +62,7 @@ async function open(path: string): Promise<Page> {
 /** Pastes the key into the playground and waits for the model picker to offer the model. */
 async function useKey(page: Page, key: string) {
   await page.getByLabel("API key", { exact: true }).fill(key);
-  await expect.poll(() => page.getByLabel("Model").inputValue()).toBe(MODEL);
+  await expect.poll(() => page.getByLabel("Model").inputValue(), EVENTUALLY).toBe(MODEL);
 }
 
 const lastReply = (page: Page) => page.locator("article.assistant").last();
@@ -91,7 +93,7 @@ describe("playground", () => {
       }).observe(document.body, { subtree: true, childList: true, characterData: true });
     });
     await send(page, "Once upon a time");
-    await expect.poll(() => lastReply(page).getAttribute("data-status"), { timeout: 30_000 }).toBe("done");
+    await expect.poll(() => lastReply(page).getAttribute("data-status"), EVENTUALLY).toBe("done");
     const final = await lastReply(page).locator(".content").textContent();
     const seen = await page.evaluate(() => (window as unknown as { seen: string[] }).seen);
     expect(seen.length).toBeGreaterThanOrEqual(2);
@@ -138,9 +140,9 @@ describe("playground", () => {
     const response = page.waitForResponse((r) => r.url().endsWith("/v1/chat/completions"));
     await send(page, "Tell me everything");
     const requestId = (await response).headers()["x-request-id"]!;
-    await expect.poll(() => lastReply(page).locator(".content").textContent()).not.toBe("");
+    await expect.poll(() => lastReply(page).locator(".content").textContent(), EVENTUALLY).not.toBe("");
     await page.getByRole("button", { name: "Stop" }).click();
-    await expect.poll(() => lastReply(page).getAttribute("data-status")).toBe("stopped");
+    await expect.poll(() => lastReply(page).getAttribute("data-status"), EVENTUALLY).toBe("stopped");
     await expect(page.getByRole("button", { name: "Send" }).isEnabled()).resolves.toBe(true);
     const finished = await worker.waitForLog(
       (l) => l.msg === "finished" && String(l.request_id).startsWith(requestId) && l.finish_reason === "abort",
@@ -159,12 +161,12 @@ describe("playground", () => {
     await useKey(page, key);
     await page.getByLabel("max_tokens").fill("4");
     await send(page, "One");
-    await expect.poll(() => lastReply(page).getAttribute("data-status")).toBe("done");
+    await expect.poll(() => lastReply(page).getAttribute("data-status"), EVENTUALLY).toBe("done");
     // From the keyboard this time: Enter in the message box sends.
     await page.getByLabel("Message", { exact: true }).fill("Two");
     await page.getByLabel("Message", { exact: true }).press("Enter");
     const alert = page.getByRole("alert");
-    await expect.poll(() => alert.textContent()).toMatch(/^429 rate_limit_exceeded: .+ Retry in \d+ s\.$/);
+    await expect.poll(() => alert.textContent(), EVENTUALLY).toMatch(/^429 rate_limit_exceeded: .+ Retry in \d+ s\.$/);
     expect(await lastReply(page).getAttribute("data-status")).toBe("failed");
     // The usage page lists it among this tab's 429s.
     await page.getByRole("link", { name: "Usage" }).click();
@@ -183,7 +185,7 @@ describe("usage", () => {
     await page.getByLabel("max_tokens").fill("6");
     for (const message of ["First", "Second"]) {
       await send(page, message);
-      await expect.poll(() => lastReply(page).getAttribute("data-status")).toBe("done");
+      await expect.poll(() => lastReply(page).getAttribute("data-status"), EVENTUALLY).toBe("done");
     }
     // The ledger is settled when the workers' final events reach the gateway, a moment after the client has
     // its reply: wait until the API counts both, then open the page.
@@ -191,7 +193,7 @@ describe("usage", () => {
       const res = await fetch(`${gw.url}/v1/usage`, { headers: { authorization: `Bearer ${key}` } });
       return { res, report: (await res.json()) as { totals: Record<string, number> } };
     };
-    await expect.poll(async () => (await usage()).report.totals.requests).toBe(2);
+    await expect.poll(async () => (await usage()).report.totals.requests, EVENTUALLY).toBe(2);
     const { res, report } = await usage();
     await page.getByRole("link", { name: "Usage" }).click();
     expect(new URL(page.url()).pathname).toBe("/usage");
@@ -199,7 +201,7 @@ describe("usage", () => {
       const term = page.locator("dt", { hasText: new RegExp(`^${label}$`) });
       return (await page.locator("dl.totals div", { has: term }).locator("dd").textContent())?.replaceAll(",", "");
     };
-    await expect.poll(() => shown("Requests")).toBe("2");
+    await expect.poll(() => shown("Requests"), EVENTUALLY).toBe("2");
     expect(await shown("Prompt tokens")).toBe(String(report.totals.prompt_tokens));
     expect(await shown("Completion tokens")).toBe(String(report.totals.completion_tokens));
     expect(await shown("Cached prompt tokens")).toBe(String(report.totals.cached_tokens));
@@ -223,7 +225,7 @@ describe("admin", () => {
     await page.getByRole("group", { name: "Create a key" }).getByLabel("Name").fill("from-the-browser");
     await page.getByRole("button", { name: "Create key" }).click();
     const shown = page.getByLabel("New API key");
-    await expect.poll(() => shown.inputValue()).toMatch(/^sk-[A-Za-z0-9]{48}$/);
+    await expect.poll(() => shown.inputValue(), EVENTUALLY).toMatch(/^sk-[A-Za-z0-9]{48}$/);
     const key = await shown.inputValue();
     secrets.push(key);
     await page.getByRole("button", { name: "Copy key" }).click();
@@ -245,7 +247,7 @@ describe("admin", () => {
       .poll(async () => ((await admin(gw, "GET", `/keys/${id}/usage`)) as { totals: { requests: number } }).totals)
       .toMatchObject({ requests: 1 });
     await page.getByRole("button", { name: "Refresh" }).click();
-    await expect.poll(() => row.textContent()).toContain(`${tokens} tokens, 1 requests`);
+    await expect.poll(() => row.textContent(), EVENTUALLY).toContain(`${tokens} tokens, 1 requests`);
     expect(await row.getByRole("img", { name: /Tokens per day/ }).count()).toBe(1);
     await shot(page, "admin");
 
@@ -253,18 +255,18 @@ describe("admin", () => {
     await row.getByRole("button", { name: /^Edit/ }).click();
     await row.getByLabel("Requests per minute").fill("5");
     await row.getByRole("button", { name: "Save" }).click();
-    await expect.poll(() => row.textContent()).toContain("5 requests/min");
+    await expect.poll(() => row.textContent(), EVENTUALLY).toContain("5 requests/min");
     const info = (await admin(gw, "GET", `/keys/${id}`)) as { limits: { rpm: number } };
     expect(info.limits.rpm).toBe(5);
 
     // Revoke: the next request with it is a 401, for the openai client and in the playground.
     page.once("dialog", (d) => d.accept());
     await row.getByRole("button", { name: /^Revoke/ }).click();
-    await expect.poll(() => row.textContent()).toContain("revoked");
+    await expect.poll(() => row.textContent(), EVENTUALLY).toContain("revoked");
     await expect(client(key).models.list()).rejects.toBeInstanceOf(OpenAI.AuthenticationError);
     const playground = await open("/");
     await playground.getByLabel("API key", { exact: true }).fill(key);
-    await expect.poll(() => playground.getByRole("alert").textContent()).toMatch(/^401 invalid_api_key: /);
+    await expect.poll(() => playground.getByRole("alert").textContent(), EVENTUALLY).toMatch(/^401 invalid_api_key: /);
     await playground.close();
     await page.close();
   });
@@ -272,7 +274,7 @@ describe("admin", () => {
   it("shows a wrong admin secret as a 401", async () => {
     const page = await open("/keys");
     await page.getByLabel("Admin secret").fill("not-the-secret");
-    await expect.poll(() => page.getByRole("alert").textContent()).toMatch(/^401 .*admin/i);
+    await expect.poll(() => page.getByRole("alert").textContent(), EVENTUALLY).toMatch(/^401 .*admin/i);
     await page.close();
   });
 });

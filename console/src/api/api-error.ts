@@ -21,7 +21,8 @@ export class ApiError extends Error {
 
   /** One line a person can act on: "429 rate_limit_exceeded: … Retry in 42 s." */
   describe(): string {
-    const head = [this.status || null, this.code].filter((x) => x !== null && x !== "").join(" ");
+    // A stream's final error event comes after a 200: only an error status says something.
+    const head = [this.status >= 400 ? this.status : null, this.code].filter((x) => x !== null && x !== "").join(" ");
     const retry = this.retryAfterS !== null ? ` Retry in ${this.retryAfterS} s.` : "";
     return `${head ? `${head}: ` : ""}${this.message}${retry}`;
   }
