@@ -189,9 +189,8 @@ export class ModelRunner {
       ["decode", decode],
       ["prefill", prefill],
     ] as const) {
-      // An empty group still runs as one dummy row (query = key = token 0, never read back): ONNX Reshape
-      // cannot infer a -1 dimension from zero elements.
-      const G = Math.max(1, members.length);
+      // An empty group has G = 0: its operators run on empty tensors and cost next to nothing.
+      const G = members.length;
       let Q = 1;
       let P = 1; // at least one (masked) past slot keeps every tensor non-empty
       for (const i of members) {
@@ -201,7 +200,7 @@ export class ModelRunner {
       const K = P + Q;
       const queryIndex = new BigInt64Array(G * Q);
       const pastSlots = new BigInt64Array(G * P);
-      const mask = new Float32Array(G * Q * K).fill(members.length > 0 ? MASKED : 0);
+      const mask = new Float32Array(G * Q * K).fill(MASKED);
       members.forEach((i, gi) => {
         const s = seqs[i];
         const n = s.tokenIds.length;
@@ -242,16 +241,15 @@ export class ModelRunner {
   private writeNewKv(seqs: readonly StepSequence[], newKv: Float32Array): void {
     const hd = this.headDim;
     const nkv = this.numKvHeads;
-    let T = 0;
-    for (const s of seqs) T += s.tokenIds.length;
+    const L = this.cfg.numHiddenLayers;
     let row = 0;
     for (const s of seqs) {
       for (let i = 0; i < s.tokenIds.length; i++, row++) {
         const slot = this.slot(s.blockTable, s.startPos + i);
-        for (let j = 0; j < 2 * this.cfg.numHiddenLayers; j++) {
-          // new_kv [2L, T, nkv*hd], j = 2l + kv -> layer l's rows ((kv * nkv + h) * slots + slot)
+        for (let j = 0; j < 2 * L; j++) {
+          // new_kv [T, 2L, nkv*hd], j = 2l + kv -> layer l's rows ((kv * nkv + h) * slots + slot)
           const layer = this.kvLayers[j >> 1];
-          const src = (j * T + row) * this.kvDim;
+          const src = (row * 2 * L + j) * this.kvDim;
           for (let h = 0; h < nkv; h++) {
             const from = src + h * hd;
             layer.set(newKv.subarray(from, from + hd), (((j & 1) * nkv + h) * this.numSlots + slot) * hd);

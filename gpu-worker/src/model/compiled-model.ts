@@ -23,7 +23,7 @@ import { f32BitsToF16Bits } from "./safetensors.ts";
 import { LlamaWeights } from "./weights.ts";
 
 /** Bump when the graph's weight layout or the packed file changes: old compiled caches are then ignored. */
-const COMPILER_VERSION = 3;
+const COMPILER_VERSION = 4;
 
 /**
  * Tensors start on 4 KiB boundaries: ONNX Runtime memory-maps an external initializer instead of copying it
@@ -179,7 +179,7 @@ function packedLayout(cfg: LlamaConfig, quantization: Quantization) {
       ? { kind: "f32", weight: embed.weight }
       : linear([headName], cfg.vocabSize, H);
   const rope = (table: "cos" | "sin") => {
-    const ref = region(cfg.maxPositionEmbeddings * hd * 4);
+    const ref = region(cfg.maxPositionEmbeddings * (hd / 2) * 4);
     entries.push({ source: { kind: "rope", table }, refs: [ref], params: 0 });
     return ref;
   };
@@ -243,6 +243,8 @@ function writePackedWeights(
       else
         for (const name of src.names) {
           const values = weights.readF32(name);
+          // Attention scores are q·k / sqrt(head_dim): the scale is folded into q_proj once, here.
+          if (name.endsWith(".self_attn.q_proj.weight")) scaleInPlace(values, 1 / Math.sqrt(cfg.headDim));
           if (src.kind === "float") put(0, asBytes(src.dtype === "f16" ? toF16(values) : values));
           else {
             const q = quantize(weights, name, values, src.k, src.bits);
@@ -265,6 +267,10 @@ function writePackedWeights(
   } finally {
     closeSync(out.fd);
   }
+}
+
+function scaleInPlace(values: Float32Array, factor: number): void {
+  for (let i = 0; i < values.length; i++) values[i] *= factor;
 }
 
 function quantize(weights: LlamaWeights, name: string, values: Float32Array, k: number, bits: 4 | 8) {
