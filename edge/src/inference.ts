@@ -12,7 +12,7 @@ import type { Prompt, SamplingParams, Usage } from "@llama-edge/shared";
 import type { Context } from "hono";
 import type { GatewayConfig } from "./config.ts";
 import type { Job, JobEvent, JobRunner, Limiter } from "./dispatch/job.ts";
-import { estimatePromptTokens, planPools } from "./dispatch/routing.ts";
+import { estimatePromptTokens, maxPromptTokens, planPools } from "./dispatch/routing.ts";
 import { ApiError, type ApiErrorInfo, errorBody, errors } from "./errors.ts";
 import type { AuthVars } from "./middleware/auth.ts";
 import type { JsonBodyVars } from "./middleware/json-body.ts";
@@ -50,7 +50,7 @@ export const SSE_HEADERS: Record<string, string> = {
   "x-accel-buffering": "no",
 };
 
-/** Reservations outlive the deadline by this much before the key's Durable Object drops them unsettled. */
+/** Reservations outlive the deadline by this much at most, renewed or not. */
 const RESERVATION_GRACE_MS = 60_000;
 
 export async function runInference(
@@ -79,11 +79,20 @@ export async function runInference(
 
   const promptTokens = estimates.reduce((s, e) => s + e.tokens, 0);
   const reserve = promptTokens + numChoices * (plan.maxTokens ?? config.default_completion_reserve);
-  const deadline = Date.now() + config.request_timeout_ms;
+  const now = Date.now();
+  const deadline = now + config.request_timeout_ms;
   const keyHash = c.get("keyHash");
   const admitted = await limiter.admit(keyHash, {
     model: plan.model,
     tokens: reserve,
+    sequences: numChoices,
+    budget: {
+      promptTokens: plan.prompts.reduce((n, p) => n + maxPromptTokens(p), 0),
+      choices: numChoices,
+      maxTokens: plan.maxTokens,
+      maxContext: routed.maxContext,
+    },
+    leaseUntil: now + config.reservation_lease_ms,
     expiresAt: deadline + RESERVATION_GRACE_MS,
   });
   if (!admitted.ok) {
@@ -102,9 +111,11 @@ export async function runInference(
     pools: routed.pools,
     prompts: plan.prompts,
     n: plan.n,
-    sampling: plan.sampling,
+    // A budget with too little left for a request without max_tokens capped it (finish_reason "length" says so).
+    sampling: admitted.maxTokens === undefined ? plan.sampling : { ...plan.sampling, max_tokens: admitted.maxTokens },
     deadline,
     estimatedPromptTokens: estimates.map((e) => e.tokens),
+    leaseMs: config.reservation_lease_ms,
   };
 
   // Aborted when the client goes away (request.signal) or cancels the stream: cancels the job at the workers.
@@ -138,6 +149,7 @@ export async function runInference(
         cached_tokens: 0,
       })
       .catch(() => {});
+    if (ac.signal.aborted) throw errors.clientClosed(); // nobody is waiting for an answer
     console.error(`job ${id}: dispatch failed`, e);
     throw errors.serviceUnavailable("The gateway could not dispatch the request; try again later.");
   }
