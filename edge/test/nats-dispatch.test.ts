@@ -156,7 +156,7 @@ describe("Workers entry with dispatch shards", () => {
     const app = createApp({
       keyStore: keys,
       limiter: keys,
-      dispatcher: new ShardedJobRunner(env.DISPATCH, 2),
+      dispatcher: new ShardedJobRunner(env.DISPATCH, 2, keys),
       config: parseGatewayConfig(env.GATEWAY_CONFIG),
     });
     const ac = new AbortController();

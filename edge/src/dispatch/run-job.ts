@@ -20,6 +20,7 @@ import {
   NoWorkersError,
   ProtocolError,
   QueueTimeoutError,
+  queuedIdAfterOffer,
   RequestTooLargeError,
   type SubmitRequest,
   WorkerError,
@@ -46,6 +47,22 @@ export interface RunJobDeps {
 
 /** The abort reason when a job outlives its deadline. */
 class DeadlineReached extends Error {}
+
+/** The id of choice `index`'s request to the job's `p`-th pool. */
+const subRequestId = (job: Pick<Job, "id">, index: number, p: number): string =>
+  p === 0 ? `${job.id}-${index}` : `${job.id}-${index}-p${p}`;
+
+/** Every request id a job may have sent to a worker, with its pool: what to cancel when its runner is gone. */
+export function subRequests(job: Pick<Job, "id" | "pools" | "prompts" | "n">): { pool: string; id: string }[] {
+  const out: { pool: string; id: string }[] = [];
+  for (let index = 0; index < job.prompts.length * job.n; index++) {
+    job.pools.forEach((pool, p) => {
+      const id = subRequestId(job, index, p);
+      out.push({ pool, id }, { pool, id: queuedIdAfterOffer(id) });
+    });
+  }
+  return out;
+}
 
 /** The worker error that means "the prompt does not fit this pool's context". */
 export const isContextLengthError = (e: unknown): boolean =>
@@ -133,7 +150,7 @@ async function runChoice(
   for (let p = 0; p < job.pools.length; p++) {
     const pool = job.pools[p]!;
     const request: SubmitRequest = {
-      id: p === 0 ? `${job.id}-${index}` : `${job.id}-${index}-p${p}`,
+      id: subRequestId(job, index, p),
       model: job.model,
       prompt: job.prompts[Math.floor(index / job.n)]!,
       // Each choice of a seeded request gets its own seed: reproducible, yet the n choices differ.
