@@ -116,6 +116,7 @@ export async function runInference(
     deadline,
     estimatedPromptTokens: estimates.map((e) => e.tokens),
     leaseMs: config.reservation_lease_ms,
+    reader: { maxBufferedBytes: config.max_unread_bytes, idleReaderMs: config.idle_reader_timeout_ms },
   };
 
   // Aborted when the client goes away (request.signal) or cancels the stream: cancels the job at the workers.

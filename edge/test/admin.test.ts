@@ -2,7 +2,7 @@ import { abortAllDurableObjects, runInDurableObject } from "cloudflare:test";
 import { env } from "cloudflare:workers";
 import { describe, expect, it, vi } from "vitest";
 import { createApp } from "../src/app.ts";
-import { LocalJobRunner } from "../src/dispatch/run-job.ts";
+import { LocalJobRunner } from "../src/dispatch/job-stream.ts";
 import { DurableKeyStore } from "../src/durable/durable-key-store.ts";
 import { hashApiKey } from "../src/keys/api-key.ts";
 import {

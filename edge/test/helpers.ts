@@ -16,7 +16,7 @@ import {
 import { createApp } from "../src/app.ts";
 import { type GatewayConfig, parseGatewayConfig } from "../src/config.ts";
 import type { SubmitBackend } from "../src/dispatch/job.ts";
-import { LocalJobRunner } from "../src/dispatch/run-job.ts";
+import { LocalJobRunner } from "../src/dispatch/job-stream.ts";
 import { DurableKeyStore } from "../src/durable/durable-key-store.ts";
 import type { Limits } from "../src/keys/types.ts";
 
@@ -52,7 +52,10 @@ export interface Reply {
 export interface Submission {
   pool: string;
   request: SubmitRequest;
+  /** Cancelled before it finished. */
   aborted: boolean;
+  /** Ran to its end (final event or error). */
+  ended: boolean;
   /** Resolves when the request ended (completed, failed or cancelled). */
   done: Promise<void>;
 }
@@ -80,9 +83,15 @@ export class ScriptedBackend implements SubmitBackend {
 
   submit(pool: string, request: SubmitRequest, options: Required<SubmitOptions>): AsyncIterable<DispatchEvent> {
     let resolveDone!: () => void;
-    const sub: Submission = { pool, request, aborted: false, done: new Promise((r) => (resolveDone = r)) };
+    const sub: Submission = {
+      pool,
+      request,
+      aborted: false,
+      ended: false,
+      done: new Promise((r) => (resolveDone = r)),
+    };
     this.submissions.push(sub);
-    options.signal.addEventListener("abort", () => (sub.aborted = true), { once: true });
+    options.signal.addEventListener("abort", () => (sub.aborted ||= !sub.ended), { once: true });
     return this.#events(sub, options.signal, resolveDone);
   }
 
@@ -116,6 +125,10 @@ export class ScriptedBackend implements SubmitBackend {
           cached_tokens: r.cachedTokens ?? 0,
         },
       };
+      sub.ended = true;
+    } catch (e) {
+      if (!(e instanceof CancelledError)) sub.ended = true;
+      throw e;
     } finally {
       done();
     }

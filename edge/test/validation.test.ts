@@ -3,7 +3,7 @@
 import { env } from "cloudflare:workers";
 import { describe, expect, it } from "vitest";
 import { createApp } from "../src/app.ts";
-import { LocalJobRunner } from "../src/dispatch/run-job.ts";
+import { LocalJobRunner } from "../src/dispatch/job-stream.ts";
 import { DurableKeyStore } from "../src/durable/durable-key-store.ts";
 import { hashApiKey } from "../src/keys/api-key.ts";
 import { UNLIMITED } from "../src/keys/types.ts";

@@ -40,6 +40,8 @@ export interface Job {
   estimatedPromptTokens: number[];
   /** The reservation's lease: the runner renews it (with the usage so far) well within this many ms. */
   leaseMs: number;
+  /** What the reader may leave unread before the job is cancelled (see job-stream.ts); default 1 MiB, 30 s. */
+  reader?: { maxBufferedBytes: number; idleReaderMs: number };
 }
 
 export type JobEvent =

@@ -27,15 +27,7 @@ import {
   WorkerLostError,
 } from "@llama-edge/shared";
 import type { ApiErrorInfo } from "../errors.ts";
-import {
-  decodeEvents,
-  encodeEvent,
-  type Job,
-  type JobEvent,
-  type JobRunner,
-  type Limiter,
-  type SubmitBackend,
-} from "./job.ts";
+import type { Job, JobEvent, Limiter, SubmitBackend } from "./job.ts";
 import { UsageTally } from "./usage-tally.ts";
 
 export interface RunJobDeps {
@@ -235,46 +227,4 @@ export function toErrorInfo(e: unknown, abortReason?: unknown): ApiErrorInfo {
   }
   if (e instanceof DispatchError) return err(e.status >= 400 ? e.status : 500, e.message, e.code);
   return err(500, "The server had an error while processing your request.", "internal_error");
-}
-
-/**
- * Runs the job to its end on its own, whatever the reader does, and streams its events as NDJSON. This is what a
- * dispatch shard returns over RPC: the loop below (not the client) drives `runJob`, so settlement happens even
- * when the reader is gone. Cancelling the stream cancels the job.
- */
-export function jobStream(
-  job: Job,
-  deps: RunJobDeps,
-  ac = new AbortController(),
-  onEnd?: () => void,
-): ReadableStream<Uint8Array> {
-  let cancelled = false;
-  return new ReadableStream<Uint8Array>({
-    start(controller) {
-      void (async () => {
-        try {
-          for await (const ev of runJob(job, deps, ac.signal)) if (!cancelled) controller.enqueue(encodeEvent(ev));
-        } catch (e) {
-          deps.log?.(`job ${job.id} failed`, e);
-          if (!cancelled) controller.enqueue(encodeEvent({ type: "error", error: toErrorInfo(e) }));
-        } finally {
-          if (!cancelled) controller.close();
-          onEnd?.();
-        }
-      })();
-    },
-    cancel(reason) {
-      cancelled = true;
-      ac.abort(new CancelledError(`the reader cancelled: ${String(reason)}`, job.id));
-    },
-  });
-}
-
-/** Runs jobs in this isolate (tests, single-process setups); production uses the dispatch shards. */
-export class LocalJobRunner implements JobRunner {
-  constructor(private readonly deps: RunJobDeps) {}
-
-  run(job: Job, signal: AbortSignal): AsyncIterable<JobEvent> {
-    return decodeEvents(jobStream(job, this.deps), signal);
-  }
 }
