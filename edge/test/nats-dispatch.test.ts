@@ -179,10 +179,21 @@ describe("Workers entry with dispatch shards", () => {
     expect(report!.totals.completion_tokens).toBeLessThan(200);
   });
 
-  it("answers 503 when the pool has no workers", async () => {
-    const { key } = await newKey();
-    const res = await exports.default.fetch(post("/v1/completions", key, { model: "other", prompt: "x" }));
-    expect(res.status).toBe(404); // unknown model: never reaches NATS
-    expect(env.DISPATCH).toBeDefined();
+  it("answers 503 when the pool has no workers, through a real shard, and frees the reservation", async () => {
+    const { key, hash } = await newKey({ max_concurrent: 1 });
+    const keys = keyStore();
+    const config = parseGatewayConfig({ pools: { "no-workers-here": { max_context: 256, models: ["ghost"] } } });
+    const app = createApp({
+      keyStore: keys,
+      limiter: keys,
+      dispatcher: new ShardedJobRunner(env.DISPATCH, 2, keys),
+      config,
+    });
+    for (const stream of [false, true]) {
+      const res = await app.request(post("/v1/completions", key, { model: "ghost", prompt: "x", stream }));
+      expect(res.status).toBe(503);
+      expect(await res.json()).toMatchObject({ error: { type: "server_error", code: "service_unavailable" } });
+      expect(await openReservations(hash)).toBe(0); // the slot is free for the next attempt
+    }
   });
 });
