@@ -258,7 +258,7 @@ function sseResponse(
         if (closed) return;
         closed = true;
         controller.close();
-        void events.return?.(); // lets the runner finish (and release what it holds)
+        events.return?.()?.catch(() => {}); // lets the runner finish (and release what it holds)
       };
       for (;;) {
         let ev: JobEvent;
