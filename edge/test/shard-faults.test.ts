@@ -4,12 +4,9 @@
 import { runInDurableObject } from "cloudflare:test";
 import { env } from "cloudflare:workers";
 import { afterEach, describe, expect, inject, it } from "vitest";
-import { createApp } from "../src/app.ts";
-import { parseGatewayConfig } from "../src/config.ts";
 import { decodeEvents, type Job } from "../src/dispatch/job.ts";
-import { ShardedJobRunner } from "../src/durable/dispatch-shard.ts";
 import { FakeWorker } from "./fake-worker.ts";
-import { eventually, keyStore, newKey, openReservations, post } from "./helpers.ts";
+import { eventually, keyStore, newKey, openReservations, post, shardedApp } from "./helpers.ts";
 
 const url = inject("natsWsUrl");
 const pool = "default";
@@ -32,14 +29,7 @@ describe("a dispatch shard dying mid-stream", () => {
     const worker = await slowWorker("fault-w1");
     workers.push(worker);
     const { key, hash } = await newKey({ max_concurrent: 1 });
-    const keys = keyStore();
-    const runner = new ShardedJobRunner(env.DISPATCH, 1, keys);
-    const app = createApp({
-      keyStore: keys,
-      limiter: keys,
-      dispatcher: runner,
-      config: parseGatewayConfig(env.GATEWAY_CONFIG),
-    });
+    const { app, keys } = shardedApp(undefined, 1);
     const body = { model, messages: [{ role: "user", content: "a long story" }], stream: true };
     const res = await app.request(post("/v1/chat/completions", key, body));
     expect(res.status).toBe(200);

@@ -3,9 +3,7 @@
 // worker, its usage settled and its slot freed. In this isolate and through a real dispatch shard over NATS.
 import { env } from "cloudflare:workers";
 import { afterEach, describe, expect, inject, it } from "vitest";
-import { createApp } from "../src/app.ts";
 import { parseGatewayConfig } from "../src/config.ts";
-import { ShardedJobRunner } from "../src/durable/dispatch-shard.ts";
 import { FakeWorker } from "./fake-worker.ts";
 import {
   chat,
@@ -16,6 +14,7 @@ import {
   openReservations,
   post,
   ScriptedBackend,
+  shardedApp,
   testConfig,
 } from "./helpers.ts";
 
@@ -91,14 +90,7 @@ describe("slow readers", () => {
     });
     workers.push(worker);
     const { key, hash } = await newKey();
-    const keys = keyStore();
-    const config = { ...parseGatewayConfig(env.GATEWAY_CONFIG), idle_reader_timeout_ms: 500 };
-    const app = createApp({
-      keyStore: keys,
-      limiter: keys,
-      dispatcher: new ShardedJobRunner(env.DISPATCH, 2, keys),
-      config,
-    });
+    const { app, keys } = shardedApp({ ...parseGatewayConfig(env.GATEWAY_CONFIG), idle_reader_timeout_ms: 500 });
     const body = { model: "stories15m-random", messages: [{ role: "user", content: "stall" }], stream: true };
     const res = await app.request(post("/v1/chat/completions", key, body));
     await stallAfter(res, 3);
