@@ -176,6 +176,21 @@ describe("dispatcher", () => {
     expect(Date.now() - t0).toBeLessThan(1500);
   });
 
+  test("a lost worker's error is not held back waiting for the final a cancel would bring", async () => {
+    const pool = await newPool();
+    // A dead worker sends no `abort` final: the error must not wait cancelFinalWaitMs for it.
+    const d = new Dispatcher(nc, { heartbeatTimeoutMs: 600, cancelFinalWaitMs: 60_000 });
+    const finals: unknown[] = [];
+    const silent = collect(d.submit(pool, req("lost"), { onCancelledFinal: (f) => finals.push(f) }));
+    const w = await pull(pool);
+    w.send(start());
+    w.send(delta(1, "a"));
+    const r = await silent;
+    expect(r.error).toBeInstanceOf(WorkerLostError);
+    expect(r.events.map((e) => e.type)).toEqual(["start", "delta"]);
+    expect(finals).toEqual([]);
+  }, 20_000); // waiting for the final would take 60 s
+
   test("a redelivered request's claim is granted before any start and refused after one", async () => {
     const pool = await newPool();
     const d = new Dispatcher(nc);

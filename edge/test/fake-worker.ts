@@ -133,7 +133,7 @@ export class FakeWorker {
         encodeMessage({ v: PROTOCOL_VERSION, id: req.id, seq: seq++, ...body } as TokenEvent),
       );
     const prefix =
-      req.prompt.type === "chat" ? req.prompt.messages[0]!.content : JSON.stringify(req.prompt).slice(0, 16);
+      req.prompt.type === "chat" ? (req.prompt.messages[0]!.content ?? "") : JSON.stringify(req.prompt).slice(0, 16);
     const cached = this.#prefixes.has(prefix) ? CACHED_TOKENS : 0;
     this.#prefixes.add(prefix);
     emit({ type: "start", worker_id: this.o.workerId, queue_ms: 0 });

@@ -3,7 +3,7 @@
  * @module
  */
 export { type EngineOptions, EngineRequestError, LLMEngine } from "./engine/llm-engine.ts";
-export { SamplingParamError } from "./engine/sampler.ts";
+export { SamplingParamError } from "./engine/sampling-params.ts";
 export type {
   EngineEvent,
   EngineRequest,

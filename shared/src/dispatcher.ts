@@ -189,6 +189,7 @@ export class Dispatcher {
     let queuedSeq: number | undefined;
     let started = false;
     let finished = false;
+    let workerLost = false;
     let queueTimer: ReturnType<typeof setTimeout> | undefined;
     let silenceTimer: ReturnType<typeof setTimeout> | undefined;
     const armSilenceTimer = () => {
@@ -248,13 +249,17 @@ export class Dispatcher {
             yield ev;
         }
       }
+    } catch (e) {
+      workerLost = e instanceof WorkerLostError;
+      throw e;
     } finally {
       clearTimer(queueTimer);
       clearTimer(silenceTimer);
       signal?.removeEventListener("abort", onAbort);
       if (sent && !finished) {
         this.#cancel(names, id, started ? undefined : queuedSeq);
-        if (started && onCancelledFinal) {
+        // A silent worker is presumed dead: its final will not come, and waiting would only delay the error.
+        if (started && onCancelledFinal && !workerLost) {
           const final = await finalAfterCancel(mailbox, id, this.#opts.cancelFinalWaitMs);
           if (final) onCancelledFinal(final);
         }

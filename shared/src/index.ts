@@ -57,7 +57,12 @@ export {
   type ReplyMessage,
   type RequestMessage,
   type RequestMessageInput,
+  type ResponseFormat,
   type SamplingParams,
   type TokenEvent,
+  type Tool,
+  type ToolCall,
+  type ToolCallDelta,
+  type ToolChoice,
   type Usage,
 } from "./protocol.ts";

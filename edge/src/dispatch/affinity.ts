@@ -60,7 +60,11 @@ export function prefixKeys(prompt: Prompt): string[] {
   };
   switch (prompt.type) {
     case "chat":
-      for (const m of prompt.messages.slice(0, MAX_KEYS)) add(`${m.role}\u0001${m.content}`);
+      // Tools come first in the rendered prompt (templates put them in the system turn).
+      if (prompt.tools) add(`tools\u0001${JSON.stringify(prompt.tools)}`);
+      for (const m of prompt.messages.slice(0, MAX_KEYS)) {
+        add(`${m.role}\u0001${m.content}${m.tool_calls ? JSON.stringify(m.tool_calls) : ""}`);
+      }
       break;
     case "text":
       for (let i = 0; i + TEXT_CHUNK_CHARS <= prompt.text.length && keys.length < MAX_KEYS; i += TEXT_CHUNK_CHARS) {

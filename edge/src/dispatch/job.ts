@@ -48,7 +48,7 @@ export type JobEvent =
   /** A worker started choice `index`. */
   | { type: "start"; index: number; worker_id: string; pool: string }
   | { type: "delta"; index: number; text: string; num_tokens: number; logprobs?: Logprob[] }
-  | { type: "final"; index: number; finish_reason: "stop" | "length" | "abort"; usage: Usage }
+  | { type: "final"; index: number; finish_reason: "stop" | "length" | "abort" | "tool_calls"; usage: Usage }
   /** Terminal: the job failed; nothing follows. */
   | { type: "error"; error: ApiErrorInfo }
   /** Terminal: every choice finished; `usage` is what was settled. */

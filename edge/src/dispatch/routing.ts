@@ -31,8 +31,12 @@ export function estimatePromptTokens(prompt: Prompt): PromptEstimate {
       return { tokens: 1 + Math.ceil(utf8Length(prompt.text) / BYTES_PER_TOKEN), exact: false };
     case "chat": {
       let tokens = 2;
-      for (const m of prompt.messages)
-        tokens += CHAT_MESSAGE_OVERHEAD + Math.ceil(utf8Length(m.content) / BYTES_PER_TOKEN);
+      for (const m of prompt.messages) {
+        const calls = m.tool_calls?.map((c) => c.function.name + c.function.arguments).join("") ?? "";
+        tokens += CHAT_MESSAGE_OVERHEAD + Math.ceil(utf8Length((m.content ?? "") + calls) / BYTES_PER_TOKEN);
+      }
+      // Tool definitions are rendered into the prompt by the chat template.
+      if (prompt.tools) tokens += Math.ceil(utf8Length(JSON.stringify(prompt.tools)) / BYTES_PER_TOKEN);
       return { tokens, exact: false };
     }
   }

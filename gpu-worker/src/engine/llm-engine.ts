@@ -1,13 +1,17 @@
-import { freemem } from "node:os";
+import { availableParallelism, freemem } from "node:os";
 import { compileModel } from "../model/compiled-model.ts";
 import { type LlamaConfig, loadLlamaConfig } from "../model/config.ts";
+import type { Quantization } from "../model/quantize.ts";
 import { LlamaTokenizer } from "../tokenizer/tokenizer.ts";
 import { IncrementalDetokenizer } from "./detokenizer.ts";
+import { GrammarCache, type GrammarSpec, type SequenceGrammar } from "./grammar.ts";
 import { KVCacheManager } from "./kv-cache-manager.ts";
 import { ModelRunner, type StepOutput, type StepSequence } from "./model-runner.ts";
 import { finishReasonOf, isFinished, Request, RequestStatus } from "./request.ts";
-import { type SamplingRow, SeededRng, sampleBatch, validateSamplingParams } from "./sampler.ts";
+import { type SamplingRow, sampleBatch } from "./sampler.ts";
+import { validateSamplingParams } from "./sampling-params.ts";
 import { Scheduler } from "./scheduler.ts";
+import { SeededRng } from "./seeded-rng.ts";
 import { StopStringChecker } from "./stop-checker.ts";
 import type { EngineEvent, EngineRequest, EngineStats, TokenLogprob } from "./types.ts";
 
@@ -29,6 +33,9 @@ export interface EngineOptions {
   /** Context length; default and maximum: the model's max_position_embeddings. */
   maxModelLen?: number;
   executionProvider?: "cpu" | "cuda";
+  /** Weight format the checkpoint is compiled to; default "none" (f32). */
+  quantization?: Quantization;
+  /** ONNX Runtime intra-op threads; default every core (its own default picks one core on some VMs). */
   numThreads?: number;
   /** ONNX Runtime thread spinning between operators; default on (see ModelRunnerOptions.allowSpinning). */
   allowSpinning?: boolean;
@@ -47,6 +54,24 @@ export class EngineRequestError extends Error {
   }
 }
 
+/**
+ * One sequence failed on its own (non-finite logits, an error while sampling or processing its output). Only that
+ * request ends; the worker reports it as an internal error.
+ */
+export class EngineSequenceError extends Error {
+  override name = "EngineSequenceError";
+  readonly code = "internal";
+}
+
+/**
+ * A step failed in a way no single sequence explains (the model run itself). The step's requests end with this;
+ * retrying them, here or on another worker, may succeed.
+ */
+export class EngineStepError extends Error {
+  override name = "EngineStepError";
+  readonly code = "unavailable";
+}
+
 /** Per-request output state: where its events go, and the text pipeline (detokenizer, then stop strings). */
 interface OutputState {
   request: Request;
@@ -54,6 +79,8 @@ interface OutputState {
   detok: IncrementalDetokenizer;
   stops: StopStringChecker;
   abortRequested: boolean;
+  /** The request's grammar matcher (constrained decoding), advanced with every output token. */
+  grammar: SequenceGrammar | null;
 }
 
 /**
@@ -67,6 +94,7 @@ export class LLMEngine {
   private stepping = false;
   private loopRunning = false;
   private readonly recentTokens: { t: number; n: number }[] = [];
+  #grammars: GrammarCache | null = null;
 
   private constructor(
     readonly cfg: LlamaConfig,
@@ -90,25 +118,32 @@ export class LLMEngine {
     const maxNumSeqs = opts.maxNumSeqs ?? 64;
     const blockSize = opts.blockSize ?? 16;
     const bytesPerBlock = ModelRunner.kvBytesPerToken(cfg) * blockSize;
-    let kvBytes = opts.kvCacheBytes;
-    if (kvBytes === undefined) {
-      kvBytes =
-        opts.kvCacheFraction !== undefined
-          ? opts.kvCacheFraction * freemem()
-          : Math.min(maxNumSeqs * Math.ceil(maxModelLen / blockSize) * bytesPerBlock, 4 * 1024 ** 3, freemem() / 2);
-    }
-    const numBlocks = Math.floor(kvBytes / bytesPerBlock);
-    if (numBlocks < 1) throw new Error(`KV cache budget of ${kvBytes} bytes holds no block of ${bytesPerBlock} bytes`);
     const compiled = compileModel(opts.modelDir, cfg, {
+      quantization: opts.quantization,
       onProgress: opts.onProgress && ((d, t) => opts.onProgress?.("compile", d, t)),
     });
+    // The pool is sized once the weights are in memory, from what is left then.
+    const sizePool = (): number => {
+      let kvBytes = opts.kvCacheBytes;
+      if (kvBytes === undefined) {
+        const available = availableMemory();
+        kvBytes =
+          opts.kvCacheFraction !== undefined
+            ? opts.kvCacheFraction * available
+            : Math.min(maxNumSeqs * Math.ceil(maxModelLen / blockSize) * bytesPerBlock, 4 * 1024 ** 3, available / 2);
+      }
+      const n = Math.floor(kvBytes / bytesPerBlock);
+      if (n < 1) throw new Error(`KV cache budget of ${kvBytes} bytes holds no block of ${bytesPerBlock} bytes`);
+      return n;
+    };
     const runner = await ModelRunner.create(compiled, cfg, {
-      numBlocks,
+      numBlocks: sizePool,
       blockSize,
       executionProvider: opts.executionProvider,
-      numThreads: opts.numThreads,
+      numThreads: opts.numThreads ?? availableParallelism(),
       allowSpinning: opts.allowSpinning,
     });
+    const numBlocks = runner.numBlocks;
     const kv = new KVCacheManager({ numBlocks, blockSize, enablePrefixCaching: opts.enablePrefixCaching ?? true });
     const scheduler = new Scheduler({ maxNumSeqs, maxNumBatchedTokens: opts.maxNumBatchedTokens ?? 512 }, kv);
     const modelName = opts.modelDir.replace(/\/+$/, "").split("/").pop() ?? "model";
@@ -162,16 +197,43 @@ export class LLMEngine {
     const rng = new SeededRng(params.seed ?? randomSeed());
     const request = new Request(req.requestId, promptIds, params, rng, maxTotal, this.arrivals++);
     const channel = new EventChannel(() => this.abort(req.requestId));
-    this.states.set(req.requestId, {
+    const st: OutputState = {
       request,
       channel,
       detok: new IncrementalDetokenizer(this.tokenizer, promptIds),
       stops: new StopStringChecker(params.stop),
       abortRequested: false,
-    });
-    this.scheduler.add(request);
-    this.kick();
+      grammar: null,
+    };
+    this.states.set(req.requestId, st);
+    if (req.grammar) this.queueWithGrammar(st, req.grammar);
+    else {
+      this.scheduler.add(request);
+      this.kick();
+    }
     return channel;
+  }
+
+  /** Compiled grammars of this engine's tokenizer (created on first use). */
+  get grammars(): GrammarCache {
+    this.#grammars ??= GrammarCache.for(this.tokenizer, this.cfg.vocabSize, this.cfg.eosTokenIds);
+    return this.#grammars;
+  }
+
+  /** Queues the request once its grammar is compiled (or found in the cache); a bad grammar fails its stream. */
+  private queueWithGrammar(st: OutputState, spec: GrammarSpec): void {
+    this.grammars.matcher(spec).then(
+      (matcher) => {
+        if (isFinished(st.request.status)) {
+          matcher.dispose(); // aborted while compiling
+          return;
+        }
+        st.grammar = matcher;
+        this.scheduler.add(st.request);
+        this.kick();
+      },
+      (err) => this.fail(st, err instanceof Error ? err : new Error(String(err))),
+    );
   }
 
   /** Abort a request (client went away). Its blocks are free before the next step. */
@@ -232,7 +294,11 @@ export class LLMEngine {
     }
   }
 
-  /** One iteration: schedule, run the model, sample, stream out. */
+  /**
+   * One iteration: schedule, run the model, sample, stream out. Failures are contained: a sequence whose
+   * sampling or output processing fails ends alone with an error; a model run that fails ends the step's
+   * sequences with a retriable error. Either way the other requests and the next step carry on.
+   */
   async step(): Promise<void> {
     const plan = this.scheduler.schedule();
     if (plan.scheduled.length === 0) return;
@@ -250,6 +316,16 @@ export class LLMEngine {
         return { tokenIds, startPos: start, blockTable, needLogits };
       });
       out = await this.runner.execute(seqs, temperatures);
+    } catch (e) {
+      // Not attributable to one sequence: the step's sequences end (their KV may be half written), nothing else.
+      const err = new EngineStepError(`the engine step failed: ${e instanceof Error ? e.message : String(e)}`, {
+        cause: e,
+      });
+      for (const { request } of plan.scheduled) {
+        const st = this.states.get(request.requestId);
+        if (st) this.fail(st, err);
+      }
+      return;
     } finally {
       this.stepping = false;
     }
@@ -261,20 +337,40 @@ export class LLMEngine {
       this.kv.cacheFullBlocks(request.requestId, request.tokenIds, request.numComputedTokens);
       if (request.numComputedTokens === request.numTokens) {
         const st = this.states.get(request.requestId)!;
+        let allowedTokens: Int32Array | undefined;
+        try {
+          allowedTokens = await st.grammar?.nextTokenBitmask();
+        } catch (e) {
+          const message = e instanceof Error ? e.message : String(e);
+          this.fail(st, new EngineSequenceError(`the grammar failed: ${message}`, { cause: e }));
+          continue;
+        }
         sampled.push(st);
         sampleRows.push({
           params: request.params,
           rng: request.rng,
           promptTokenIds: request.promptTokenIds,
           outputTokenIds: request.outputTokenIds,
+          allowedTokens,
         });
       }
     }
-    const tokens = sampleBatch(out.logits, this.cfg.vocabSize, sampleRows, out.probs, out.argmax);
+    const tokens = sampleBatch(out.logits, this.cfg.vocabSize, sampleRows, out);
     let generated = 0;
     sampled.forEach((st, i) => {
       if (st.abortRequested) return;
-      this.appendToken(st, tokens[i].tokenId, tokens[i].logprob, tokens[i].topLogprobs);
+      const t = tokens[i];
+      if (t.error !== undefined) {
+        this.fail(st, new EngineSequenceError(t.error));
+        return;
+      }
+      try {
+        this.appendToken(st, t.tokenId, t.logprob, t.topLogprobs);
+      } catch (e) {
+        const message = e instanceof Error ? e.message : String(e);
+        this.fail(st, new EngineSequenceError(`output processing failed: ${message}`, { cause: e }));
+        return;
+      }
       generated++;
     });
     if (generated > 0) this.recentTokens.push({ t: performance.now(), n: generated });
@@ -291,18 +387,27 @@ export class LLMEngine {
     const req = st.request;
     const p = req.params;
     req.appendOutput(tokenId);
-    const isStopToken = (!p.ignoreEos && this.cfg.eosTokenIds.includes(tokenId)) || p.stopTokenIds.includes(tokenId);
+    if (st.grammar && !st.grammar.accept(tokenId)) {
+      throw new Error(`token ${tokenId} was sampled outside the request's grammar`);
+    }
+    // A completed grammar ends the sequence with its stop token, ignore_eos or not.
+    const isStopToken =
+      st.grammar?.isTerminated === true ||
+      (!p.ignoreEos && this.cfg.eosTokenIds.includes(tokenId)) ||
+      p.stopTokenIds.includes(tokenId);
     let text = "";
-    let stopped = isStopToken;
+    let stopString = false;
     if (!isStopToken) {
+      // a stop token's own text is never emitted
       const r = st.stops.push(st.detok.push(tokenId));
       text = r.emit;
-      stopped = r.stopped;
+      stopString = r.stopped;
     }
-    let status: RequestStatus | null = stopped ? RequestStatus.FINISHED_STOPPED : null;
+    let status: RequestStatus | null = isStopToken || stopString ? RequestStatus.FINISHED_STOPPED : null;
     if (status === null && req.numTokens >= req.maxTotalTokens) status = RequestStatus.FINISHED_LENGTH;
-    if (status !== null && !stopped) {
-      // Release text held back for a possible stop string or an incomplete character.
+    if (status !== null && !stopString) {
+      // Ending for any reason but a stop string: release the text held back for a possible stop string or an
+      // incomplete character (with stop ["\n\n"], a final "\n" before EOS is real output).
       const r = st.stops.push(st.detok.flush());
       text += r.emit + (r.stopped ? "" : st.stops.flush());
       if (r.stopped) status = RequestStatus.FINISHED_STOPPED;
@@ -336,6 +441,7 @@ export class LLMEngine {
     if (isFinished(req.status)) return;
     this.scheduler.finish(req, status);
     this.states.delete(req.requestId);
+    st.grammar?.dispose();
     st.channel.push({
       type: "final",
       finishReason: finishReasonOf(status),
@@ -349,13 +455,31 @@ export class LLMEngine {
     st.channel.close();
   }
 
-  private failAll(err: unknown): void {
-    for (const st of [...this.states.values()]) {
-      this.scheduler.finish(st.request, RequestStatus.FINISHED_ABORTED);
-      this.states.delete(st.request.requestId);
-      st.channel.fail(err instanceof Error ? err : new Error(String(err)));
-    }
+  /** End one request with an error (its stream throws it); its blocks are freed before the next step. */
+  private fail(st: OutputState, err: Error): void {
+    if (isFinished(st.request.status)) return;
+    this.scheduler.finish(st.request, RequestStatus.FINISHED_ABORTED);
+    this.states.delete(st.request.requestId);
+    st.grammar?.dispose();
+    st.channel.fail(err);
   }
+
+  /** A failure outside any step (a scheduler invariant broke): every request ends, retriably; the engine stays up. */
+  private failAll(err: unknown): void {
+    const cause = err instanceof Error ? err : new Error(String(err));
+    const stepErr = new EngineStepError(`the engine failed: ${cause.message}`, { cause });
+    for (const st of [...this.states.values()]) this.fail(st, stepErr);
+  }
+}
+
+/**
+ * Bytes this process could still allocate: the host's available memory, bounded by the container's memory limit
+ * (cgroup) when there is one, since a pod sees the whole node's free memory.
+ */
+export function availableMemory(): number {
+  const limit = process.constrainedMemory?.() ?? 0;
+  const free = freemem();
+  return limit > 0 ? Math.min(free, Math.max(0, limit - process.memoryUsage.rss())) : free;
 }
 
 function randomSeed(): number {

@@ -1,4 +1,4 @@
-import type { SeededRng } from "./sampler.ts";
+import type { SeededRng } from "./seeded-rng.ts";
 import type { FinishReason, SamplingParams } from "./types.ts";
 
 export enum RequestStatus {

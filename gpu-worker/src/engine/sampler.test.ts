@@ -1,13 +1,8 @@
 import fc from "fast-check";
 import { describe, expect, it } from "vitest";
-import {
-  type SampledToken,
-  SamplingParamError,
-  type SamplingRow,
-  SeededRng,
-  sampleBatch,
-  validateSamplingParams,
-} from "./sampler.ts";
+import { type SampledToken, type SamplingFailure, type SamplingRow, sampleBatch } from "./sampler.ts";
+import { validateSamplingParams } from "./sampling-params.ts";
+import { SeededRng } from "./seeded-rng.ts";
 import type { SamplingParams } from "./types.ts";
 
 /** Always draws `u`, so a test can place the draw in the kept distribution's CDF exactly. */
@@ -28,6 +23,12 @@ function row(p: Partial<SamplingParams>, rng: SeededRng | null, extra: Partial<S
   return { params: params(p), rng, promptTokenIds: [], outputTokenIds: [], ...extra };
 }
 
+/** The row's token; fails the test if the row could not be sampled. */
+function ok(t: SampledToken | SamplingFailure): SampledToken {
+  if (t.error !== undefined) throw new Error(`row failed: ${t.error}`);
+  return t;
+}
+
 /** Samples one row from logits given as plain numbers. */
 function sample1(
   logits: number[],
@@ -35,111 +36,11 @@ function sample1(
   u = 0.5,
   extra: Partial<SamplingRow> = {},
 ): SampledToken {
-  return sampleBatch(Float32Array.from(logits), logits.length, [row(p, new FixedRng(u), extra)])[0];
+  return ok(sampleBatch(Float32Array.from(logits), logits.length, [row(p, new FixedRng(u), extra)])[0]);
 }
 
 /** Logits whose softmax at temperature 1 is `probs`. */
 const fromProbs = (probs: number[]) => probs.map(Math.log);
-
-describe("validateSamplingParams", () => {
-  it("applies the defaults", () => {
-    expect(validateSamplingParams({}, { vocabSize: 10 })).toEqual({
-      temperature: 1,
-      topP: 1,
-      topK: 0,
-      minP: 0,
-      repetitionPenalty: 1,
-      presencePenalty: 0,
-      frequencyPenalty: 0,
-      logitBias: {},
-      seed: null,
-      maxTokens: null,
-      stop: [],
-      stopTokenIds: [],
-      ignoreEos: false,
-      logprobs: false,
-      topLogprobs: 0,
-    });
-  });
-
-  it("keeps valid values, treats null as not given and normalises top_k -1 to 0", () => {
-    const p = validateSamplingParams(
-      {
-        temperature: 0,
-        topP: 0.5,
-        topK: -1,
-        minP: 1,
-        seed: -7,
-        maxTokens: 3,
-        stop: ["a"],
-        logitBias: { 9: -100 },
-        logprobs: true,
-        topLogprobs: 20,
-        frequencyPenalty: null as unknown as number,
-      },
-      { vocabSize: 10 },
-    );
-    expect(p).toMatchObject({ temperature: 0, topP: 0.5, topK: 0, minP: 1, seed: -7, maxTokens: 3, stop: ["a"] });
-    expect(p).toMatchObject({ logitBias: { 9: -100 }, logprobs: true, topLogprobs: 20, frequencyPenalty: 0 });
-  });
-
-  const bad: [Partial<SamplingParams> | Record<string, unknown>, string][] = [
-    [{ temperature: -0.1 }, "temperature"],
-    [{ temperature: Number.NaN }, "temperature"],
-    [{ temperature: "1" }, "temperature"],
-    [{ topP: 0 }, "top_p"],
-    [{ topP: 1.01 }, "top_p"],
-    [{ topK: -2 }, "top_k"],
-    [{ topK: 1.5 }, "top_k"],
-    [{ minP: -0.1 }, "min_p"],
-    [{ minP: 1.1 }, "min_p"],
-    [{ repetitionPenalty: 0 }, "repetition_penalty"],
-    [{ presencePenalty: 2.5 }, "presence_penalty"],
-    [{ frequencyPenalty: -2.5 }, "frequency_penalty"],
-    [{ logitBias: { 10: 1 } }, "logit_bias"],
-    [{ logitBias: { 1: 101 } }, "logit_bias"],
-    [{ logitBias: { "-1": 1 } }, "logit_bias"],
-    [{ logitBias: { x: 1 } }, "logit_bias"],
-    [{ seed: 1.5 }, "seed"],
-    [{ seed: 2 ** 60 }, "seed"],
-    [{ maxTokens: 0 }, "max_tokens"],
-    [{ maxTokens: 2.5 }, "max_tokens"],
-    [{ stop: [""] }, "stop"],
-    [{ stop: "x" }, "stop"],
-    [{ stop: Array.from({ length: 17 }, (_, i) => `s${i}`) }, "stop"],
-    [{ stopTokenIds: [10] }, "stop_token_ids"],
-    [{ ignoreEos: 1 }, "ignore_eos"],
-    [{ logprobs: "yes" }, "logprobs"],
-    [{ logprobs: true, topLogprobs: 21 }, "top_logprobs"],
-    [{ topLogprobs: 2 }, "top_logprobs"], // needs logprobs: true
-  ];
-  it.each(bad)("rejects %j naming %s", (p, name) => {
-    let err: unknown;
-    try {
-      validateSamplingParams(p as Partial<SamplingParams>, { vocabSize: 10 });
-    } catch (e) {
-      err = e;
-    }
-    expect(err).toBeInstanceOf(SamplingParamError);
-    expect((err as SamplingParamError).param).toBe(name);
-    expect((err as SamplingParamError).message).toContain(name);
-  });
-});
-
-describe("SeededRng", () => {
-  it("is reproducible per seed, distinct across seeds, and uniform in [0, 1)", () => {
-    const draw = (rng: SeededRng, n: number) => Array.from({ length: n }, () => rng.next());
-    expect(draw(new SeededRng(42), 5)).toEqual(draw(new SeededRng(42), 5));
-    expect(draw(new SeededRng(42), 5)).not.toEqual(draw(new SeededRng(43), 5));
-    expect(draw(new SeededRng(-1), 5)).not.toEqual(draw(new SeededRng(2 ** 53 - 1), 5));
-    const xs = draw(new SeededRng(7), 20000);
-    expect(xs.every((x) => x >= 0 && x < 1)).toBe(true);
-    const mean = xs.reduce((a, b) => a + b, 0) / xs.length;
-    expect(Math.abs(mean - 0.5)).toBeLessThan(0.01);
-    expect(draw(SeededRng.forSeed(null), 3)).not.toEqual(draw(SeededRng.forSeed(null), 3));
-    expect(() => new SeededRng(0.5)).toThrow(RangeError);
-  });
-});
 
 describe("sampleBatch", () => {
   it("greedy picks the argmax, the lowest id on ties, and still advances the generator once", () => {
@@ -341,7 +242,7 @@ describe("sampleBatch", () => {
         expect(logits[t.tokenId]).toBeGreaterThanOrEqual(kth);
       }
       // The least likely kept token is reachable: u near 1 lands on the highest kept id.
-      const [last] = sampleBatch(logits, V, [row({ topK: k, temperature: 1000 }, new FixedRng(0.9999999))]);
+      const [last] = sampleBatch(logits, V, [row({ topK: k, temperature: 100 }, new FixedRng(0.9999999))]);
       const keptIds = [...logits.keys()].filter((j) => logits[j] >= kth);
       expect(last.tokenId).toBeGreaterThanOrEqual(keptIds[keptIds.length - 5]);
     }
@@ -352,7 +253,7 @@ describe("sampleBatch", () => {
     const g = new SeededRng(9);
     const logits = Float32Array.from({ length: V }, () => Math.round(g.next() * 500) / 50); // many ties
     const lse = Math.log(logits.reduce((a, x) => a + Math.exp(x), 0));
-    const [t] = sampleBatch(logits, V, [row({ logprobs: true, topLogprobs: 20 }, new SeededRng(1))]);
+    const t = ok(sampleBatch(logits, V, [row({ logprobs: true, topLogprobs: 20 }, new SeededRng(1))])[0]);
     const want = [...logits.keys()].sort((a, b) => logits[b] - logits[a] || a - b).slice(0, 20);
     expect(t.topLogprobs!.map((x) => x.tokenId)).toEqual(want);
     for (const x of t.topLogprobs!) expect(x.logprob).toBeCloseTo(logits[x.tokenId] - lse, 9);
@@ -427,6 +328,47 @@ function referenceSample(
   return kept[kept.length - 1];
 }
 
+describe("one row's failure stays in that row", () => {
+  const V = 64;
+  const base = (seed: number) => Float32Array.from({ length: V }, (_, j) => Math.sin(j * 0.7 + seed) * 4);
+  const params4: Partial<SamplingParams>[] = [
+    { temperature: 0 },
+    { temperature: 0.8, seed: 3 },
+    { temperature: 1, topP: 0.9, seed: 4 },
+    { temperature: 0.7, topK: 5, minP: 0.05, repetitionPenalty: 1.3, seed: 5 },
+  ];
+  const rowsFor = () => params4.map((p, i) => row(p, new SeededRng(i + 10), { promptTokenIds: [1, 2, 3] }));
+  const alone = params4.map((_, i) => ok(sampleBatch(base(i), V, [rowsFor()[i]])[0]).tokenId);
+
+  it.each([
+    ["NaN", Number.NaN],
+    ["+Infinity", Number.POSITIVE_INFINITY],
+    ["-Infinity", Number.NEGATIVE_INFINITY],
+  ])("a %s in one row fails that row only; the others sample as they would alone", (_, bad) => {
+    for (let victim = 0; victim < params4.length; victim++) {
+      const logits = new Float32Array(V * params4.length);
+      for (let i = 0; i < params4.length; i++) logits.set(base(i), i * V);
+      logits[victim * V + 17] = bad;
+      const rowSums = Float32Array.from(params4, (_, i) => logits.subarray(i * V, (i + 1) * V).reduce((a, b) => a + b));
+      const out = sampleBatch(logits, V, rowsFor(), { rowSums });
+      out.forEach((t, i) => {
+        if (i === victim) expect(t.error).toMatch(/non-finite logits/);
+        else expect(ok(t).tokenId).toBe(alone[i]);
+      });
+    }
+  });
+
+  it("without the model's row sums, a row with infinities still fails alone rather than yielding a bad token", () => {
+    const logits = new Float32Array(2 * V);
+    logits.set(base(0), 0);
+    logits.set(base(1), V);
+    logits.fill(Number.POSITIVE_INFINITY, 0, 3);
+    const [bad, good] = sampleBatch(logits, V, [row({ temperature: 1, seed: 1 }, new SeededRng(1)), rowsFor()[1]]);
+    expect(bad.error).toBeDefined();
+    expect(ok(good).tokenId).toBe(alone[1]);
+  });
+});
+
 describe("sampling from the model's probabilities", () => {
   const V = 1000;
   const logits = Float32Array.from({ length: V }, (_, j) => Math.sin(j * 12.9898) * 6);
@@ -444,7 +386,7 @@ describe("sampling from the model's probabilities", () => {
         promptTokenIds: [1],
         outputTokenIds: [],
       };
-      return sampleBatch(logits, V, [row], probs)[0].tokenId;
+      return sampleBatch(logits, V, [row], { probs })[0].tokenId;
     });
 
   it("draws the same tokens as the logits path for the same seeds", () => {
@@ -467,7 +409,7 @@ describe("sampling from the model's probabilities", () => {
           promptTokenIds: [1],
           outputTokenIds: [],
         };
-        return sampleBatch(flat, W, [r], pr)[0].tokenId;
+        return sampleBatch(flat, W, [r], { probs: pr })[0].tokenId;
       });
     expect(drawW(probs)).toEqual(drawW());
   });
@@ -489,11 +431,11 @@ describe("greedy rows with the model's argmax", () => {
   });
   it("takes the model's argmax when nothing edited the logits", () => {
     // a deliberately different argmax proves it is used, not recomputed
-    expect(sampleBatch(logits, V, [row({ temperature: 0 })], undefined, BigInt64Array.from([4n]))[0].tokenId).toBe(4);
+    expect(sampleBatch(logits, V, [row({ temperature: 0 })], { argmax: BigInt64Array.from([4n]) })[0].tokenId).toBe(4);
     expect(sampleBatch(logits, V, [row({ temperature: 0 })])[0].tokenId).toBe(2);
   });
   it("recomputes it after logit_bias changed the logits", () => {
     const biased = row({ temperature: 0, logitBias: { 7: 10 } });
-    expect(sampleBatch(logits, V, [biased], undefined, BigInt64Array.from([2n]))[0].tokenId).toBe(7);
+    expect(sampleBatch(logits, V, [biased], { argmax: BigInt64Array.from([2n]) })[0].tokenId).toBe(7);
   });
 });

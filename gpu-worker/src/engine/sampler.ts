@@ -1,260 +1,21 @@
 /**
- * Sampling-parameter validation and batched token sampling, one `sampleBatch` call per engine step.
+ * Batched token sampling, one `sampleBatch` call per engine step (parameters come validated, see
+ * sampling-params.ts; each row draws from its own generator, see seeded-rng.ts).
  *
  * Order per row, as vLLM v1 applies it: logit_bias, penalties (repetition over prompt+output, presence and
  * frequency over output), then temperature (0 = greedy argmax), min_p, top_k, top_p, and one draw from the
  * row's generator. Filters are thresholds over the row, so nothing is sorted except, for top_p, the few
  * tokens at the edge of the nucleus. Returned logprobs come from the raw logits (vLLM's default).
  *
+ * A row with a grammar bitmask (constrained decoding, see grammar.ts) is sampled from a copy of its logits where
+ * every disallowed token is -Infinity, before anything else, as vLLM applies the mask to the model's logits; its
+ * logprobs are those of the masked row.
+ *
  * @module
  */
 
-import { getRandomValues } from "node:crypto";
+import type { SeededRng } from "./seeded-rng.ts";
 import type { SamplingParams } from "./types.ts";
-
-// ---------------------------------------------------------------------------------------------------------------
-// Parameter validation
-// ---------------------------------------------------------------------------------------------------------------
-
-/** A sampling parameter out of range; `param` is its API (snake_case) name, and the message names it too. */
-export class SamplingParamError extends Error {
-  override name = "SamplingParamError";
-  constructor(
-    readonly param: string,
-    message: string,
-  ) {
-    super(message);
-  }
-}
-
-const MAX_STOP_STRINGS = 16;
-const MAX_TOP_LOGPROBS = 20;
-
-/** A number field: null/undefined give the default, anything else must be a finite number. */
-function num(raw: Record<string, unknown>, key: string, param: string, dflt: number): number {
-  const v = raw[key];
-  if (v === undefined || v === null) return dflt;
-  if (typeof v !== "number" || !Number.isFinite(v)) {
-    throw new SamplingParamError(param, `${param} must be a finite number, got ${JSON.stringify(v)}`);
-  }
-  return v;
-}
-
-function bool(raw: Record<string, unknown>, key: string, param: string): boolean {
-  const v = raw[key];
-  if (v === undefined || v === null) return false;
-  if (typeof v !== "boolean")
-    throw new SamplingParamError(param, `${param} must be a boolean, got ${JSON.stringify(v)}`);
-  return v;
-}
-
-function check(ok: boolean, param: string, message: string): void {
-  if (!ok) throw new SamplingParamError(param, message);
-}
-
-function tokenIds(raw: Record<string, unknown>, key: string, param: string, vocabSize: number): number[] {
-  const v = raw[key];
-  if (v === undefined || v === null) return [];
-  check(Array.isArray(v), param, `${param} must be a list of token ids`);
-  const ids = v as unknown[];
-  for (const id of ids) {
-    check(
-      Number.isInteger(id) && (id as number) >= 0 && (id as number) < vocabSize,
-      param,
-      `${param}: ${JSON.stringify(id)} is not a token id in [0, ${vocabSize})`,
-    );
-  }
-  return [...(ids as number[])];
-}
-
-/**
- * Applies defaults to a request's sampling parameters and rejects invalid ones (vLLM's ranges). The input may
- * come from an untrusted client, so types are checked at runtime; null counts as "not given".
- * top_k -1 is normalised to 0 (both mean "off").
- *
- * @throws SamplingParamError naming the parameter as the OpenAI/vLLM API spells it.
- * @example
- * validateSamplingParams({ temperature: 0.7, topP: 0.9 }, { vocabSize: 32000 }).topK; // 0
- */
-export function validateSamplingParams(p: Partial<SamplingParams>, ctx: { vocabSize: number }): SamplingParams {
-  const raw = p as Record<string, unknown>;
-
-  const temperature = num(raw, "temperature", "temperature", 1);
-  check(temperature >= 0, "temperature", `temperature must be non-negative, got ${temperature}`);
-  const topP = num(raw, "topP", "top_p", 1);
-  check(topP > 0 && topP <= 1, "top_p", `top_p must be in (0, 1], got ${topP}`);
-  const topK = num(raw, "topK", "top_k", 0);
-  check(
-    Number.isInteger(topK) && topK >= -1,
-    "top_k",
-    `top_k must be -1 or 0 (disabled) or an integer >= 1, got ${topK}`,
-  );
-  const minP = num(raw, "minP", "min_p", 0);
-  check(minP >= 0 && minP <= 1, "min_p", `min_p must be in [0, 1], got ${minP}`);
-  const repetitionPenalty = num(raw, "repetitionPenalty", "repetition_penalty", 1);
-  check(
-    repetitionPenalty > 0,
-    "repetition_penalty",
-    `repetition_penalty must be greater than 0, got ${repetitionPenalty}`,
-  );
-  const presencePenalty = num(raw, "presencePenalty", "presence_penalty", 0);
-  check(
-    Math.abs(presencePenalty) <= 2,
-    "presence_penalty",
-    `presence_penalty must be in [-2, 2], got ${presencePenalty}`,
-  );
-  const frequencyPenalty = num(raw, "frequencyPenalty", "frequency_penalty", 0);
-  check(
-    Math.abs(frequencyPenalty) <= 2,
-    "frequency_penalty",
-    `frequency_penalty must be in [-2, 2], got ${frequencyPenalty}`,
-  );
-
-  const logitBias: Record<number, number> = {};
-  const bias = raw["logitBias"];
-  if (bias !== undefined && bias !== null) {
-    check(
-      typeof bias === "object" && !Array.isArray(bias),
-      "logit_bias",
-      "logit_bias must be a map of token id to bias",
-    );
-    for (const [key, value] of Object.entries(bias as Record<string, unknown>)) {
-      const id = Number(key);
-      check(
-        key.trim() !== "" && Number.isInteger(id) && id >= 0 && id < ctx.vocabSize,
-        "logit_bias",
-        `logit_bias: ${JSON.stringify(key)} is not a token id in [0, ${ctx.vocabSize})`,
-      );
-      check(
-        typeof value === "number" && value >= -100 && value <= 100,
-        "logit_bias",
-        `logit_bias for token ${key} must be in [-100, 100], got ${JSON.stringify(value)}`,
-      );
-      logitBias[id] = value as number;
-    }
-  }
-
-  const seedRaw = raw["seed"];
-  check(
-    seedRaw === undefined || seedRaw === null || Number.isSafeInteger(seedRaw),
-    "seed",
-    `seed must be an integer, got ${JSON.stringify(seedRaw)}`,
-  );
-  const seed = (seedRaw as number | null | undefined) ?? null;
-
-  const maxRaw = raw["maxTokens"];
-  check(
-    maxRaw === undefined || maxRaw === null || (Number.isSafeInteger(maxRaw) && (maxRaw as number) >= 1),
-    "max_tokens",
-    `max_tokens must be an integer >= 1, got ${JSON.stringify(maxRaw)}`,
-  );
-  const maxTokens = (maxRaw as number | null | undefined) ?? null;
-
-  const stopRaw = raw["stop"] ?? [];
-  check(
-    Array.isArray(stopRaw) && stopRaw.every((s) => typeof s === "string" && s.length > 0),
-    "stop",
-    "stop must be a list of non-empty strings",
-  );
-  const stop = [...(stopRaw as string[])];
-  check(stop.length <= MAX_STOP_STRINGS, "stop", `stop allows at most ${MAX_STOP_STRINGS} strings, got ${stop.length}`);
-
-  const logprobs = bool(raw, "logprobs", "logprobs");
-  const topLogprobs = num(raw, "topLogprobs", "top_logprobs", 0);
-  check(
-    Number.isInteger(topLogprobs) && topLogprobs >= 0 && topLogprobs <= MAX_TOP_LOGPROBS,
-    "top_logprobs",
-    `top_logprobs must be an integer in [0, ${MAX_TOP_LOGPROBS}], got ${topLogprobs}`,
-  );
-  check(topLogprobs === 0 || logprobs, "top_logprobs", "top_logprobs requires logprobs to be true");
-
-  return {
-    temperature,
-    topP,
-    topK: topK === -1 ? 0 : topK,
-    minP,
-    repetitionPenalty,
-    presencePenalty,
-    frequencyPenalty,
-    logitBias,
-    seed,
-    maxTokens,
-    stop,
-    stopTokenIds: tokenIds(raw, "stopTokenIds", "stop_token_ids", ctx.vocabSize),
-    ignoreEos: bool(raw, "ignoreEos", "ignore_eos"),
-    logprobs,
-    topLogprobs,
-  };
-}
-
-// ---------------------------------------------------------------------------------------------------------------
-// Per-request random generator
-// ---------------------------------------------------------------------------------------------------------------
-
-const MASK64 = (1n << 64n) - 1n;
-
-/**
- * xoshiro128** seeded through splitmix64. Each request owns one, so a seeded request's tokens depend only on
- * its seed and its own draws, never on the rest of the batch.
- */
-export class SeededRng {
-  private s0: number;
-  private s1: number;
-  private s2: number;
-  private s3: number;
-
-  /** @param seed any safe integer (negative ones too); distinct seeds give distinct streams. */
-  constructor(seed: number) {
-    if (!Number.isSafeInteger(seed)) throw new RangeError(`SeededRng: seed must be a safe integer, got ${seed}`);
-    let x = BigInt.asUintN(64, BigInt(seed));
-    const words: number[] = [];
-    for (let i = 0; i < 2; i++) {
-      x = (x + 0x9e3779b97f4a7c15n) & MASK64;
-      let z = x;
-      z = ((z ^ (z >> 30n)) * 0xbf58476d1ce4e5b9n) & MASK64;
-      z = ((z ^ (z >> 27n)) * 0x94d049bb133111ebn) & MASK64;
-      z ^= z >> 31n;
-      words.push(Number(z & 0xffffffffn), Number(z >> 32n));
-    }
-    [this.s0, this.s1, this.s2, this.s3] = words;
-    if ((this.s0 | this.s1 | this.s2 | this.s3) === 0) this.s0 = 1; // the all-zero state is a fixed point
-  }
-
-  /** A generator for `seed`, or one seeded from the OS entropy source when seed is null. */
-  static forSeed(seed: number | null): SeededRng {
-    if (seed !== null) return new SeededRng(seed);
-    const [hi, lo] = getRandomValues(new Uint32Array(2));
-    return new SeededRng((hi & 0x1fffff) * 2 ** 32 + lo);
-  }
-
-  /** Uniform in [0, 1) with 53 random bits. */
-  next(): number {
-    const a = this.nextUint32() >>> 5;
-    const b = this.nextUint32() >>> 6;
-    return (a * 67108864 + b) / 9007199254740992;
-  }
-
-  private nextUint32(): number {
-    const s1 = this.s1;
-    const result = Math.imul(rotl(Math.imul(s1, 5), 7), 9) >>> 0;
-    const t = s1 << 9;
-    this.s2 ^= this.s0;
-    this.s3 ^= this.s1;
-    this.s1 ^= this.s2;
-    this.s0 ^= this.s3;
-    this.s2 ^= t;
-    this.s3 = rotl(this.s3, 11);
-    return result;
-  }
-}
-
-function rotl(x: number, k: number): number {
-  return (x << k) | (x >>> (32 - k));
-}
-
-// ---------------------------------------------------------------------------------------------------------------
-// Batched sampling
-// ---------------------------------------------------------------------------------------------------------------
 
 export interface SamplingRow {
   params: SamplingParams;
@@ -262,6 +23,8 @@ export interface SamplingRow {
   rng: SeededRng | null;
   promptTokenIds: readonly number[];
   outputTokenIds: readonly number[];
+  /** Grammar bitmask: bit `id % 32` of word `id >> 5` set iff token `id` may be sampled (greedy included). */
+  allowedTokens?: Int32Array;
 }
 
 export interface SampledToken {
@@ -270,6 +33,26 @@ export interface SampledToken {
   logprob?: number;
   /** The topLogprobs best tokens by raw logit, best first (lower id first on ties). */
   topLogprobs?: { tokenId: number; logprob: number }[];
+  error?: undefined;
+}
+
+/** A row that could not be sampled (non-finite logits, a failure in its processing). Only that row fails. */
+export interface SamplingFailure {
+  tokenId: -1;
+  error: string;
+}
+
+/** What the model computed alongside the logits, when it did (the engine's graph does). */
+export interface ModelSideOutputs {
+  /**
+   * softmax(logits / temperature) per row, computed in one vectorised op: rows whose logits no bias or penalty
+   * changes then draw from it with no exp per token.
+   */
+  probs?: Float32Array;
+  /** Each row's argmax: greedy rows with unedited logits take it as their token. */
+  argmax?: BigInt64Array;
+  /** Each row's sum of logits: not finite when the row holds a NaN or an infinity (one check per row, no scan). */
+  rowSums?: Float32Array;
 }
 
 /** vLLM treats temperatures below this as greedy. */
@@ -316,6 +99,7 @@ class Scratch {
   readonly copy: Float32Array; // quickselect workspace
   readonly flags: Uint8Array; // per token: SAVED | REPEATED
   readonly counts: Int32Array; // per token: occurrences in the output
+  readonly masked: Float32Array; // a grammar-masked row
   readonly binMass = new Float64Array(NUM_BINS);
   readonly heap = new Float64Array(MAX_HEAP_K);
   /** Sum of weight[0..n) after weighCandidates. */
@@ -332,6 +116,7 @@ class Scratch {
     this.copy = new Float32Array(vocabSize);
     this.flags = new Uint8Array(vocabSize);
     this.counts = new Int32Array(vocabSize);
+    this.masked = new Float32Array(vocabSize);
   }
 }
 
@@ -350,28 +135,34 @@ export function sampleBatch(
   logits: Float32Array,
   vocabSize: number,
   rows: SamplingRow[],
-  /**
-   * softmax(logits / temperature) per row, when the model computed it (the engine's graph does, in one
-   * vectorised op): rows whose logits no bias or penalty changes then draw from it with no exp per token.
-   */
-  probs?: Float32Array,
-  /** Each row's argmax, when the model computed it: greedy rows with unedited logits take it as their token. */
-  argmaxes?: BigInt64Array,
-): SampledToken[] {
+  model: ModelSideOutputs = {},
+): (SampledToken | SamplingFailure)[] {
   if (logits.length < rows.length * vocabSize) {
     throw new RangeError(`sampleBatch: ${logits.length} logits for ${rows.length} rows of ${vocabSize}`);
   }
   if (scratch === null || scratch.vocabSize !== vocabSize) scratch = new Scratch(vocabSize);
-  const s = scratch;
-  return rows.map((r, i) =>
-    sampleRow(
-      logits.subarray(i * vocabSize, (i + 1) * vocabSize),
-      r,
-      s,
-      probs?.subarray(i * vocabSize, (i + 1) * vocabSize),
-      argmaxes === undefined ? undefined : Number(argmaxes[i]),
-    ),
-  );
+  const { probs, argmax, rowSums } = model;
+  return rows.map((r, i) => {
+    if (rowSums !== undefined && !Number.isFinite(rowSums[i])) {
+      return { tokenId: -1, error: "the model produced non-finite logits (NaN or infinity) for this sequence" };
+    }
+    try {
+      const t = sampleRow(
+        logits.subarray(i * vocabSize, (i + 1) * vocabSize),
+        r,
+        scratch ?? new Scratch(vocabSize),
+        probs?.subarray(i * vocabSize, (i + 1) * vocabSize),
+        argmax === undefined ? undefined : Number(argmax[i]),
+      );
+      if (!Number.isInteger(t.tokenId) || t.tokenId < 0 || t.tokenId >= vocabSize) {
+        return { tokenId: -1, error: `sampling produced no valid token (got ${t.tokenId}); the logits are not finite` };
+      }
+      return t;
+    } catch (e) {
+      scratch = null; // a row that threw may have left marks in the shared buffers
+      return { tokenId: -1, error: `sampling failed: ${e instanceof Error ? e.message : String(e)}` };
+    }
+  });
 }
 
 function sampleRow(
@@ -381,6 +172,12 @@ function sampleRow(
   probs?: Float32Array,
   rowArgmax?: number,
 ): SampledToken {
+  if (r.allowedTokens !== undefined) {
+    // The model's probs and argmax describe the unmasked row: a masked row never takes those shortcuts.
+    row = maskedCopy(row, r.allowedTokens, s.masked);
+    probs = undefined;
+    rowArgmax = undefined;
+  }
   const p = r.params;
   const raw = p.logprobs || p.topLogprobs > 0 ? rawLogprobs(row, p.topLogprobs) : null;
   let tokenId: number;
@@ -400,6 +197,23 @@ function sampleRow(
   if (p.topLogprobs > 0 && raw !== null) {
     out.topLogprobs = raw.top.map((id) => ({ tokenId: id, logprob: row[id] - raw.lse }));
   }
+  return out;
+}
+
+/** `row` with every token the bitmask disallows set to -Infinity, written into `out`. */
+function maskedCopy(row: Float32Array, mask: Int32Array, out: Float32Array): Float32Array {
+  const V = row.length;
+  out.set(row);
+  let any = 0;
+  for (let w = 0, base = 0; base < V; w++, base += 32) {
+    const bits = w < mask.length ? mask[w] : 0;
+    any |= bits;
+    if (bits === -1) continue;
+    const end = Math.min(base + 32, V);
+    if (bits === 0) out.fill(Number.NEGATIVE_INFINITY, base, end);
+    else for (let id = base; id < end; id++) if (((bits >>> (id - base)) & 1) === 0) out[id] = Number.NEGATIVE_INFINITY;
+  }
+  if (any === 0) throw new RangeError("the grammar bitmask allows no token");
   return out;
 }
 

@@ -1,9 +1,11 @@
+import type { GrammarSpec } from "./grammar.ts";
+
 /**
  * The engine's in-process API, as the worker service (and the CLI) use it. Protocol types that cross the
  * edge/worker boundary live in `shared/`; these are the engine's own.
  */
 
-/** Sampling parameters of one request, after validation and defaults (see sampler.ts `validateSamplingParams`). */
+/** Sampling parameters of one request, after validation and defaults (see sampling-params.ts `validateSamplingParams`). */
 export interface SamplingParams {
   /** 0 = greedy. */
   temperature: number;
@@ -36,6 +38,8 @@ export interface EngineRequest {
   /** Text (the tokenizer adds bos per tokenizer_config) or token ids used as they are. */
   prompt: string | number[];
   sampling?: Partial<SamplingParams>;
+  /** Constrain the output to a grammar (structured output, tool calls); it ends with `stop` when complete. */
+  grammar?: GrammarSpec;
 }
 
 export interface TokenLogprob {
