@@ -48,7 +48,7 @@ function poolFor(specs: Spec[]) {
   return new ScriptedBackend((pool, r: SubmitRequest) => {
     // Each prompt starts with its spec's index.
     const text =
-      r.prompt.type === "chat" ? r.prompt.messages[0]!.content : r.prompt.type === "text" ? r.prompt.text : "";
+      (r.prompt.type === "chat" ? r.prompt.messages[0]!.content : r.prompt.type === "text" ? r.prompt.text : "") ?? "";
     const spec = specs[Number(text.split("|")[0])];
     if (!spec) throw new Error(`no spec for ${r.id}`);
     const context = testConfig.pools[pool]!.max_context;

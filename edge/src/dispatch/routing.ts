@@ -49,7 +49,8 @@ const TEMPLATE_MAX_PER_PROMPT = 16;
 
 /**
  * The most tokens a prompt can have: one per UTF-8 byte (a byte-fallback tokenizer never does worse) plus the
- * template's. What a budget that must never be overshot reserves.
+ * template's. Tool definitions and calls count twice their JSON's bytes (templates may indent it). What a budget
+ * that must never be overshot reserves.
  */
 export function maxPromptTokens(prompt: RequestMessageInput["prompt"]): number {
   switch (prompt.type) {
@@ -57,11 +58,13 @@ export function maxPromptTokens(prompt: RequestMessageInput["prompt"]): number {
       return prompt.token_ids.length;
     case "text":
       return TEMPLATE_MAX_PER_PROMPT + utf8Length(prompt.text);
-    case "chat":
+    case "chat": {
+      const json = (v: unknown) => (v === undefined ? 0 : 2 * utf8Length(JSON.stringify(v)));
       return prompt.messages.reduce(
-        (n, m) => n + TEMPLATE_MAX_PER_MESSAGE + utf8Length(m.content),
-        TEMPLATE_MAX_PER_PROMPT,
+        (n, m) => n + TEMPLATE_MAX_PER_MESSAGE + utf8Length(m.content ?? "") + json(m.tool_calls),
+        TEMPLATE_MAX_PER_PROMPT + json(prompt.tools),
       );
+    }
   }
 }
 
@@ -80,7 +83,7 @@ function minPromptTokens(prompt: Prompt): number {
     case "text":
       return Math.ceil(utf8Length(prompt.text) / MAX_BYTES_PER_TOKEN);
     case "chat":
-      return prompt.messages.reduce((n, m) => n + Math.ceil(utf8Length(m.content) / MAX_BYTES_PER_TOKEN), 0);
+      return prompt.messages.reduce((n, m) => n + Math.ceil(utf8Length(m.content ?? "") / MAX_BYTES_PER_TOKEN), 0);
   }
 }
 
