@@ -192,23 +192,23 @@ describe("accounting and cancellation", () => {
         ignore_eos: true,
       } as OpenAI.CompletionCreateParamsNonStreaming),
     );
-    const stream = await openai.chat.completions.create(
-      // ignore_eos is vLLM's extra: generate until max_tokens, long enough to be cut off.
-      {
-        model: MODEL,
-        messages: [{ role: "user", content: "Tell me everything" }],
-        max_tokens: 200,
-        stream: true,
-        ignore_eos: true,
-      } as OpenAI.ChatCompletionCreateParamsStreaming,
-    );
-    let requestId = "";
+    const { data: stream, response } = await openai.chat.completions
+      .create(
+        // ignore_eos is vLLM's extra: generate until max_tokens, long enough to be cut off.
+        {
+          model: MODEL,
+          messages: [{ role: "user", content: "Tell me everything" }],
+          max_tokens: 200,
+          stream: true,
+          ignore_eos: true,
+        } as OpenAI.ChatCompletionCreateParamsStreaming,
+      )
+      .withResponse();
+    // The workers' request ids start with the gateway's x-request-id.
+    const requestId = response.headers.get("x-request-id") ?? "no x-request-id";
     let n = 0;
     // Leaving the loop aborts the HTTP request: the client disconnects.
-    for await (const chunk of stream) {
-      requestId = chunk.id;
-      if (++n === 2) break; // the role chunk, then the first content chunk
-    }
+    for await (const _ of stream) if (++n === 2) break; // the role chunk, then the first content chunk
     const cancelled = await worker.waitForLog(
       (l) => l.msg === "finished" && String(l.request_id).startsWith(requestId) && l.finish_reason === "abort",
       10_000,

@@ -10,6 +10,7 @@
  */
 import type { Prompt, SamplingParams, Usage } from "@llama-edge/shared";
 import type { Context } from "hono";
+import type { RequestIdVariables } from "hono/request-id";
 import type { GatewayConfig } from "./config.ts";
 import type { Job, JobEvent, JobRunner, Limiter } from "./dispatch/job.ts";
 import { estimatePromptTokens, maxPromptTokens, planPools } from "./dispatch/routing.ts";
@@ -54,7 +55,7 @@ export const SSE_HEADERS: Record<string, string> = {
 const RESERVATION_GRACE_MS = 60_000;
 
 export async function runInference(
-  c: Context<{ Variables: AuthVars & JsonBodyVars }>,
+  c: Context<{ Variables: AuthVars & JsonBodyVars & RequestIdVariables }>,
   deps: InferenceDeps,
   plan: InferencePlan,
 ): Promise<Response> {
@@ -101,7 +102,8 @@ export async function runInference(
   }
   c.set("key", admitted.key);
 
-  const id = newCompletionId(plan.kind);
+  // The job is named by the request id (x-request-id): the workers' request ids, in their logs, start with it.
+  const id = c.get("requestId");
   const headers: Record<string, string> = rateLimitHeaders(admitted.rate);
   const job: Job = {
     id,
@@ -161,7 +163,7 @@ export async function runInference(
   if (config.expose_worker_id && workers.size > 0) headers["x-llama-edge-worker"] = [...workers].join(",");
 
   const formatter = plan.makeFormatter({
-    id,
+    id: newCompletionId(plan.kind),
     model: plan.model,
     created: Math.floor(Date.now() / 1000),
     numChoices,
