@@ -32,6 +32,17 @@ export const GatewayConfigSchema = z.object({
     .default(1024 * 1024),
   /** How long a request may take from admission to its last token (504 after). */
   request_timeout_ms: z.number().int().min(1000).default(120_000),
+  /** A streaming client that reads nothing for this long while events wait for it is cancelled at the worker
+   *  (its usage settled), and so is one that leaves more than `max_unread_bytes` of events unread. */
+  idle_reader_timeout_ms: z.number().int().min(100).default(30_000),
+  max_unread_bytes: z
+    .number()
+    .int()
+    .min(64 * 1024)
+    .default(1024 * 1024),
+  /** A request's reservation lapses this long after its runner (a dispatch shard) last renewed it: should the
+   *  runner die with its client, the key is charged what had been delivered and its slots come back by then. */
+  reservation_lease_ms: z.number().int().min(1000).default(10_000),
   /** Name the serving worker(s) in an `x-llama-edge-worker` response header (development: worker ids are host
    *  names, not for the public). */
   expose_worker_id: z.boolean().default(false),

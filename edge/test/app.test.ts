@@ -15,7 +15,7 @@ import {
 
 describe("chat completions", () => {
   it("answers a non-streaming request with the full object and usage", async () => {
-    const { app } = makeApp();
+    const { app, backend } = makeApp();
     const { key } = await newKey();
     const res = await app.request(post("/v1/chat/completions", key, chat()));
     expect(res.status).toBe(200);
@@ -29,10 +29,13 @@ describe("chat completions", () => {
       usage: { prompt_tokens: 7, completion_tokens: 3, total_tokens: 10, prompt_tokens_details: { cached_tokens: 0 } },
     });
     expect(String(body.id)).toMatch(/^chatcmpl-/);
-    expect(res.headers.get("x-request-id")).toMatch(/^req_[0-9A-Za-z]{24}$/);
-    // A client's own request id (a proxy's trace id) is kept.
+    // As OpenAI's: a request id apart from the completion id. It names the workers' requests (`<id>-<choice>`).
+    const requestId = res.headers.get("x-request-id");
+    expect(requestId).toMatch(/^req_[0-9A-Za-z]{24}$/);
+    expect(backend.submissions[0]!.request.id).toBe(`${requestId}-0`);
+    // Never a client's own (it would name the job).
     const traced = await app.request(post("/v1/chat/completions", key, chat(), { "x-request-id": "trace-42" }));
-    expect(traced.headers.get("x-request-id")).toBe("trace-42");
+    expect(traced.headers.get("x-request-id")).toMatch(/^req_/);
   });
 
   it("streams chunks exactly as OpenAI does, with the usage chunk and [DONE]", async () => {
