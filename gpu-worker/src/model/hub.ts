@@ -369,12 +369,16 @@ class ModelDownload {
     if (!info) throw this.#error(f.path, `not found at ${commit}`);
     if (info.size !== f.size) throw this.#error(f.path, `the Hub serves ${info.size} bytes but lists ${f.size}`);
     await this.#attempt(f.path, async () => {
-      const have = await this.#transfer(info.url, f, incomplete);
-      try {
-        await verify(f, incomplete, have);
-      } catch (e) {
-        await rm(incomplete, { force: true }); // corrupt: start over, nothing of it can be trusted
-        throw e;
+      const hash = await this.#transfer(info.url, f, incomplete);
+      const size = (await stat(incomplete)).size;
+      // Short (the body ended early): keep it, the next attempt resumes. Wrong: start over, none of it is trusted.
+      if (size < f.size) throw new TransientError(`got ${size} of ${f.size} bytes`);
+      const got = hash?.digest("hex");
+      if (size > f.size || got !== f.sha256) {
+        await rm(incomplete, { force: true });
+        throw new TransientError(
+          size > f.size ? `got ${size} bytes, expected ${f.size}` : `sha256 mismatch: got ${got}, expected ${f.sha256}`,
+        );
       }
     });
     await rename(incomplete, blob);
@@ -537,15 +541,6 @@ class Refusal extends Error {
 function httpError(status: number, code: string | null): TransientError | Refusal {
   if (status >= 500 || status === 429 || status === 408) return new TransientError(`HTTP ${status}`);
   return new Refusal(status, code);
-}
-
-async function verify(f: FileEntry, incomplete: string, hash: Hash | null): Promise<void> {
-  const size = (await stat(incomplete)).size;
-  if (size !== f.size) throw new TransientError(`got ${size} bytes, expected ${f.size}`);
-  if (hash && f.sha256) {
-    const got = hash.digest("hex");
-    if (got !== f.sha256) throw new TransientError(`sha256 mismatch: got ${got}, expected ${f.sha256}`);
-  }
 }
 
 function isDiskError(e: unknown): boolean {
