@@ -49,6 +49,24 @@ export class EngineRequestError extends Error {
   }
 }
 
+/**
+ * One sequence failed on its own (non-finite logits, an error while sampling or processing its output). Only that
+ * request ends; the worker reports it as an internal error.
+ */
+export class EngineSequenceError extends Error {
+  override name = "EngineSequenceError";
+  readonly code = "internal";
+}
+
+/**
+ * A step failed in a way no single sequence explains (the model run itself). The step's requests end with this;
+ * retrying them, here or on another worker, may succeed.
+ */
+export class EngineStepError extends Error {
+  override name = "EngineStepError";
+  readonly code = "unavailable";
+}
+
 /** Per-request output state: where its events go, and the text pipeline (detokenizer, then stop strings). */
 interface OutputState {
   request: Request;
@@ -234,7 +252,11 @@ export class LLMEngine {
     }
   }
 
-  /** One iteration: schedule, run the model, sample, stream out. */
+  /**
+   * One iteration: schedule, run the model, sample, stream out. Failures are contained: a sequence whose
+   * sampling or output processing fails ends alone with an error; a model run that fails ends the step's
+   * sequences with a retriable error. Either way the other requests and the next step carry on.
+   */
   async step(): Promise<void> {
     const plan = this.scheduler.schedule();
     if (plan.scheduled.length === 0) return;
@@ -252,6 +274,16 @@ export class LLMEngine {
         return { tokenIds, startPos: start, blockTable, needLogits };
       });
       out = await this.runner.execute(seqs, temperatures);
+    } catch (e) {
+      // Not attributable to one sequence: the step's sequences end (their KV may be half written), nothing else.
+      const err = new EngineStepError(`the engine step failed: ${e instanceof Error ? e.message : String(e)}`, {
+        cause: e,
+      });
+      for (const { request } of plan.scheduled) {
+        const st = this.states.get(request.requestId);
+        if (st) this.fail(st, err);
+      }
+      return;
     } finally {
       this.stepping = false;
     }
@@ -272,11 +304,22 @@ export class LLMEngine {
         });
       }
     }
-    const tokens = sampleBatch(out.logits, this.cfg.vocabSize, sampleRows, out.probs, out.argmax);
+    const tokens = sampleBatch(out.logits, this.cfg.vocabSize, sampleRows, out);
     let generated = 0;
     sampled.forEach((st, i) => {
       if (st.abortRequested) return;
-      this.appendToken(st, tokens[i].tokenId, tokens[i].logprob, tokens[i].topLogprobs);
+      const t = tokens[i];
+      if (t.error !== undefined) {
+        this.fail(st, new EngineSequenceError(t.error));
+        return;
+      }
+      try {
+        this.appendToken(st, t.tokenId, t.logprob, t.topLogprobs);
+      } catch (e) {
+        const message = e instanceof Error ? e.message : String(e);
+        this.fail(st, new EngineSequenceError(`output processing failed: ${message}`, { cause: e }));
+        return;
+      }
       generated++;
     });
     if (generated > 0) this.recentTokens.push({ t: performance.now(), n: generated });
@@ -351,12 +394,19 @@ export class LLMEngine {
     st.channel.close();
   }
 
+  /** End one request with an error (its stream throws it); its blocks are freed before the next step. */
+  private fail(st: OutputState, err: Error): void {
+    if (isFinished(st.request.status)) return;
+    this.scheduler.finish(st.request, RequestStatus.FINISHED_ABORTED);
+    this.states.delete(st.request.requestId);
+    st.channel.fail(err);
+  }
+
+  /** A failure outside any step (a scheduler invariant broke): every request ends, retriably; the engine stays up. */
   private failAll(err: unknown): void {
-    for (const st of [...this.states.values()]) {
-      this.scheduler.finish(st.request, RequestStatus.FINISHED_ABORTED);
-      this.states.delete(st.request.requestId);
-      st.channel.fail(err instanceof Error ? err : new Error(String(err)));
-    }
+    const cause = err instanceof Error ? err : new Error(String(err));
+    const stepErr = new EngineStepError(`the engine failed: ${cause.message}`, { cause });
+    for (const st of [...this.states.values()]) this.fail(st, stepErr);
   }
 }
 

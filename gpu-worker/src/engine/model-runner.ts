@@ -21,6 +21,8 @@ export interface StepOutput {
   argmax: BigInt64Array;
   /** [rows, vocab] softmax of logits / temperature, per row; only computed when some row samples. */
   probs: Float32Array | undefined;
+  /** [rows] sum of each row's logits: not finite when the row holds a NaN or an infinity. */
+  rowSums: Float32Array;
 }
 
 export interface ModelRunnerOptions {
@@ -135,7 +137,7 @@ export class ModelRunner {
     feeds.inv_temperature = new ort.Tensor("float32", inv, [rows]);
     // ONNX Runtime runs only what the requested outputs need: an all-greedy step skips the softmax.
     const sampling = temperatures?.some((t) => t > 0) ?? false;
-    const fetches = ["logits", "argmax", "new_kv", ...(sampling ? ["probs"] : [])];
+    const fetches = ["logits", "argmax", "logits_sum", "new_kv", ...(sampling ? ["probs"] : [])];
     const out = await this.session.run(feeds, fetches);
     this.writeNewKv(seqs, out.new_kv.data as Float32Array);
     out.new_kv.dispose();
@@ -143,6 +145,7 @@ export class ModelRunner {
       logits: out.logits.data as Float32Array,
       argmax: out.argmax.data as BigInt64Array,
       probs: sampling ? (out.probs.data as Float32Array) : undefined,
+      rowSums: out.logits_sum.data as Float32Array,
     };
   }
 

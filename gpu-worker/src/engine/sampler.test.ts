@@ -1,6 +1,6 @@
 import fc from "fast-check";
 import { describe, expect, it } from "vitest";
-import { type SampledToken, type SamplingRow, sampleBatch } from "./sampler.ts";
+import { type SampledToken, type SamplingFailure, type SamplingRow, sampleBatch } from "./sampler.ts";
 import { validateSamplingParams } from "./sampling-params.ts";
 import { SeededRng } from "./seeded-rng.ts";
 import type { SamplingParams } from "./types.ts";
@@ -23,6 +23,12 @@ function row(p: Partial<SamplingParams>, rng: SeededRng | null, extra: Partial<S
   return { params: params(p), rng, promptTokenIds: [], outputTokenIds: [], ...extra };
 }
 
+/** The row's token; fails the test if the row could not be sampled. */
+function ok(t: SampledToken | SamplingFailure): SampledToken {
+  if (t.error !== undefined) throw new Error(`row failed: ${t.error}`);
+  return t;
+}
+
 /** Samples one row from logits given as plain numbers. */
 function sample1(
   logits: number[],
@@ -30,7 +36,7 @@ function sample1(
   u = 0.5,
   extra: Partial<SamplingRow> = {},
 ): SampledToken {
-  return sampleBatch(Float32Array.from(logits), logits.length, [row(p, new FixedRng(u), extra)])[0];
+  return ok(sampleBatch(Float32Array.from(logits), logits.length, [row(p, new FixedRng(u), extra)])[0]);
 }
 
 /** Logits whose softmax at temperature 1 is `probs`. */
@@ -236,7 +242,7 @@ describe("sampleBatch", () => {
         expect(logits[t.tokenId]).toBeGreaterThanOrEqual(kth);
       }
       // The least likely kept token is reachable: u near 1 lands on the highest kept id.
-      const [last] = sampleBatch(logits, V, [row({ topK: k, temperature: 1000 }, new FixedRng(0.9999999))]);
+      const [last] = sampleBatch(logits, V, [row({ topK: k, temperature: 100 }, new FixedRng(0.9999999))]);
       const keptIds = [...logits.keys()].filter((j) => logits[j] >= kth);
       expect(last.tokenId).toBeGreaterThanOrEqual(keptIds[keptIds.length - 5]);
     }
@@ -247,7 +253,7 @@ describe("sampleBatch", () => {
     const g = new SeededRng(9);
     const logits = Float32Array.from({ length: V }, () => Math.round(g.next() * 500) / 50); // many ties
     const lse = Math.log(logits.reduce((a, x) => a + Math.exp(x), 0));
-    const [t] = sampleBatch(logits, V, [row({ logprobs: true, topLogprobs: 20 }, new SeededRng(1))]);
+    const t = ok(sampleBatch(logits, V, [row({ logprobs: true, topLogprobs: 20 }, new SeededRng(1))])[0]);
     const want = [...logits.keys()].sort((a, b) => logits[b] - logits[a] || a - b).slice(0, 20);
     expect(t.topLogprobs!.map((x) => x.tokenId)).toEqual(want);
     for (const x of t.topLogprobs!) expect(x.logprob).toBeCloseTo(logits[x.tokenId] - lse, 9);
@@ -322,6 +328,47 @@ function referenceSample(
   return kept[kept.length - 1];
 }
 
+describe("one row's failure stays in that row", () => {
+  const V = 64;
+  const base = (seed: number) => Float32Array.from({ length: V }, (_, j) => Math.sin(j * 0.7 + seed) * 4);
+  const params4: Partial<SamplingParams>[] = [
+    { temperature: 0 },
+    { temperature: 0.8, seed: 3 },
+    { temperature: 1, topP: 0.9, seed: 4 },
+    { temperature: 0.7, topK: 5, minP: 0.05, repetitionPenalty: 1.3, seed: 5 },
+  ];
+  const rowsFor = () => params4.map((p, i) => row(p, new SeededRng(i + 10), { promptTokenIds: [1, 2, 3] }));
+  const alone = params4.map((_, i) => ok(sampleBatch(base(i), V, [rowsFor()[i]])[0]).tokenId);
+
+  it.each([
+    ["NaN", Number.NaN],
+    ["+Infinity", Number.POSITIVE_INFINITY],
+    ["-Infinity", Number.NEGATIVE_INFINITY],
+  ])("a %s in one row fails that row only; the others sample as they would alone", (_, bad) => {
+    for (let victim = 0; victim < params4.length; victim++) {
+      const logits = new Float32Array(V * params4.length);
+      for (let i = 0; i < params4.length; i++) logits.set(base(i), i * V);
+      logits[victim * V + 17] = bad;
+      const rowSums = Float32Array.from(params4, (_, i) => logits.subarray(i * V, (i + 1) * V).reduce((a, b) => a + b));
+      const out = sampleBatch(logits, V, rowsFor(), { rowSums });
+      out.forEach((t, i) => {
+        if (i === victim) expect(t.error).toMatch(/non-finite logits/);
+        else expect(ok(t).tokenId).toBe(alone[i]);
+      });
+    }
+  });
+
+  it("without the model's row sums, a row with infinities still fails alone rather than yielding a bad token", () => {
+    const logits = new Float32Array(2 * V);
+    logits.set(base(0), 0);
+    logits.set(base(1), V);
+    logits.fill(Number.POSITIVE_INFINITY, 0, 3);
+    const [bad, good] = sampleBatch(logits, V, [row({ temperature: 1, seed: 1 }, new SeededRng(1)), rowsFor()[1]]);
+    expect(bad.error).toBeDefined();
+    expect(ok(good).tokenId).toBe(alone[1]);
+  });
+});
+
 describe("sampling from the model's probabilities", () => {
   const V = 1000;
   const logits = Float32Array.from({ length: V }, (_, j) => Math.sin(j * 12.9898) * 6);
@@ -339,7 +386,7 @@ describe("sampling from the model's probabilities", () => {
         promptTokenIds: [1],
         outputTokenIds: [],
       };
-      return sampleBatch(logits, V, [row], probs)[0].tokenId;
+      return sampleBatch(logits, V, [row], { probs })[0].tokenId;
     });
 
   it("draws the same tokens as the logits path for the same seeds", () => {
@@ -362,7 +409,7 @@ describe("sampling from the model's probabilities", () => {
           promptTokenIds: [1],
           outputTokenIds: [],
         };
-        return sampleBatch(flat, W, [r], pr)[0].tokenId;
+        return sampleBatch(flat, W, [r], { probs: pr })[0].tokenId;
       });
     expect(drawW(probs)).toEqual(drawW());
   });
@@ -384,11 +431,11 @@ describe("greedy rows with the model's argmax", () => {
   });
   it("takes the model's argmax when nothing edited the logits", () => {
     // a deliberately different argmax proves it is used, not recomputed
-    expect(sampleBatch(logits, V, [row({ temperature: 0 })], undefined, BigInt64Array.from([4n]))[0].tokenId).toBe(4);
+    expect(sampleBatch(logits, V, [row({ temperature: 0 })], { argmax: BigInt64Array.from([4n]) })[0].tokenId).toBe(4);
     expect(sampleBatch(logits, V, [row({ temperature: 0 })])[0].tokenId).toBe(2);
   });
   it("recomputes it after logit_bias changed the logits", () => {
     const biased = row({ temperature: 0, logitBias: { 7: 10 } });
-    expect(sampleBatch(logits, V, [biased], undefined, BigInt64Array.from([2n]))[0].tokenId).toBe(7);
+    expect(sampleBatch(logits, V, [biased], { argmax: BigInt64Array.from([2n]) })[0].tokenId).toBe(7);
   });
 });

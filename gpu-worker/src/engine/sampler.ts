@@ -27,6 +27,26 @@ export interface SampledToken {
   logprob?: number;
   /** The topLogprobs best tokens by raw logit, best first (lower id first on ties). */
   topLogprobs?: { tokenId: number; logprob: number }[];
+  error?: undefined;
+}
+
+/** A row that could not be sampled (non-finite logits, a failure in its processing). Only that row fails. */
+export interface SamplingFailure {
+  tokenId: -1;
+  error: string;
+}
+
+/** What the model computed alongside the logits, when it did (the engine's graph does). */
+export interface ModelSideOutputs {
+  /**
+   * softmax(logits / temperature) per row, computed in one vectorised op: rows whose logits no bias or penalty
+   * changes then draw from it with no exp per token.
+   */
+  probs?: Float32Array;
+  /** Each row's argmax: greedy rows with unedited logits take it as their token. */
+  argmax?: BigInt64Array;
+  /** Each row's sum of logits: not finite when the row holds a NaN or an infinity (one check per row, no scan). */
+  rowSums?: Float32Array;
 }
 
 /** vLLM treats temperatures below this as greedy. */
@@ -107,28 +127,34 @@ export function sampleBatch(
   logits: Float32Array,
   vocabSize: number,
   rows: SamplingRow[],
-  /**
-   * softmax(logits / temperature) per row, when the model computed it (the engine's graph does, in one
-   * vectorised op): rows whose logits no bias or penalty changes then draw from it with no exp per token.
-   */
-  probs?: Float32Array,
-  /** Each row's argmax, when the model computed it: greedy rows with unedited logits take it as their token. */
-  argmaxes?: BigInt64Array,
-): SampledToken[] {
+  model: ModelSideOutputs = {},
+): (SampledToken | SamplingFailure)[] {
   if (logits.length < rows.length * vocabSize) {
     throw new RangeError(`sampleBatch: ${logits.length} logits for ${rows.length} rows of ${vocabSize}`);
   }
   if (scratch === null || scratch.vocabSize !== vocabSize) scratch = new Scratch(vocabSize);
-  const s = scratch;
-  return rows.map((r, i) =>
-    sampleRow(
-      logits.subarray(i * vocabSize, (i + 1) * vocabSize),
-      r,
-      s,
-      probs?.subarray(i * vocabSize, (i + 1) * vocabSize),
-      argmaxes === undefined ? undefined : Number(argmaxes[i]),
-    ),
-  );
+  const { probs, argmax, rowSums } = model;
+  return rows.map((r, i) => {
+    if (rowSums !== undefined && !Number.isFinite(rowSums[i])) {
+      return { tokenId: -1, error: "the model produced non-finite logits (NaN or infinity) for this sequence" };
+    }
+    try {
+      const t = sampleRow(
+        logits.subarray(i * vocabSize, (i + 1) * vocabSize),
+        r,
+        scratch ?? new Scratch(vocabSize),
+        probs?.subarray(i * vocabSize, (i + 1) * vocabSize),
+        argmax === undefined ? undefined : Number(argmax[i]),
+      );
+      if (!Number.isInteger(t.tokenId) || t.tokenId < 0 || t.tokenId >= vocabSize) {
+        return { tokenId: -1, error: `sampling produced no valid token (got ${t.tokenId}); the logits are not finite` };
+      }
+      return t;
+    } catch (e) {
+      scratch = null; // a row that threw may have left marks in the shared buffers
+      return { tokenId: -1, error: `sampling failed: ${e instanceof Error ? e.message : String(e)}` };
+    }
+  });
 }
 
 function sampleRow(

@@ -54,7 +54,22 @@ describe("validateSamplingParams", () => {
     [{ topK: 1.5 }, "top_k"],
     [{ minP: -0.1 }, "min_p"],
     [{ minP: 1.1 }, "min_p"],
+    [{ temperature: 101 }, "temperature"],
+    [{ temperature: Number.POSITIVE_INFINITY }, "temperature"],
     [{ repetitionPenalty: 0 }, "repetition_penalty"],
+    // tiny positive values once overflowed float32 when dividing a logit and failed the whole step
+    [{ repetitionPenalty: 1e-320 }, "repetition_penalty"],
+    [{ repetitionPenalty: 5e-324 }, "repetition_penalty"],
+    [{ repetitionPenalty: 1e-300 }, "repetition_penalty"],
+    [{ repetitionPenalty: 1e300 }, "repetition_penalty"],
+    [{ repetitionPenalty: Number.NaN }, "repetition_penalty"],
+    [{ presencePenalty: Number.NEGATIVE_INFINITY }, "presence_penalty"],
+    [{ topP: Number.NaN }, "top_p"],
+    [{ minP: Number.POSITIVE_INFINITY }, "min_p"],
+    [{ logitBias: { 1: Number.NaN } }, "logit_bias"],
+    [{ logitBias: { 1: Number.POSITIVE_INFINITY } }, "logit_bias"],
+    [{ stop: ["x".repeat(1025)] }, "stop"],
+    [{ stopTokenIds: Array.from({ length: 1025 }, () => 1) }, "stop_token_ids"],
     [{ presencePenalty: 2.5 }, "presence_penalty"],
     [{ frequencyPenalty: -2.5 }, "frequency_penalty"],
     [{ logitBias: { 10: 1 } }, "logit_bias"],
@@ -84,5 +99,11 @@ describe("validateSamplingParams", () => {
     expect(err).toBeInstanceOf(SamplingParamError);
     expect((err as SamplingParamError).param).toBe(name);
     expect((err as SamplingParamError).message).toContain(name);
+  });
+
+  it("caps logit_bias at 300 entries", () => {
+    const bias = (n: number) => Object.fromEntries(Array.from({ length: n }, (_, i) => [i, 1]));
+    expect(validateSamplingParams({ logitBias: bias(300) }, { vocabSize: 1000 }).logitBias[299]).toBe(1);
+    expect(() => validateSamplingParams({ logitBias: bias(301) }, { vocabSize: 1000 })).toThrow(/at most 300 entries/);
   });
 });

@@ -19,7 +19,21 @@ export class SamplingParamError extends Error {
 }
 
 const MAX_STOP_STRINGS = 16;
+/** Longer stop strings would make the stop checker hold back that much text on every token. */
+const MAX_STOP_LENGTH = 1024;
 const MAX_TOP_LOGPROBS = 20;
+/** OpenAI's API allows 0..2; vLLM any value >= 0. Beyond this every token is equally likely anyway. */
+const MAX_TEMPERATURE = 100;
+/**
+ * repetition_penalty divides positive logits and multiplies negative ones. vLLM only asks for > 0, but 1e-320
+ * divides a logit into +Infinity in float32, which poisoned the whole step's sampling. Within [1/100, 100] every
+ * penalised logit stays finite.
+ */
+const MIN_REPETITION_PENALTY = 0.01;
+const MAX_REPETITION_PENALTY = 100;
+/** OpenAI's limit on logit_bias entries (each one edits a logit per step). */
+const MAX_LOGIT_BIAS_ENTRIES = 300;
+const MAX_STOP_TOKEN_IDS = 1024;
 
 /** A number field: null/undefined give the default, anything else must be a finite number. */
 function num(raw: Record<string, unknown>, key: string, param: string, dflt: number): number {
@@ -48,6 +62,11 @@ function tokenIds(raw: Record<string, unknown>, key: string, param: string, voca
   if (v === undefined || v === null) return [];
   check(Array.isArray(v), param, `${param} must be a list of token ids`);
   const ids = v as unknown[];
+  check(
+    ids.length <= MAX_STOP_TOKEN_IDS,
+    param,
+    `${param} allows at most ${MAX_STOP_TOKEN_IDS} ids, got ${ids.length}`,
+  );
   for (const id of ids) {
     check(
       Number.isInteger(id) && (id as number) >= 0 && (id as number) < vocabSize,
@@ -71,7 +90,11 @@ export function validateSamplingParams(p: Partial<SamplingParams>, ctx: { vocabS
   const raw = p as Record<string, unknown>;
 
   const temperature = num(raw, "temperature", "temperature", 1);
-  check(temperature >= 0, "temperature", `temperature must be non-negative, got ${temperature}`);
+  check(
+    temperature >= 0 && temperature <= MAX_TEMPERATURE,
+    "temperature",
+    `temperature must be in [0, ${MAX_TEMPERATURE}], got ${temperature}`,
+  );
   const topP = num(raw, "topP", "top_p", 1);
   check(topP > 0 && topP <= 1, "top_p", `top_p must be in (0, 1], got ${topP}`);
   const topK = num(raw, "topK", "top_k", 0);
@@ -84,9 +107,9 @@ export function validateSamplingParams(p: Partial<SamplingParams>, ctx: { vocabS
   check(minP >= 0 && minP <= 1, "min_p", `min_p must be in [0, 1], got ${minP}`);
   const repetitionPenalty = num(raw, "repetitionPenalty", "repetition_penalty", 1);
   check(
-    repetitionPenalty > 0,
+    repetitionPenalty >= MIN_REPETITION_PENALTY && repetitionPenalty <= MAX_REPETITION_PENALTY,
     "repetition_penalty",
-    `repetition_penalty must be greater than 0, got ${repetitionPenalty}`,
+    `repetition_penalty must be in [${MIN_REPETITION_PENALTY}, ${MAX_REPETITION_PENALTY}], got ${repetitionPenalty}`,
   );
   const presencePenalty = num(raw, "presencePenalty", "presence_penalty", 0);
   check(
@@ -109,7 +132,13 @@ export function validateSamplingParams(p: Partial<SamplingParams>, ctx: { vocabS
       "logit_bias",
       "logit_bias must be a map of token id to bias",
     );
-    for (const [key, value] of Object.entries(bias as Record<string, unknown>)) {
+    const entries = Object.entries(bias as Record<string, unknown>);
+    check(
+      entries.length <= MAX_LOGIT_BIAS_ENTRIES,
+      "logit_bias",
+      `logit_bias allows at most ${MAX_LOGIT_BIAS_ENTRIES} entries, got ${entries.length}`,
+    );
+    for (const [key, value] of entries) {
       const id = Number(key);
       check(
         key.trim() !== "" && Number.isInteger(id) && id >= 0 && id < ctx.vocabSize,
@@ -149,6 +178,11 @@ export function validateSamplingParams(p: Partial<SamplingParams>, ctx: { vocabS
   );
   const stop = [...(stopRaw as string[])];
   check(stop.length <= MAX_STOP_STRINGS, "stop", `stop allows at most ${MAX_STOP_STRINGS} strings, got ${stop.length}`);
+  check(
+    stop.every((s) => s.length <= MAX_STOP_LENGTH),
+    "stop",
+    `stop strings must be at most ${MAX_STOP_LENGTH} characters long`,
+  );
 
   const logprobs = bool(raw, "logprobs", "logprobs");
   const topLogprobs = num(raw, "topLogprobs", "top_logprobs", 0);

@@ -52,7 +52,7 @@ export type AttentionGroup = (typeof ATTENTION_GROUPS)[number];
  * - `logits_index` [S]: token rows that need next-token logits (the last token of each sampled sequence).
  * - `inv_temperature` [S]: 1 / temperature of each sampled row (1 for greedy rows).
  *
- * Outputs: `logits` [S, vocab]; `argmax` [S] (the greedy token of each row); `probs` [S, vocab] = softmax(logits * inv_temperature), which the sampler
+ * Outputs: `logits` [S, vocab]; `argmax` [S] (the greedy token of each row); `logits_sum` [S]; `probs` [S, vocab] = softmax(logits * inv_temperature), which the sampler
  * draws from without an exp per vocabulary entry in JavaScript; `new_kv` [2 * layers, T, kvHeads * headDim], the step's keys (after rope) and
  * values, which the caller writes into the pool at the tokens' slots. Nothing here scales with the pool size:
  * attention gathers only the slots of the sequences in the step.
@@ -211,6 +211,9 @@ export function buildLlamaGraph(cfg: LlamaConfig, w: PackedWeights): Uint8Array 
   g.output("logits", f32, ["S", cfg.vocabSize]);
   g.op("ArgMax", [logits], { axis: 1, keepdims: 0 }, "argmax"); // greedy tokens (first index on ties)
   g.output("argmax", DType.int64, ["S"]);
+  // not finite iff the row holds a NaN or an infinity: lets the sampler fail just that row without scanning it
+  g.op("ReduceSum", [logits, g.ints([1])], { keepdims: 0 }, "logits_sum");
+  g.output("logits_sum", f32, ["S"]);
   const scaled = g.op("Mul", [logits, g.op("Unsqueeze", [invTemperature, g.ints([1])])]);
   g.op("Softmax", [scaled], { axis: -1 }, "probs");
   g.output("probs", f32, ["S", cfg.vocabSize]);

@@ -430,9 +430,13 @@ export class NatsWorker {
       const badRequest = end instanceof EngineRequestFailed && BAD_REQUEST_ERRORS.has(end.error.name);
       outcome = badRequest ? "rejected" : "failed";
       const message = end instanceof Error ? end.message : String(end);
+      const engineCode = end instanceof EngineRequestFailed ? end.error.code : undefined;
+      // A failed engine step is retriable (unavailable); one sequence's own failure is internal.
       const code = !badRequest
-        ? "internal"
-        : end instanceof EngineRequestFailed && end.error.code === "context_length_exceeded"
+        ? engineCode === "unavailable"
+          ? "unavailable"
+          : "internal"
+        : engineCode === "context_length_exceeded"
           ? "context_length_exceeded"
           : "bad_request";
       this.#emit(f, { type: "error", code, message });
