@@ -35,6 +35,8 @@ export interface Fault {
   corrupt?: boolean;
   /** Answer with this status instead. */
   status?: number;
+  /** Send the headers, then nothing (a download that hangs). */
+  stall?: boolean;
   /** How many requests it applies to (default 1). */
   times?: number;
 }
@@ -184,6 +186,7 @@ export async function startFakeHub(repos: Record<string, FakeRepo>): Promise<Fak
       body[body.byteLength >> 1] ^= 0xff;
     }
     res.writeHead(range ? 206 : 200, headers);
+    if (fault?.stall) return void res.flushHeaders();
     if (fault?.cutAfterBytes !== undefined) {
       // FIN, not RST: a reset would make the client's kernel drop bytes it has not read yet.
       res.write(body.subarray(0, fault.cutAfterBytes), () => req.socket.end());

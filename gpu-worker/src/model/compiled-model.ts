@@ -1,6 +1,7 @@
 import { createHash } from "node:crypto";
 import { closeSync, existsSync, mkdirSync, openSync, renameSync, rmSync, statSync, writeSync } from "node:fs";
 import { dirname, join } from "node:path";
+import { checkCompiledDir, readCompiledManifest } from "./compiled-dir.ts";
 import type { LlamaConfig } from "./config.ts";
 import { cacheDir } from "./default-model.ts";
 import { buildLlamaGraph, type PackedWeights, ropeTables } from "./llama-graph.ts";
@@ -8,7 +9,7 @@ import type { ExternalRef } from "./onnx-builder.ts";
 import { LlamaWeights } from "./weights.ts";
 
 /** Bump when the graph or the packed layout changes: old compiled caches are then ignored. */
-const COMPILER_VERSION = 2;
+export const COMPILER_VERSION = 2;
 
 export interface CompiledModel {
   /** The ONNX graph (small: weights are external). */
@@ -25,12 +26,21 @@ export interface CompiledModel {
 export function compileModel(
   modelDir: string,
   cfg: LlamaConfig,
-  opts: { onProgress?: (done: number, total: number) => void } = {},
+  opts: {
+    onProgress?: (done: number, total: number) => void;
+    /** Write the packed weights here instead of the cache (`llama-worker compile --out`). */
+    outDir?: string;
+  } = {},
 ): CompiledModel {
-  const weights = LlamaWeights.open(modelDir, cfg);
-  const key = cacheKey(cfg, weights);
-  const outDir = join(cacheDir(), "compiled", key);
   const layout = packedLayout(cfg);
+  // A directory `llama-worker compile` wrote (compiled-dir.ts): its weights are packed already.
+  const manifest = readCompiledManifest(modelDir);
+  if (manifest) {
+    checkCompiledDir(modelDir, manifest, COMPILER_VERSION);
+    return { graph: buildLlamaGraph(cfg, layout.refs), weightsDir: modelDir };
+  }
+  const weights = LlamaWeights.open(modelDir, cfg);
+  const outDir = opts.outDir ?? join(cacheDir(), "compiled", cacheKey(cfg, weights));
   if (!existsSync(join(outDir, "weights.bin"))) {
     mkdirSync(dirname(outDir), { recursive: true });
     const tmp = `${outDir}.tmp-${process.pid}-${Date.now()}`;
