@@ -3,14 +3,15 @@
 // edge), GPU/CPU workers on the default model (or --model), and the gateway under workerd (`wrangler dev`).
 // Prints the base URL, a development API key and a curl to paste; Ctrl-C stops everything (workers drain).
 import { readFileSync } from "node:fs";
-import { basename, join, resolve } from "node:path";
+import { join } from "node:path";
 import { parseArgs } from "node:util";
 import { ensureNpmDeps, root } from "./ensure-deps.mjs";
 
 const USAGE = `Usage: npm start [-- options]
 
-  --model <dir>      Hugging Face LLaMA checkpoint to serve (default: the generated default model,
-                     random weights: its output is meaningless)
+  --model <m>        The model to serve: a checkpoint directory, a compiled directory, or a Hugging Face
+                     repo id org/name[@revision], downloaded once into the Hub cache (HF_ENDPOINT, HF_TOKEN,
+                     HF_HOME). Default: the generated default model (random weights: meaningless output)
   --workers <n>      Worker processes for the pool (default 1)
   --autoscale        Let the local autoscaler size the pool from queue lag instead (KEDA's policy from
                      infra/k8s/worker/scaledobject.yaml; --min-workers/--max-workers override it)
@@ -71,15 +72,12 @@ process.on("SIGINT", () => shutdown(0));
 process.on("SIGTERM", () => shutdown(0));
 
 try {
-  // 1. the model: the checkpoint given, or the generated default one
-  let modelDir;
-  if (args.model) modelDir = resolve(args.model);
-  else {
-    const { ensureDefaultModel } = await import("../gpu-worker/src/model/default-model.ts");
-    modelDir = await ensureDefaultModel("default");
-  }
+  // 1. the model, resolved (and downloaded) once here, as `llama-worker` resolves it; the workers get its directory
+  const { resolveModel } = await import("../gpu-worker/src/model/model-source.ts");
+  const source = await resolveModel(args.model, { tty: process.stderr.isTTY === true, log: (line) => log(line) });
+  const modelDir = source.dir;
   const config = JSON.parse(readFileSync(join(modelDir, "config.json"), "utf8"));
-  const modelName = basename(modelDir);
+  const modelName = source.name;
   const maxContext = config.max_position_embeddings ?? 2048;
 
   // 2. NATS
@@ -97,8 +95,9 @@ try {
       natsUrl: nats.url,
       model: modelDir,
       maxNumSeqs,
-      extra: ["--log-level", "warn"],
+      extra: ["--served-model-name", modelName, "--log-level", "warn"],
     });
+  let policyMin = 1;
   const nc = await connect({ servers: nats.url });
   cleanups.push(() => nc.close());
   const firstReport = new Promise((resolveReport) => {
@@ -110,6 +109,7 @@ try {
     if (args["min-workers"]) overrides.minReplicas = Number(args["min-workers"]);
     if (args["max-workers"]) overrides.maxReplicas = Number(args["max-workers"]);
     const policy = readScalePolicy(undefined, { minReplicas: 1, maxReplicas: 2, ...overrides });
+    policyMin = policy.minReplicas;
     const scaler = new LocalAutoscaler({
       pool: POOL,
       nc,
@@ -145,8 +145,12 @@ try {
       });
     }
   }
-  log(`loading ${modelName} in the worker(s)…`);
-  await firstReport;
+  // A pool that may scale to zero starts with none: the first request starts a worker (and waits for it).
+  const minWorkers = args.autoscale ? policyMin : Number(args.workers);
+  if (minWorkers > 0) {
+    log(`loading ${modelName} in the worker(s)…`);
+    await firstReport;
+  } else log("no worker yet: the first request starts one (its cold start counts against the queue timeout)");
 
   // 4. the gateway under workerd
   const gw = await startGateway({
@@ -165,7 +169,7 @@ llama-edge is up.
   OpenAI base URL   ${gw.url}/v1
   API key           ${key}        (development key, kept in .cache/edge/dev-key)
   Admin secret      in .cache/edge/admin-secret
-  Model             ${modelName}${args.model ? "" : "   (random weights: the output is meaningless text)"}
+  Model             ${modelName}${source.kind === "default" ? "   (random weights: the output is meaningless text)" : ""}
 
   curl ${gw.url}/v1/chat/completions \\
     -H "Authorization: Bearer ${key}" -H "Content-Type: application/json" \\

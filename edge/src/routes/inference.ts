@@ -64,7 +64,9 @@ export async function runInference(
   const numChoices = plan.prompts.length * plan.n;
   const promptTokens = estimates.reduce((s, e) => s + e.tokens, 0);
   const reserve = promptTokens + numChoices * (plan.maxTokens ?? config.default_completion_reserve);
-  const deadline = Date.now() + config.request_timeout_ms;
+  // A pool scaled to zero answers after a cold start: its queue wait comes on top of the request's own time.
+  const queueTimeoutMs = Object.fromEntries(routed.pools.map((p) => [p, config.pools[p]?.queue_timeout_ms ?? 0]));
+  const deadline = Date.now() + Math.max(0, ...Object.values(queueTimeoutMs)) + config.request_timeout_ms;
   const keyHash = c.get("keyHash");
   const admitted = await limiter.admit(keyHash, {
     model: plan.model,
@@ -89,6 +91,7 @@ export async function runInference(
     n: plan.n,
     sampling: plan.sampling,
     deadline,
+    queueTimeoutMs,
     estimatedPromptTokens: estimates.map((e) => e.tokens),
   };
 
