@@ -81,7 +81,7 @@ describe("models by name and compiled directories", () => {
       "weights.bin",
     ]);
     const manifest = JSON.parse(readFileSync(join(out, "compiled.json"), "utf8"));
-    expect(manifest).toMatchObject({ format: "llama-edge-compiled", name: REPO });
+    expect(manifest).toMatchObject({ format: "llama-edge-compiled", name: REPO, quantization: "none" });
     expect(manifest.source).toMatch(new RegExp(`^hf://${REPO}@[0-9a-f]{40}$`));
 
     const again = await run("compile", "--model", REPO, "--out", out);

@@ -23,9 +23,11 @@ import { COMPILER_VERSION } from "../model/compiled-model.ts";
 import { formatBytes } from "../model/download-progress.ts";
 import { ModelLoadError } from "../model/errors.ts";
 import { resolveModel } from "../model/model-source.ts";
+import { QUANTIZATIONS, type Quantization } from "../model/quantize.ts";
 import type { CompileThreadInit, CompileThreadMessage } from "./compile-thread.ts";
 
-export const COMPILE_USAGE = `Usage: llama-worker compile --model <dir|org/name[@revision]> --out <dir> [--force]
+export const COMPILE_USAGE = `Usage: llama-worker compile --model <dir|org/name[@revision]> --out <dir>
+                            [--quantization none|int8|int4] [--force]
 
 Compiles a checkpoint into <dir>: the packed weights (weights.bin), the config and tokenizer files, and
 compiled.json, written last. Serve it with --model <dir> (a read-only mount will do): workers then skip compiling.
@@ -33,6 +35,8 @@ Running it again for the same checkpoint and compiler does nothing.
 
   --model <m>   LLAMA_MODEL        checkpoint directory, or a Hugging Face repo id (HF_ENDPOINT, HF_TOKEN, HF_HOME)
   --out <dir>   LLAMA_COMPILE_OUT  the compiled directory (created if absent)
+  --quantization <q>  LLAMA_QUANTIZATION  weights: none (f32, exact; default), int8 or int4 (block-wise, every
+                                     linear layer; the embedding in f16)
   --force                          compile even if <dir> already holds this checkpoint
 `;
 
@@ -55,12 +59,14 @@ export async function compileCommand(argv: string[]): Promise<number> {
   let model: string | undefined;
   let out: string | undefined;
   let force: boolean;
+  let quantization: Quantization;
   try {
     const { values } = parseArgs({
       args: argv,
       options: {
         model: { type: "string" },
         out: { type: "string" },
+        quantization: { type: "string" },
         force: { type: "boolean" },
         help: { type: "boolean", short: "h" },
       },
@@ -74,6 +80,10 @@ export async function compileCommand(argv: string[]): Promise<number> {
     out = values.out ?? (process.env.LLAMA_COMPILE_OUT || undefined);
     force = values.force ?? false;
     if (!out) throw new UsageError("--out is required");
+    const q = values.quantization ?? (process.env.LLAMA_QUANTIZATION || "none");
+    if (!QUANTIZATIONS.includes(q as Quantization))
+      throw new UsageError(`--quantization must be one of ${QUANTIZATIONS.join(", ")}, got "${q}"`);
+    quantization = q as Quantization;
   } catch (e) {
     if (e instanceof UsageError || (e as { code?: string }).code?.startsWith("ERR_PARSE_ARGS")) {
       process.stderr.write(`llama-worker compile: ${(e as Error).message}\n\n${COMPILE_USAGE}`);
@@ -90,8 +100,13 @@ export async function compileCommand(argv: string[]): Promise<number> {
   if (source.kind === "compiled") throw new ModelLoadError(source.dir, "is compiled already: serve it as it is");
   const sourceId = source.kind === "hub" ? source.origin : `${source.dir}#${checkpointFingerprint(source.dir)}`;
   const existing = safeManifest(out);
-  if (!force && existing?.source === sourceId && existing.compiler_version === COMPILER_VERSION) {
-    say(`${out} already holds ${source.name} (${sourceId}), compiled by this version: nothing to do`);
+  if (
+    !force &&
+    existing?.source === sourceId &&
+    existing.compiler_version === COMPILER_VERSION &&
+    existing.quantization === quantization
+  ) {
+    say(`${out} already holds ${source.name} (${sourceId}, ${quantization}), compiled by this version: nothing to do`);
     return 0;
   }
 
@@ -104,9 +119,9 @@ export async function compileCommand(argv: string[]): Promise<number> {
   process.on("SIGINT", onSignal);
   const compileStarted = performance.now();
   try {
-    say(`compiling ${source.name} from ${source.origin} into ${out}`);
+    say(`compiling ${source.name} from ${source.origin} into ${out} (quantization ${quantization})`);
     try {
-      await runCompileThread({ checkpointDir: source.dir, staging }, tty);
+      await runCompileThread({ checkpointDir: source.dir, staging, quantization }, tty);
     } catch (e) {
       if (!(e instanceof CompileFailed && e.kind === "ModelLoadError")) throw e;
       say(e.message); // "<file>: <what is wrong>", as the loader words it
@@ -114,6 +129,7 @@ export async function compileCommand(argv: string[]): Promise<number> {
     }
     const manifest = finishCompiledDir(source.dir, staging, out, {
       compiler_version: COMPILER_VERSION,
+      quantization,
       name: source.name,
       source: sourceId,
     });
@@ -146,15 +162,17 @@ function runCompileThread(init: CompileThreadInit, tty: boolean): Promise<void> 
     worker.on("message", (m: CompileThreadMessage) => {
       if (m.type === "progress") {
         if (tty) {
-          bar ??= new cliProgress.SingleBar(
-            { stream: process.stderr, format: "compiling [{bar}] {value}/{total} tensors", clearOnComplete: true },
-            cliProgress.Presets.shades_classic,
-          );
-          if (m.done === 1) bar.start(m.total, 0);
+          if (!bar) {
+            bar = new cliProgress.SingleBar(
+              { stream: process.stderr, format: "compiling [{bar}] {percentage}% | ETA {eta}s", clearOnComplete: true },
+              cliProgress.Presets.shades_classic,
+            );
+            bar.start(m.total, 0);
+          }
           bar.update(m.done);
         } else if (Date.now() - lastLine >= 10_000 || m.done === m.total) {
           lastLine = Date.now();
-          say(`compiling: ${m.done}/${m.total} tensors`);
+          say(`compiling: ${Math.floor((100 * m.done) / Math.max(1, m.total))} % of ${m.total} parameters`);
         }
       } else if (m.type === "done") resolve();
       else reject(new CompileFailed(m.name, m.message));

@@ -8,11 +8,13 @@
 import { parentPort, workerData } from "node:worker_threads";
 import { compileModel } from "../model/compiled-model.ts";
 import { loadLlamaConfig } from "../model/config.ts";
+import type { Quantization } from "../model/quantize.ts";
 
 export interface CompileThreadInit {
   checkpointDir: string;
   /** Where weights.bin goes (compileModel writes `<staging>.tmp-<pid>-<time>` first, then renames). */
   staging: string;
+  quantization: Quantization;
 }
 
 export type CompileThreadMessage =
@@ -22,11 +24,12 @@ export type CompileThreadMessage =
 
 const port = parentPort;
 if (!port) throw new Error("compile-thread.ts must run in a worker thread (see compile-command.ts)");
-const { checkpointDir, staging } = workerData as CompileThreadInit;
+const { checkpointDir, staging, quantization } = workerData as CompileThreadInit;
 const send = (m: CompileThreadMessage) => port.postMessage(m);
 try {
   compileModel(checkpointDir, loadLlamaConfig(checkpointDir), {
     outDir: staging,
+    quantization,
     onProgress: (done, total) => send({ type: "progress", done, total }),
   });
   send({ type: "done" });

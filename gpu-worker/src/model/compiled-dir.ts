@@ -25,6 +25,7 @@ import {
 } from "node:fs";
 import { join } from "node:path";
 import { ModelLoadError } from "./errors.ts";
+import { QUANTIZATIONS, type Quantization } from "./quantize.ts";
 
 export const COMPILED_MANIFEST = "compiled.json";
 const FORMAT = "llama-edge-compiled";
@@ -39,6 +40,8 @@ export interface CompiledManifest {
   name: string;
   /** Where the checkpoint came from: `hf://org/name@<commit>`, or a directory with a fingerprint of its files. */
   source: string;
+  /** The weights' format (quantize.ts): the packed layout depends on it. */
+  quantization: Quantization;
   /** Bytes of weights.bin. */
   weights_bytes: number;
   created_at: string;
@@ -57,6 +60,9 @@ export function readCompiledManifest(dir: string): CompiledManifest | null {
   if (m?.format !== FORMAT || typeof m.compiler_version !== "number" || typeof m.weights_bytes !== "number") {
     throw new ModelLoadError(file, `not a ${FORMAT} manifest`);
   }
+  if (!QUANTIZATIONS.includes(m.quantization)) {
+    throw new ModelLoadError(file, `unknown quantization ${JSON.stringify(m.quantization)}`);
+  }
   return m;
 }
 
@@ -64,8 +70,19 @@ export function readCompiledManifest(dir: string): CompiledManifest | null {
  * Checks a compiled directory against the compiler that will read it: same version, and a weights.bin of the size
  * the manifest promises (a copy cut short would otherwise fail deep inside ONNX Runtime).
  */
-export function checkCompiledDir(dir: string, m: CompiledManifest, compilerVersion: number): void {
+export function checkCompiledDir(
+  dir: string,
+  m: CompiledManifest,
+  compilerVersion: number,
+  quantization?: Quantization,
+): void {
   const manifest = join(dir, COMPILED_MANIFEST);
+  if (quantization !== undefined && quantization !== m.quantization) {
+    throw new ModelLoadError(
+      manifest,
+      `compiled with quantization ${m.quantization}, not ${quantization}: compile again with --quantization ${quantization}`,
+    );
+  }
   if (m.compiler_version !== compilerVersion) {
     throw new ModelLoadError(
       manifest,
