@@ -35,6 +35,8 @@ shown; the flag wins.
   --served-model-name <name>    LLAMA_SERVED_MODEL_NAME Model name(s) requests may use, comma-separated
                                                         (default: the repo id, or the directory's name)
   --max-num-seqs <n>            LLAMA_MAX_NUM_SEQS      Sequences running at once (default 64)
+  --max-model-len <n>           LLAMA_MAX_MODEL_LEN     Longest sequence (prompt + completion) served (default
+                                                        and maximum: the model's max_position_embeddings)
   --max-num-batched-tokens <n>  LLAMA_MAX_NUM_BATCHED_TOKENS
   --block-size <n>              LLAMA_BLOCK_SIZE
   --kv-cache-bytes <n>          LLAMA_KV_CACHE_BYTES
@@ -63,6 +65,7 @@ const OPTIONS = {
   "worker-id": { type: "string", env: "LLAMA_WORKER_ID" },
   "served-model-name": { type: "string", env: "LLAMA_SERVED_MODEL_NAME" },
   "max-num-seqs": { type: "string", env: "LLAMA_MAX_NUM_SEQS" },
+  "max-model-len": { type: "string", env: "LLAMA_MAX_MODEL_LEN" },
   "max-num-batched-tokens": { type: "string", env: "LLAMA_MAX_NUM_BATCHED_TOKENS" },
   "block-size": { type: "string", env: "LLAMA_BLOCK_SIZE" },
   "kv-cache-bytes": { type: "string", env: "LLAMA_KV_CACHE_BYTES" },
@@ -117,6 +120,7 @@ function readOptions(argv: string[]) {
       .map((s) => s.trim())
       .filter(Boolean),
     maxNumSeqs: num("max-num-seqs", Number.isInteger),
+    maxModelLen: num("max-model-len", Number.isInteger),
     maxNumBatchedTokens: num("max-num-batched-tokens", Number.isInteger),
     blockSize: num("block-size", Number.isInteger),
     kvCacheBytes: num("kv-cache-bytes"),
@@ -227,6 +231,7 @@ export async function serveCommand(argv: string[]): Promise<number> {
       engineOptions: {
         modelDir: source.dir,
         maxNumSeqs: o.maxNumSeqs,
+        maxModelLen: o.maxModelLen,
         maxNumBatchedTokens: o.maxNumBatchedTokens,
         blockSize: o.blockSize,
         kvCacheBytes: o.kvCacheBytes,
