@@ -26,6 +26,7 @@ import {
   workerContainer,
   workerPoolConfigs,
 } from "./pool.ts";
+import { bytes } from "./quantity.ts";
 import { renderWorkerBase } from "./render-base.ts";
 
 /** What `llama-worker compile --model` takes: an absolute directory or a Hub repo id. */
@@ -76,14 +77,6 @@ describe.skipIf(!kubectl)("kustomize builds (kubectl kustomize)", () => {
     expect(strip(renderWorkerBase())).toEqual(strip(kustomize(join(k8sDir, "worker"))));
   });
 });
-
-/** Bytes of a Kubernetes quantity (64Gi, 512Mi, 1G). */
-function bytes(q: string): number {
-  const m = /^(\d+(?:\.\d+)?)(Ki|Mi|Gi|Ti|k|M|G|T)?$/.exec(q);
-  if (!m) throw new Error(`not a quantity: ${q}`);
-  const unit = { Ki: 2 ** 10, Mi: 2 ** 20, Gi: 2 ** 30, Ti: 2 ** 40, k: 1e3, M: 1e6, G: 1e9, T: 1e12 }[m[2] ?? ""] ?? 1;
-  return Number(m[1]) * unit;
-}
 
 /** The checks every pool must pass, whichever overlay it comes from. */
 async function checkPool(pool: Pool): Promise<void> {
