@@ -73,7 +73,8 @@ function monitoringQueries(): Queries {
     if (q) exprs.set(q, `dashboard variable ${v.name}`);
   }
   const [rule] = loadManifests(join(MONITORING, "prometheusrule.yaml"));
-  for (const g of rule?.spec.groups as { rules: { record?: string; alert?: string; expr: string }[] }[]) {
+  const groups = (rule?.spec?.groups ?? []) as { rules: { record?: string; alert?: string; expr: string }[] }[];
+  for (const g of groups) {
     for (const r of g.rules) {
       exprs.set(r.expr, r.record ? `recording rule ${r.record}` : `alert ${r.alert}`);
       if (r.record) recorded.add(r.record);

@@ -1,9 +1,10 @@
-import { freemem } from "node:os";
+import { availableParallelism, freemem } from "node:os";
 import { compileModel } from "../model/compiled-model.ts";
 import { type LlamaConfig, loadLlamaConfig } from "../model/config.ts";
 import type { Quantization } from "../model/quantize.ts";
 import { LlamaTokenizer } from "../tokenizer/tokenizer.ts";
 import { IncrementalDetokenizer } from "./detokenizer.ts";
+import { GrammarCache, type GrammarSpec, type SequenceGrammar } from "./grammar.ts";
 import { KVCacheManager } from "./kv-cache-manager.ts";
 import { ModelRunner, type StepOutput, type StepSequence } from "./model-runner.ts";
 import { finishReasonOf, isFinished, Request, RequestStatus } from "./request.ts";
@@ -34,6 +35,7 @@ export interface EngineOptions {
   executionProvider?: "cpu" | "cuda";
   /** Weight format the checkpoint is compiled to; default "none" (f32). */
   quantization?: Quantization;
+  /** ONNX Runtime intra-op threads; default every core (its own default picks one core on some VMs). */
   numThreads?: number;
   /** ONNX Runtime thread spinning between operators; default on (see ModelRunnerOptions.allowSpinning). */
   allowSpinning?: boolean;
@@ -77,6 +79,8 @@ interface OutputState {
   detok: IncrementalDetokenizer;
   stops: StopStringChecker;
   abortRequested: boolean;
+  /** The request's grammar matcher (constrained decoding), advanced with every output token. */
+  grammar: SequenceGrammar | null;
 }
 
 /**
@@ -90,6 +94,7 @@ export class LLMEngine {
   private stepping = false;
   private loopRunning = false;
   private readonly recentTokens: { t: number; n: number }[] = [];
+  #grammars: GrammarCache | null = null;
 
   private constructor(
     readonly cfg: LlamaConfig,
@@ -135,7 +140,7 @@ export class LLMEngine {
       numBlocks: sizePool,
       blockSize,
       executionProvider: opts.executionProvider,
-      numThreads: opts.numThreads,
+      numThreads: opts.numThreads ?? availableParallelism(),
       allowSpinning: opts.allowSpinning,
     });
     const numBlocks = runner.numBlocks;
@@ -192,16 +197,43 @@ export class LLMEngine {
     const rng = new SeededRng(params.seed ?? randomSeed());
     const request = new Request(req.requestId, promptIds, params, rng, maxTotal, this.arrivals++);
     const channel = new EventChannel(() => this.abort(req.requestId));
-    this.states.set(req.requestId, {
+    const st: OutputState = {
       request,
       channel,
       detok: new IncrementalDetokenizer(this.tokenizer, promptIds),
       stops: new StopStringChecker(params.stop),
       abortRequested: false,
-    });
-    this.scheduler.add(request);
-    this.kick();
+      grammar: null,
+    };
+    this.states.set(req.requestId, st);
+    if (req.grammar) this.queueWithGrammar(st, req.grammar);
+    else {
+      this.scheduler.add(request);
+      this.kick();
+    }
     return channel;
+  }
+
+  /** Compiled grammars of this engine's tokenizer (created on first use). */
+  get grammars(): GrammarCache {
+    this.#grammars ??= GrammarCache.for(this.tokenizer, this.cfg.vocabSize, this.cfg.eosTokenIds);
+    return this.#grammars;
+  }
+
+  /** Queues the request once its grammar is compiled (or found in the cache); a bad grammar fails its stream. */
+  private queueWithGrammar(st: OutputState, spec: GrammarSpec): void {
+    this.grammars.matcher(spec).then(
+      (matcher) => {
+        if (isFinished(st.request.status)) {
+          matcher.dispose(); // aborted while compiling
+          return;
+        }
+        st.grammar = matcher;
+        this.scheduler.add(st.request);
+        this.kick();
+      },
+      (err) => this.fail(st, err instanceof Error ? err : new Error(String(err))),
+    );
   }
 
   /** Abort a request (client went away). Its blocks are free before the next step. */
@@ -305,12 +337,21 @@ export class LLMEngine {
       this.kv.cacheFullBlocks(request.requestId, request.tokenIds, request.numComputedTokens);
       if (request.numComputedTokens === request.numTokens) {
         const st = this.states.get(request.requestId)!;
+        let allowedTokens: Int32Array | undefined;
+        try {
+          allowedTokens = await st.grammar?.nextTokenBitmask();
+        } catch (e) {
+          const message = e instanceof Error ? e.message : String(e);
+          this.fail(st, new EngineSequenceError(`the grammar failed: ${message}`, { cause: e }));
+          continue;
+        }
         sampled.push(st);
         sampleRows.push({
           params: request.params,
           rng: request.rng,
           promptTokenIds: request.promptTokenIds,
           outputTokenIds: request.outputTokenIds,
+          allowedTokens,
         });
       }
     }
@@ -346,7 +387,14 @@ export class LLMEngine {
     const req = st.request;
     const p = req.params;
     req.appendOutput(tokenId);
-    const isStopToken = (!p.ignoreEos && this.cfg.eosTokenIds.includes(tokenId)) || p.stopTokenIds.includes(tokenId);
+    if (st.grammar && !st.grammar.accept(tokenId)) {
+      throw new Error(`token ${tokenId} was sampled outside the request's grammar`);
+    }
+    // A completed grammar ends the sequence with its stop token, ignore_eos or not.
+    const isStopToken =
+      st.grammar?.isTerminated === true ||
+      (!p.ignoreEos && this.cfg.eosTokenIds.includes(tokenId)) ||
+      p.stopTokenIds.includes(tokenId);
     let text = "";
     let stopString = false;
     if (!isStopToken) {
@@ -393,6 +441,7 @@ export class LLMEngine {
     if (isFinished(req.status)) return;
     this.scheduler.finish(req, status);
     this.states.delete(req.requestId);
+    st.grammar?.dispose();
     st.channel.push({
       type: "final",
       finishReason: finishReasonOf(status),
@@ -411,6 +460,7 @@ export class LLMEngine {
     if (isFinished(st.request.status)) return;
     this.scheduler.finish(st.request, RequestStatus.FINISHED_ABORTED);
     this.states.delete(st.request.requestId);
+    st.grammar?.dispose();
     st.channel.fail(err);
   }
 

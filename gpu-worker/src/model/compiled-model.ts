@@ -42,6 +42,8 @@ export interface CompiledModel {
   weightsDir: string;
   /** Bytes of `weights.bin` (what the weights take in memory once loaded). */
   weightBytes: number;
+  /** Bytes one decode step reads: every layer's weights and the lm_head, not the embedding table (one row). */
+  decodeBytesPerToken: number;
 }
 
 export interface CompileOptions {
@@ -65,9 +67,15 @@ export function compileModel(modelDir: string, cfg: LlamaConfig, opts: CompileOp
   // A directory `llama-worker compile` wrote (compiled-dir.ts): its weights are packed already, in its format.
   const manifest = readCompiledManifest(modelDir);
   if (manifest) {
-    checkCompiledDir(modelDir, manifest, COMPILER_VERSION, opts.quantization);
+    // "none" is every command's default: only an explicit int8/int4 can disagree with the directory.
+    checkCompiledDir(modelDir, manifest, COMPILER_VERSION, opts.quantization === "none" ? undefined : opts.quantization);
     const layout = packedLayout(cfg, manifest.quantization);
-    return { graph: buildLlamaGraph(cfg, layout.refs), weightsDir: modelDir, weightBytes: layout.bytes };
+    return {
+      graph: buildLlamaGraph(cfg, layout.refs),
+      weightsDir: modelDir,
+      weightBytes: layout.bytes,
+      decodeBytesPerToken: layout.decodeBytes,
+    };
   }
   const quantization = opts.quantization ?? "none";
   const weights = LlamaWeights.open(modelDir, cfg);
@@ -89,7 +97,12 @@ export function compileModel(modelDir: string, cfg: LlamaConfig, opts: CompileOp
       rmSync(tmp, { recursive: true, force: true });
     }
   }
-  return { graph: buildLlamaGraph(cfg, layout.refs), weightsDir: outDir, weightBytes: layout.bytes };
+  return {
+    graph: buildLlamaGraph(cfg, layout.refs),
+    weightsDir: outDir,
+    weightBytes: layout.bytes,
+    decodeBytesPerToken: layout.decodeBytes,
+  };
 }
 
 function cacheKey(cfg: LlamaConfig, weights: LlamaWeights, quantization: Quantization): string {
@@ -187,10 +200,15 @@ function packedLayout(cfg: LlamaConfig, quantization: Quantization) {
   };
   const ropeCos = rope("cos");
   const ropeSin = rope("sin");
+  const notRead = new Set([embed.weight, ropeCos, ropeSin]);
+  let decodeBytes = 0;
+  for (const e of entries) for (const r of e.refs) if (!notRead.has(r)) decodeBytes += r.length;
+  if (lmHead.kind === "f32" && lmHead.weight === embed.weight) decodeBytes += embed.weight.length; // tied: read whole
   return {
     refs: { embed, layers, finalNorm, lmHead, ropeCos, ropeSin } satisfies PackedWeights,
     entries,
     bytes: offset,
+    decodeBytes,
   };
 }
 
