@@ -9,7 +9,7 @@
 // `worker_lost` error (the gateway's heartbeat timeout) and new ones are served once the replacement is ready.
 // Ctrl-C or SIGTERM stops everything in order (workers drain their streams first); a second Ctrl-C kills at once.
 import { readFileSync } from "node:fs";
-import { join } from "node:path";
+import { join, resolve } from "node:path";
 import { parseArgs } from "node:util";
 import { ensureNpmDeps, root } from "./ensure-deps.mjs";
 

@@ -122,6 +122,8 @@ async function checkPool(pool: Pool): Promise<void> {
     Number(pool.env.LLAMA_MAX_NUM_SEQS),
   );
   expect(Number.isInteger(Number(m.activationLagThreshold)) && Number(m.activationLagThreshold) >= 0).toBe(true);
+  // KEDA leaves zero when the lag exceeds activationLagThreshold: at 0, the first request (lag 1) starts a worker.
+  if (so.minReplicaCount === 0) expect(m.activationLagThreshold, `${where}: activation on a lag of 1`).toBe("0");
   expect(so.minReplicaCount).toBeGreaterThanOrEqual(0);
   expect(so.maxReplicaCount).toBeGreaterThanOrEqual(Math.max(1, so.minReplicaCount));
   expect(d.spec.replicas, `${where}: a Deployment replicas field fights KEDA on every apply`).toBeUndefined();
