@@ -9,14 +9,15 @@
 // `worker_lost` error (the gateway's heartbeat timeout) and new ones are served once the replacement is ready.
 // Ctrl-C or SIGTERM stops everything in order (workers drain their streams first); a second Ctrl-C kills at once.
 import { readFileSync } from "node:fs";
-import { basename, join, resolve } from "node:path";
+import { join, resolve } from "node:path";
 import { parseArgs } from "node:util";
 import { ensureNpmDeps, root } from "./ensure-deps.mjs";
 
 const USAGE = `Usage: npm start [-- options]
 
-  --model <dir>      Hugging Face LLaMA checkpoint to serve (default: the generated default model,
-                     random weights: its output is meaningless)
+  --model <m>        The model to serve: a checkpoint directory, a compiled directory, or a Hugging Face
+                     repo id org/name[@revision], downloaded once into the Hub cache (HF_ENDPOINT, HF_TOKEN,
+                     HF_HOME). Default: the generated default model (random weights: meaningless output)
   --workers <n>      Worker processes for the pool (default 1)
   --autoscale        Let the local autoscaler size the pool from queue lag instead (KEDA's policy from
                      infra/k8s/worker/scaledobject.yaml; --min-workers/--max-workers override it)
@@ -130,15 +131,12 @@ process.on("uncaughtException", (e) => {
 });
 
 try {
-  // 1. the model: the checkpoint given, or the generated default one
-  let modelDir;
-  if (args.model) modelDir = resolve(args.model);
-  else {
-    const { ensureDefaultModel } = await import("../gpu-worker/src/model/default-model.ts");
-    modelDir = await ensureDefaultModel("default");
-  }
+  // 1. the model, resolved (and downloaded) once here, as `llama-worker` resolves it; the workers get its directory
+  const { resolveModel } = await import("../gpu-worker/src/model/model-source.ts");
+  const source = await resolveModel(args.model, { tty: process.stderr.isTTY === true, log: (line) => log(line) });
+  const modelDir = source.dir;
   const config = JSON.parse(readFileSync(join(modelDir, "config.json"), "utf8"));
-  const modelName = basename(modelDir);
+  const modelName = source.name;
   const maxContext = config.max_position_embeddings ?? 2048;
 
   let port = Number(args.port);
@@ -233,7 +231,8 @@ try {
       natsUrl,
       model: modelDir,
       maxNumSeqs,
-      extra: ["--log-level", "warn", "--health-port", String(healthPort)],
+      // The served name: the repo id of a Hub model (its snapshot directory is named after a commit).
+      extra: ["--served-model-name", modelName, "--log-level", "warn", "--health-port", String(healthPort)],
     });
   let workersReady;
   if (args.autoscale) {
@@ -290,7 +289,7 @@ llama-edge is up.
   OpenAI base URL   ${gw.url}/v1
   API key           ${key}        (development key, kept in ${join(stateDir, "edge", "dev-key")})
   Admin secret      in ${join(stateDir, "edge", "admin-secret")}
-  Model             ${modelName}${args.model ? "" : "   (random weights: the output is meaningless text)"}
+  Model             ${modelName}${source.kind === "default" ? "   (random weights: the output is meaningless text)" : ""}
 
   curl ${gw.url}/v1/chat/completions \\
     -H "Authorization: Bearer ${key}" -H "Content-Type: application/json" \\

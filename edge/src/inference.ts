@@ -81,7 +81,9 @@ export async function runInference(
   const promptTokens = estimates.reduce((s, e) => s + e.tokens, 0);
   const reserve = promptTokens + numChoices * (plan.maxTokens ?? config.default_completion_reserve);
   const now = Date.now();
-  const deadline = now + config.request_timeout_ms;
+  // A pool scaled to zero answers after a cold start: its queue wait comes on top of the request's own time.
+  const queueTimeoutMs = Object.fromEntries(routed.pools.map((p) => [p, config.pools[p]?.queue_timeout_ms ?? 0]));
+  const deadline = now + Math.max(0, ...Object.values(queueTimeoutMs)) + config.request_timeout_ms;
   const keyHash = c.get("keyHash");
   const admitted = await limiter.admit(keyHash, {
     model: plan.model,
@@ -116,6 +118,7 @@ export async function runInference(
     // A budget with too little left for a request without max_tokens capped it (finish_reason "length" says so).
     sampling: admitted.maxTokens === undefined ? plan.sampling : { ...plan.sampling, max_tokens: admitted.maxTokens },
     deadline,
+    queueTimeoutMs,
     estimatedPromptTokens: estimates.map((e) => e.tokens),
     leaseMs: config.reservation_lease_ms,
     reader: { maxBufferedBytes: config.max_unread_bytes, idleReaderMs: config.idle_reader_timeout_ms },

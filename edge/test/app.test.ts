@@ -1,5 +1,6 @@
 import { NoWorkersError, QueueTimeoutError } from "@llama-edge/shared";
 import { describe, expect, it } from "vitest";
+import { parseGatewayConfig } from "../src/config.ts";
 import {
   bearer,
   chat,
@@ -219,6 +220,29 @@ describe("routing", () => {
     await app.request(post("/v1/completions", key, { model: MODEL, prompt: "short" }));
     await app.request(post("/v1/completions", key, { model: MODEL, prompt: Array(300).fill(1) }));
     expect(backend.submissions.map((s) => s.pool)).toEqual(["small", "large"]);
+  });
+
+  it("gives each pool its own queue timeout: a request may wait that long there for a worker to start it", async () => {
+    const config = parseGatewayConfig({
+      pools: {
+        small: { max_context: 256, models: [MODEL], queue_timeout_ms: 5_000 },
+        large: { max_context: 4096, models: [MODEL] },
+      },
+      request_timeout_ms: 10_000,
+    });
+    expect(config.pools.large?.queue_timeout_ms, "the default covers a cold start").toBe(600_000);
+    const backend = new ScriptedBackend();
+    const { app } = makeApp(backend, config);
+    const { key } = await newKey();
+    const before = Date.now();
+    await app.request(post("/v1/completions", key, { model: MODEL, prompt: "short" }));
+    await app.request(post("/v1/completions", key, { model: MODEL, prompt: Array(300).fill(1) }));
+    const after = Date.now();
+    const [small, large] = backend.submissions.map((s) => s.request.deadline ?? 0);
+    expect(small).toBeGreaterThanOrEqual(before + 5_000);
+    expect(small).toBeLessThanOrEqual(after + 5_000);
+    expect(large).toBeGreaterThanOrEqual(before + 600_000);
+    expect(large).toBeLessThanOrEqual(after + 600_000);
   });
 
   it("moves on to a larger pool when a worker finds the prompt too long", async () => {

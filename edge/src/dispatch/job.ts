@@ -34,8 +34,11 @@ export interface Job {
   prompts: Prompt[];
   n: number;
   sampling: SamplingParams;
-  /** Epoch ms: no worker may start the job after this, and the gateway gives up on it then. */
+  /** Epoch ms: the gateway gives up on the job then, wherever it is. */
   deadline: number;
+  /** Per candidate pool: how long a sub-request may wait there for a worker to start it (its pool's
+   *  queue_timeout_ms); a pool missing here waits until `deadline`. */
+  queueTimeoutMs?: Record<string, number>;
   /** Prompt tokens as estimated at admission, per prompt: usage of prompts that never reported their own. */
   estimatedPromptTokens: number[];
   /** The reservation's lease: the runner renews it (with the usage so far) well within this many ms. */

@@ -147,7 +147,8 @@ async function runChoice(
       prompt: job.prompts[Math.floor(index / job.n)]!,
       // Each choice of a seeded request gets its own seed: reproducible, yet the n choices differ.
       sampling: seed == null ? job.sampling : { ...job.sampling, seed: seed + choiceInPrompt },
-      deadline: job.deadline,
+      // The start-by time: the worker drops it (and the Dispatcher reports a queue timeout) once it has passed.
+      deadline: Math.min(job.deadline, Date.now() + (job.queueTimeoutMs?.[pool] ?? Number.POSITIVE_INFINITY)),
     };
     let sawTokens = false;
     try {
