@@ -9,6 +9,7 @@
 // `worker_lost` error (the gateway's heartbeat timeout) and new ones are served once the replacement is ready.
 // Ctrl-C or SIGTERM stops everything in order (workers drain their streams first); a second Ctrl-C kills at once.
 import { readFileSync } from "node:fs";
+import { availableParallelism } from "node:os";
 import { join, resolve } from "node:path";
 import { parseArgs } from "node:util";
 import { ensureNpmDeps, root } from "./ensure-deps.mjs";
@@ -23,6 +24,9 @@ const USAGE = `Usage: npm start [-- options]
                      infra/k8s/worker/scaledobject.yaml; --min-workers/--max-workers override it)
   --min-workers <n>  --max-workers <n>
   --max-num-seqs <n> Sequences per worker (default 16)
+  --quantization <q> Weight format: none (f32), int8 or int4 (default none; env LLAMA_QUANTIZATION)
+  --threads <n>      ONNX Runtime threads per worker (default: the cores shared among --workers; env
+                     LLAMA_THREADS)
   --port <port>      Gateway port (default 8787; 0 = any free port)
   --state-dir <dir>  NATS store, gateway storage, admin secret and development key (default .cache)
 `;
@@ -37,6 +41,8 @@ try {
       "min-workers": { type: "string" },
       "max-workers": { type: "string" },
       "max-num-seqs": { type: "string", default: "16" },
+      quantization: { type: "string" },
+      threads: { type: "string" },
       port: { type: "string", default: "8787" },
       "state-dir": { type: "string" },
       help: { type: "boolean", short: "h" },
@@ -50,7 +56,7 @@ if (args.help) {
   console.log(USAGE);
   process.exit(0);
 }
-for (const name of ["workers", "max-num-seqs", "port", "min-workers", "max-workers"]) {
+for (const name of ["workers", "max-num-seqs", "port", "min-workers", "max-workers", "threads"]) {
   const v = args[name];
   if (v !== undefined && !/^\d+$/.test(v)) {
     console.error(`--${name}: "${v}" is not a whole number\n\n${USAGE}`);
@@ -224,6 +230,13 @@ try {
   // 4. workers: a fixed number under the supervisor, or the local autoscaler
   const { LocalAutoscaler, readScalePolicy, spawnWorker } = await import("../infra/local/autoscaler.ts");
   const maxNumSeqs = Number(args["max-num-seqs"]);
+  const quantization = args.quantization ?? process.env.LLAMA_QUANTIZATION;
+  // Workers on one machine share its cores: each gets its share rather than all of them spinning against each other.
+  const threadsPerWorker = Number(
+    args.threads ??
+      process.env.LLAMA_THREADS ??
+      Math.max(1, Math.floor(availableParallelism() / Math.max(1, Number(args.workers)))),
+  );
   const spawnPoolWorker = (workerId, healthPort) =>
     spawnWorker({
       workerId,
@@ -232,7 +245,11 @@ try {
       model: modelDir,
       maxNumSeqs,
       // The served name: the repo id of a Hub model (its snapshot directory is named after a commit).
-      extra: ["--served-model-name", modelName, "--log-level", "warn", "--health-port", String(healthPort)],
+      extra: [
+        ...["--served-model-name", modelName, "--log-level", "warn", "--health-port", String(healthPort)],
+        ...["--threads", String(threadsPerWorker)],
+        ...(quantization ? ["--quantization", quantization] : []),
+      ],
     });
   let workersReady;
   if (args.autoscale) {
