@@ -1,7 +1,7 @@
 /**
  * A NATS worker in the test process (inside workerd, over WebSocket): speaks the dispatch protocol like
  * gpu-worker's NatsWorker (pulls from the pool's JetStream consumer, streams events, honours cancels, publishes
- * load reports) and also the addressed-request addition of src/dispatch/direct.ts, which the real worker lacks.
+ * load reports) and addressed requests (PoolNames.direct).
  * Its "prefix cache" remembers the first message (or 16 characters) of every prompt it ran: a later prompt with
  * the same one reports cached_tokens, so affinity shows up in usage as it would on a real engine.
  */

@@ -1,16 +1,14 @@
 /**
  * `npm run bench:engine [-- --quick] [-- --json] [-- --only <section>]`: offline engine benchmarks on the generated
- * models (sections: throughput, sampling, structured, mixed, pool, kv, prefix, bandwidth).
+ * models (sections: throughput, weights, quality, ttft, sampling, structured, mixed, pool, kv, prefix, bandwidth, big).
  * Prints a table; with --json the last line is one JSON object holding every figure (names in the README).
  * Ratios are measured within one run, since absolute numbers move with whatever else the machine does.
  */
 import { existsSync } from "node:fs";
 import { cpus, totalmem } from "node:os";
 import { join } from "node:path";
-import { parseArgs } from "node:util";
 import onnxPkg from "onnx-proto";
 import * as ort from "onnxruntime-node";
-import type { GrammarSpec } from "../src/engine/grammar.ts";
 import { LLMEngine } from "../src/engine/llm-engine.ts";
 import { ModelRunner } from "../src/engine/model-runner.ts";
 import type { SamplingParams } from "../src/engine/types.ts";
@@ -19,58 +17,26 @@ import { cacheDir, ensureDefaultModel } from "../src/model/default-model.ts";
 import { writeRandomLlama } from "../src/model/random-model.ts";
 import { LlamaWeights } from "../src/model/weights.ts";
 
-const { values: args } = parseArgs({
-  options: { quick: { type: "boolean" }, json: { type: "boolean" }, only: { type: "string", multiple: true } },
-});
-const quick = args.quick ?? false;
-const results: Record<string, number | string> = {};
-const log = (line: string) => process.stdout.write(`${line}\n`);
-
-function record(name: string, value: number, digits = 2): number {
-  results[name] = Number(value.toFixed(digits));
-  return value;
-}
-
-const decode = (maxTokens: number): Partial<SamplingParams> => ({ temperature: 0, maxTokens, ignoreEos: true });
-
-function promptOf(len: number, salt: number): number[] {
-  return [1, ...Array.from({ length: len - 1 }, (_, j) => 100 + ((salt * 7919 + j * 31) % 30000))];
-}
-
-/** Aggregate decode throughput of `n` concurrent streams, counted once every stream has its first token. */
-async function decodeThroughput(
-  engine: LLMEngine,
-  n: number,
-  tokens: number,
-  sampling: Partial<SamplingParams> = {},
-  grammar?: GrammarSpec,
-): Promise<number> {
-  let started = 0;
-  let tStart = 0;
-  let counted = 0;
-  await Promise.all(
-    Array.from({ length: n }, async (_, i) => {
-      let first = true;
-      for await (const e of engine.submit({
-        requestId: `tp-${n}-${i}-${Math.random()}`,
-        prompt: promptOf(8, i),
-        sampling: { ...decode(tokens), ...sampling },
-        ...(grammar ? { grammar } : {}),
-      })) {
-        if (e.type !== "delta") continue;
-        if (first) {
-          first = false;
-          if (++started === n) tStart = performance.now();
-        } else if (started === n) counted += e.tokenIds.length;
-      }
-    }),
-  );
-  return (counted * 1000) / (performance.now() - tStart);
-}
+import {
+  big,
+  decode,
+  decodeThroughput,
+  json,
+  log,
+  only,
+  percentile,
+  promptOf,
+  quick,
+  record,
+  results,
+  threads,
+} from "./harness.ts";
+import { structuredOutput } from "./structured-output.ts";
+import { bigModelRows, qualityRows, weightFormatTable } from "./weight-formats.ts";
 
 async function throughputTable(shape: "default" | "bench", sizes: number[], tokens: number) {
   const dir = await ensureDefaultModel(shape, { quiet: true });
-  const engine = await LLMEngine.create({ modelDir: dir, maxNumSeqs: Math.max(...sizes) });
+  const engine = await LLMEngine.create({ numThreads: threads, modelDir: dir, maxNumSeqs: Math.max(...sizes) });
   await decodeThroughput(engine, 2, 4); // warm-up
   const base = await decodeThroughput(engine, 1, tokens);
   log(`\n## Decode throughput, ${shape} model (${tokens} tokens per stream)`);
@@ -86,7 +52,7 @@ async function throughputTable(shape: "default" | "bench", sizes: number[], toke
 /** What sampling costs on top of greedy decoding: 32 streams on the default model (where it weighs most). */
 async function samplingCost() {
   const dir = await ensureDefaultModel("default", { quiet: true });
-  const engine = await LLMEngine.create({ modelDir: dir, maxNumSeqs: 32 });
+  const engine = await LLMEngine.create({ numThreads: threads, modelDir: dir, maxNumSeqs: 32 });
   await decodeThroughput(engine, 4, 4);
   const tokens = quick ? 24 : 64;
   const modes: [string, string, Partial<SamplingParams>][] = [
@@ -106,75 +72,6 @@ async function samplingCost() {
   }
 }
 
-/** A typical structured-output schema: a record with bounded strings, numbers, an enum and a list. */
-const PERSON_SCHEMA = {
-  type: "object",
-  properties: {
-    name: { type: "string", pattern: "^[A-Z][a-z]{1,15}$" },
-    age: { type: "integer", minimum: 0, maximum: 130 },
-    email: { type: "string", format: "email" },
-    score: { type: "number", minimum: 0, maximum: 1 },
-    role: { enum: ["admin", "editor", "viewer"] },
-    tags: { type: "array", items: { type: "string", maxLength: 12 }, maxItems: 5 },
-  },
-  required: ["name", "age", "role"],
-};
-
-/**
- * Constrained decoding (response_format json_schema) against free decoding: 32 greedy streams on the default model,
- * best of alternating rounds.
- * The schema is a list of records that cannot close within the token budget, so every stream decodes the same
- * number of tokens under the grammar (integers, enums, bounded strings and JSON structure, in turn). Also the
- * time to compile a typical schema: XGrammar's start (once per process and tokenizer), a schema never seen
- * (cold) and the same schema again (cached).
- */
-async function structuredOutput() {
-  const dir = await ensureDefaultModel("default", { quiet: true });
-  const engine = await LLMEngine.create({ modelDir: dir, maxNumSeqs: 32 });
-  let t = performance.now();
-  await engine.grammars.warmUp();
-  const initMs = performance.now() - t;
-  // A description no run used before: a real compilation, not a cache hit.
-  const typical: GrammarSpec = { type: "json_schema", schema: { ...PERSON_SCHEMA, description: `run ${Date.now()}` } };
-  t = performance.now();
-  await engine.grammars.compile(typical);
-  const coldMs = performance.now() - t;
-  t = performance.now();
-  await engine.grammars.compile(typical);
-  const cachedMs = performance.now() - t;
-  const stream: GrammarSpec = {
-    type: "json_schema",
-    schema: {
-      type: "object",
-      properties: { people: { type: "array", items: PERSON_SCHEMA, minItems: 100 } },
-      required: ["people"],
-    },
-  };
-  await engine.grammars.compile(stream);
-  const tokens = quick ? 24 : 64;
-  await decodeThroughput(engine, 4, 4, {}, stream); // warm-up
-  // Alternating rounds, best of each: load from elsewhere on the machine hits both alike.
-  let free = 0;
-  let constrained = 0;
-  for (let round = 0; round < (quick ? 2 : 3); round++) {
-    free = Math.max(free, await decodeThroughput(engine, 32, tokens));
-    constrained = Math.max(constrained, await decodeThroughput(engine, 32, tokens, {}, stream));
-  }
-  log(`\n## Structured output (default model, 32 greedy streams, ${tokens} tokens each)`);
-  log("| decoding | tokens/s | vs unconstrained |\n|---|---:|---:|");
-  log(`| unconstrained | ${free.toFixed(1)} | 1.00 |`);
-  log(`| json_schema | ${constrained.toFixed(1)} | ${(constrained / free).toFixed(2)} (target ≥ 0.9) |`);
-  log(
-    `schema compile: XGrammar start ${initMs.toFixed(0)} ms (once per tokenizer), typical schema cold ${coldMs.toFixed(0)} ms, cached ${cachedMs.toFixed(3)} ms`,
-  );
-  record("structured_tps_32", constrained, 1);
-  record("unconstrained_tps_32", free, 1);
-  record("structured_ratio_32", constrained / free);
-  record("grammar_init_ms", initMs, 0);
-  record("schema_compile_ms_cold", coldMs, 1);
-  record("schema_compile_ms_cached", cachedMs, 3);
-}
-
 /**
  * Mixed workload: streams decoding while long prompts keep arriving. Chunked prefill bounds each step's work by
  * the token budget, so the decoding streams' inter-token latency stays low; a budget as large as the prompt
@@ -182,12 +79,11 @@ async function structuredOutput() {
  */
 async function mixedWorkload() {
   const dir = await ensureDefaultModel("bench", { quiet: true });
-  const pct = (xs: number[], q: number) =>
-    [...xs].sort((a, b) => a - b)[Math.min(xs.length - 1, Math.floor(q * xs.length))];
   log("\n## Mixed workload (bench model): 8 decoding streams, a 768-token prompt arriving every 250 ms");
   log("| max_num_batched_tokens | inter-token p50 | inter-token p99 | new prompts' TTFT p50 |\n|---:|---:|---:|---:|");
   for (const budget of [256, 1024]) {
     const engine = await LLMEngine.create({
+      numThreads: threads,
       modelDir: dir,
       maxNumSeqs: 16,
       maxNumBatchedTokens: budget,
@@ -228,12 +124,64 @@ async function mixedWorkload() {
       );
     }
     await Promise.all([...streams, ...arrivals]);
-    const [p50, p99, t50] = [pct(gaps, 0.5), pct(gaps, 0.99), pct(ttfts, 0.5)];
+    const [p50, p99, t50] = [percentile(gaps, 0.5), percentile(gaps, 0.99), percentile(ttfts, 0.5)];
     log(`| ${budget} | ${p50.toFixed(1)} ms | ${p99.toFixed(1)} ms | ${t50.toFixed(0)} ms |`);
     record(`mixed_itl_p50_ms_budget_${budget}`, p50);
     record(`mixed_itl_p99_ms_budget_${budget}`, p99);
     record(`mixed_ttft_p50_ms_budget_${budget}`, t50, 1);
   }
+}
+
+/**
+ * Time to first token while 32 clients each send one request after another (closed loop, 64-token completions,
+ * 128-token prompts, bench model), against its bound: one decode step at 32 streams plus one prefill chunk.
+ */
+async function ttftUnderLoad() {
+  const dir = await ensureDefaultModel("bench", { quiet: true });
+  const engine = await LLMEngine.create({ numThreads: threads, modelDir: dir, maxNumSeqs: 32 });
+  await decodeThroughput(engine, 4, 4);
+  const stepMs = 1000 / ((await decodeThroughput(engine, 32, quick ? 16 : 32)) / 32);
+  const chunkTimes: number[] = [];
+  for (let i = 0; i < 3; i++) {
+    const t0 = performance.now();
+    for await (const e of engine.submit({
+      requestId: `chunk-${i}`,
+      prompt: promptOf(128, 500 + i),
+      sampling: decode(1),
+    })) {
+      if (e.type === "delta") chunkTimes.push(performance.now() - t0);
+    }
+  }
+  const chunkMs = percentile(chunkTimes, 0.5);
+  const ttfts: number[] = [];
+  const perClient = quick ? 2 : 4;
+  await Promise.all(
+    Array.from({ length: 32 }, async (_, c) => {
+      for (let k = 0; k < perClient; k++) {
+        const t0 = performance.now();
+        let first = true;
+        for await (const e of engine.submit({
+          requestId: `cl-${c}-${k}`,
+          prompt: promptOf(128, c * 10 + k),
+          sampling: decode(64),
+        })) {
+          if (e.type === "delta" && first) {
+            first = false;
+            ttfts.push(performance.now() - t0);
+          }
+        }
+      }
+    }),
+  );
+  const p50 = percentile(ttfts, 0.5);
+  log("\n## TTFT under load (bench model, 32 closed-loop clients, 128-token prompts, 64-token completions)");
+  log("| TTFT p50 | TTFT p99 | decode step at 32 streams | 128-token prefill alone | bound (step + chunk) |");
+  log("|---:|---:|---:|---:|---:|");
+  log(
+    `| ${p50.toFixed(0)} ms | ${percentile(ttfts, 0.99).toFixed(0)} ms | ${stepMs.toFixed(1)} ms | ${chunkMs.toFixed(1)} ms | ${(stepMs + chunkMs).toFixed(1)} ms |`,
+  );
+  record("ttft_load_p50_ms", p50, 1);
+  record("ttft_load_bound_ms", stepMs + chunkMs, 1);
 }
 
 /** Mean step time of the same 32-sequence decode batch with a pool 1× and 8× as large. */
@@ -242,7 +190,12 @@ async function poolSizeIndependence() {
   const cfg = loadLlamaConfig(dir);
   const perBlock = ModelRunner.kvBytesPerToken(cfg) * 16;
   const time = async (numBlocks: number) => {
-    const engine = await LLMEngine.create({ modelDir: dir, maxNumSeqs: 32, kvCacheBytes: numBlocks * perBlock });
+    const engine = await LLMEngine.create({
+      numThreads: threads,
+      modelDir: dir,
+      maxNumSeqs: 32,
+      kvCacheBytes: numBlocks * perBlock,
+    });
     await decodeThroughput(engine, 32, 4);
     return 1000 / ((await decodeThroughput(engine, 32, quick ? 24 : 64)) / 32); // ms per step
   };
@@ -285,6 +238,7 @@ async function kvMemory() {
   const numBlocks = 1024;
   const maxLen = cfg.maxPositionEmbeddings;
   const engine = await LLMEngine.create({
+    numThreads: threads,
     modelDir: dir,
     maxNumSeqs: 64,
     maxNumBatchedTokens: 2048,
@@ -340,6 +294,7 @@ async function prefixTtft() {
   const prefix = promptOf(prefixLen, 1);
   const ttft = async (caching: boolean) => {
     const engine = await LLMEngine.create({
+      numThreads: threads,
       modelDir: dir,
       maxNumSeqs: 8,
       maxNumBatchedTokens: 2048,
@@ -412,6 +367,7 @@ async function readBandwidth(): Promise<number> {
   let best = Number.POSITIVE_INFINITY;
   for (const graph of probes) {
     const session = await ort.InferenceSession.create(graph, {
+      intraOpNumThreads: threads,
       extra: { session: { "intra_op.allow_spinning": "0" } },
     });
     for (let i = 0; i < (quick ? 4 : 8); i++) {
@@ -435,7 +391,7 @@ async function bandwidthUtilisation() {
     if (t.name !== "model.embed_tokens.weight") params += t.shape.reduce((a, b) => a * b, 1);
   if (cfg.tieWordEmbeddings) params += cfg.vocabSize * cfg.hiddenSize;
   const bytesPerToken = params * 4;
-  const engine = await LLMEngine.create({ modelDir: dir, maxNumSeqs: 1 });
+  const engine = await LLMEngine.create({ numThreads: threads, modelDir: dir, maxNumSeqs: 1 });
   await decodeThroughput(engine, 1, 4);
   const tps = await decodeThroughput(engine, 1, quick ? 32 : 128);
   const bw = await readBandwidth();
@@ -455,9 +411,10 @@ async function bandwidthUtilisation() {
 
 log(`# llama-edge engine benchmark${quick ? " (quick)" : ""}`);
 log(
-  `machine: ${cpus().length} × ${cpus()[0]?.model ?? "cpu"}, ${(totalmem() / 2 ** 30).toFixed(0)} GiB, node ${process.version}, onnxruntime-node ${ort.env.versions.node}`,
+  `machine: ${cpus().length} × ${cpus()[0]?.model ?? "cpu"}, ${(totalmem() / 2 ** 30).toFixed(0)} GiB, node ${process.version}, onnxruntime-node ${ort.env.versions.node}, ${threads} intra-op threads`,
 );
 results.machine = `${cpus().length}x ${cpus()[0]?.model ?? "cpu"}`;
+results.threads = threads;
 results.mode = quick ? "quick" : "full";
 /** Sections in run order; `--only <name>` (repeatable) runs just those. */
 const SECTIONS: Record<string, () => Promise<unknown>> = {
@@ -465,6 +422,9 @@ const SECTIONS: Record<string, () => Promise<unknown>> = {
     await throughputTable("default", quick ? [1, 8, 32] : [1, 8, 32, 64], quick ? 24 : 64);
     await throughputTable("bench", quick ? [1, 32] : [1, 8, 32, 64], quick ? 16 : 48);
   },
+  weights: weightFormatTable,
+  quality: qualityRows,
+  ttft: ttftUnderLoad,
   sampling: samplingCost,
   structured: structuredOutput,
   mixed: mixedWorkload,
@@ -473,5 +433,7 @@ const SECTIONS: Record<string, () => Promise<unknown>> = {
   prefix: prefixTtft,
   bandwidth: bandwidthUtilisation,
 };
-for (const [name, run] of Object.entries(SECTIONS)) if (!args.only || args.only.includes(name)) await run();
-if (args.json) log(JSON.stringify(results));
+for (const [name, run] of Object.entries(SECTIONS)) if (!only || only.includes(name)) await run();
+if (big && (!only || only.includes("big"))) await bigModelRows();
+else if (!only) log("\n(llama2-7b rows skipped: run with --big; they generate a 13 GB random checkpoint once)");
+if (json) log(JSON.stringify(results));

@@ -5,18 +5,24 @@ import { type EngineOptions, EngineRequestError, LLMEngine } from "./engine/llm-
 import { ExecutionProviderError } from "./engine/model-runner.ts";
 import { SamplingParamError } from "./engine/sampling-params.ts";
 import type { FinishReason, SamplingParams } from "./engine/types.ts";
-import { ensureDefaultModel } from "./model/default-model.ts";
 import { ModelLoadError } from "./model/errors.ts";
+import { resolveModel } from "./model/model-source.ts";
+import { parseQuantization } from "./model/quantize.ts";
 
 const USAGE = `Usage: llama-worker <command> [options]
 
 Commands:
   generate   Generate completions for one or more prompts (all run at once through the scheduler)
   serve      Serve a worker pool over NATS (see --help of serve)
+  compile    Compile a checkpoint once into a directory workers serve without compiling (see --help of compile)
+  random-model  Write a random-weight checkpoint with a real model's shape (see --help of random-model)
+
+--model, in every command: a checkpoint directory, a compiled directory, or a Hugging Face repo id
+org/name[@revision], downloaded into the Hub cache (HF_ENDPOINT, HF_TOKEN, HF_HOME are honoured).
 
 generate options:
-  --model <dir>              Hugging Face LLaMA checkpoint directory (default: the generated default model,
-                             random weights: its output is meaningless)
+  --model <m>                The model (default: the generated default model, random weights: its output is
+                             meaningless)
   --prompt <text>            Prompt text; repeat for several prompts ("" = generate from BOS alone)
   --prompts-file <file>      One JSON string per line, each a prompt
   --chat                     Render each prompt as a user message through the model's chat template
@@ -30,15 +36,31 @@ generate options:
   --max-num-seqs <n>  --max-num-batched-tokens <n>  --block-size <n>  --kv-cache-bytes <n>
   --no-prefix-caching        Disable automatic prefix caching
   --device <cpu|cuda>        ONNX Runtime execution provider (default cpu)
+  --quantization <q>         Weight format: none (f32), int8 or int4 (default none; env LLAMA_QUANTIZATION)
+  --threads <n>              ONNX Runtime intra-op threads (default: every core; env LLAMA_THREADS)
 `;
 
 export async function main(argv: string[]): Promise<number> {
   const [command, ...rest] = argv;
   try {
     if (command === "generate") return await generate(rest);
+    if (command === "compile") {
+      const { compileCommand } = await import("./compile/compile-command.ts");
+      return await compileCommand(rest);
+    }
     if (command === "serve") {
       const { serveCommand } = await import("./service/serve-command.ts");
       return await serveCommand(rest);
+    }
+    if (command === "random-model") {
+      const { randomModelCommand, RandomModelUsageError } = await import("./random-model-command.ts");
+      try {
+        return await randomModelCommand(rest);
+      } catch (e) {
+        if (!(e instanceof RandomModelUsageError)) throw e;
+        process.stderr.write(`llama-worker random-model: ${e.message}\n`);
+        return 2;
+      }
     }
     process.stdout.write(USAGE);
     return command === undefined || command === "--help" || command === "-h" ? 0 : 2;
@@ -58,6 +80,22 @@ export async function main(argv: string[]): Promise<number> {
     }
     throw e;
   }
+}
+
+function flagOrEnv<T>(parse: () => T, name: string): T {
+  try {
+    return parse();
+  } catch (e) {
+    throw new SamplingParamError(name, (e as Error).message);
+  }
+}
+
+function threadsOption(v: string | undefined): number | undefined {
+  if (v === undefined || v === "") return undefined;
+  const n = Number(v);
+  if (!Number.isInteger(n) || n < 1)
+    throw new SamplingParamError("threads", `--threads must be an integer >= 1, got "${v}"`);
+  return n;
 }
 
 function num(name: string, v: string | undefined): number | undefined {
@@ -92,6 +130,8 @@ async function generate(argv: string[]): Promise<number> {
       "kv-cache-bytes": { type: "string" },
       "no-prefix-caching": { type: "boolean" },
       device: { type: "string" },
+      quantization: { type: "string" },
+      threads: { type: "string" },
       help: { type: "boolean", short: "h" },
     },
     strict: true,
@@ -116,13 +156,13 @@ async function generate(argv: string[]): Promise<number> {
   if (prompts.length === 0) prompts.push("Once upon a time");
 
   const progress = new Progress(!values.json || process.stderr.isTTY);
-  let modelDir: string;
-  if (values.model) modelDir = values.model;
-  else {
-    modelDir = await ensureDefaultModel("default", { quiet: !process.stderr.isTTY });
-    if (!values.json)
-      process.stderr.write("Using the generated default model: random weights, the output is meaningless.\n");
-  }
+  const source = await resolveModel(values.model, {
+    tty: process.stderr.isTTY === true,
+    log: (line) => process.stderr.write(`llama-worker: ${line}\n`),
+  });
+  const modelDir = source.dir;
+  if (source.kind === "default" && !values.json)
+    process.stderr.write("Using the generated default model: random weights, the output is meaningless.\n");
   const device = values.device ?? "cpu";
   if (device !== "cpu" && device !== "cuda")
     throw new SamplingParamError("device", `--device must be cpu or cuda, got "${device}"`);
@@ -134,6 +174,11 @@ async function generate(argv: string[]): Promise<number> {
     kvCacheBytes: num("kv-cache-bytes", values["kv-cache-bytes"]),
     enablePrefixCaching: !values["no-prefix-caching"],
     executionProvider: device,
+    quantization: flagOrEnv(
+      () => parseQuantization(values.quantization ?? process.env.LLAMA_QUANTIZATION),
+      "quantization",
+    ),
+    numThreads: threadsOption(values.threads ?? process.env.LLAMA_THREADS),
     onProgress: (stage, done, total) => progress.update(stage, done, total),
   };
   const engine = await LLMEngine.create(engineOpts);

@@ -8,6 +8,7 @@ export {
   Dispatcher,
   type DispatcherOptions,
   finalAfterCancel,
+  queuedIdAfterOffer,
   type SubmitOptions,
   type SubmitRequest,
 } from "./dispatcher.ts";
@@ -19,6 +20,7 @@ export {
   NoWorkersError,
   ProtocolError,
   QueueTimeoutError,
+  RequestTooLargeError,
   WorkerError,
   WorkerLostError,
 } from "./errors.ts";

@@ -4,11 +4,25 @@
  * yields `JobEvent`s and settles the reservation when the job ends, however it ends.
  *
  * Jobs and events are plain data: they cross the Durable Object RPC boundary, events as NDJSON over a byte stream.
+ * The interfaces a job depends on live here too: `Limiter` (admission and settlement with the key) and
+ * `SubmitBackend` (one sub-request to one pool).
  *
  * @module
  */
-import type { Logprob, Prompt, RequestMessageInput, SamplingParams, ToolCallDelta, Usage } from "@llama-edge/shared";
+import type {
+  DispatchEvent,
+  Logprob,
+  Prompt,
+  RequestMessageInput,
+  SamplingParams,
+  SubmitOptions,
+  SubmitRequest,
+  ToolCallDelta,
+  Usage,
+} from "@llama-edge/shared";
 import type { ApiErrorInfo } from "../errors.ts";
+import type { AdmitRequest, AdmitResult } from "../keys/key-limiter.ts";
+import type { Settlement } from "../keys/types.ts";
 
 export interface Job {
   /** Gateway request id; sub-requests to workers are `<id>-<choice index>`. */
@@ -24,10 +38,17 @@ export interface Job {
   sampling: SamplingParams;
   /** What the output must be (response_format) and which tool calls are wanted, as the protocol carries them. */
   output?: JobOutput;
-  /** Epoch ms: no worker may start the job after this, and the gateway gives up on it then. */
+  /** Epoch ms: the gateway gives up on the job then, wherever it is. */
   deadline: number;
+  /** Per candidate pool: how long a sub-request may wait there for a worker to start it (its pool's
+   *  queue_timeout_ms); a pool missing here waits until `deadline`. */
+  queueTimeoutMs?: Record<string, number>;
   /** Prompt tokens as estimated at admission, per prompt: usage of prompts that never reported their own. */
   estimatedPromptTokens: number[];
+  /** The reservation's lease: the runner renews it (with the usage so far) well within this many ms. */
+  leaseMs: number;
+  /** What the reader may leave unread before the job is cancelled (see job-stream.ts); default 1 MiB, 30 s. */
+  reader?: { maxBufferedBytes: number; idleReaderMs: number };
 }
 
 export type JobOutput = Pick<RequestMessageInput, "response_format" | "tool_choice" | "parallel_tool_calls">;
@@ -56,6 +77,25 @@ export interface JobRunner {
    * request's ExecutionContext) keeps that cancel alive after the client has gone.
    */
   run(job: Job, signal: AbortSignal, waitUntil?: (p: Promise<unknown>) => void): AsyncIterable<JobEvent>;
+}
+
+/** Admission and settlement with a key (its Durable Object in production). */
+export interface Limiter {
+  /** Authenticates and admits in one round trip (see KeyLimiter.admit). */
+  admit(keyHash: string, req: AdmitRequest): Promise<AdmitResult>;
+  /** Idempotent: settling a settled or unknown reservation does nothing. */
+  settle(keyHash: string, reservationId: string, settlement: Settlement): Promise<void>;
+  /** Extends a running request's lease, recording its usage so far (see KeyLimiter.renew). */
+  renew(keyHash: string, reservationId: string, progress: Settlement, leaseUntil: number): Promise<boolean>;
+}
+
+/** Submits one request to one pool (the shared Dispatcher's shape, plus prefix-affinity routing in production). */
+export interface SubmitBackend {
+  submit(
+    pool: string,
+    request: SubmitRequest,
+    options: SubmitOptions & { signal: AbortSignal },
+  ): AsyncIterable<DispatchEvent>;
 }
 
 // ---------------------------------------------------------------------------------------------------------------

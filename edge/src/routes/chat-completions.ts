@@ -6,13 +6,14 @@
  */
 import type { ChatMessage } from "@llama-edge/shared";
 import { Hono } from "hono";
+import type { RequestIdVariables } from "hono/request-id";
 import type { JobOutput } from "../dispatch/job.ts";
 import { errors } from "../errors.ts";
+import { type InferenceDeps, runInference } from "../inference.ts";
 import type { AuthVars } from "../middleware/auth.ts";
 import type { JsonBodyVars } from "../middleware/json-body.ts";
 import { ChatFormatter } from "../openai/format.ts";
 import { type ChatCompletionRequest, ChatCompletionRequestSchema, parseRequest } from "../openai/schemas.ts";
-import { type InferenceDeps, runInference } from "./inference.ts";
 import { samplingParams } from "./sampling.ts";
 
 function toMessages(req: ChatCompletionRequest): ChatMessage[] {
@@ -63,7 +64,7 @@ function toOutput(req: ChatCompletionRequest): JobOutput {
 }
 
 export function chatCompletionsRoute(deps: InferenceDeps) {
-  return new Hono<{ Variables: AuthVars & JsonBodyVars }>().post("/", async (c) => {
+  return new Hono<{ Variables: AuthVars & JsonBodyVars & RequestIdVariables }>().post("/", async (c) => {
     const req = parseRequest(ChatCompletionRequestSchema, c.get("body"));
     if (req.top_logprobs != null && req.logprobs !== true) {
       throw errors.invalidRequest("'top_logprobs' requires 'logprobs' to be true.", "top_logprobs", "invalid_value");
@@ -86,6 +87,7 @@ export function chatCompletionsRoute(deps: InferenceDeps) {
       sampling: samplingParams(req, maxTokens, { logprobs, topLogprobs: req.top_logprobs ?? 0 }),
       output,
       maxTokens,
+      maxTokensParam: req.max_completion_tokens != null ? "max_completion_tokens" : "max_tokens",
       stream: req.stream === true,
       includeUsage: req.stream === true && req.stream_options?.include_usage === true,
       logprobs,

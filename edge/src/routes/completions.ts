@@ -6,12 +6,13 @@
  */
 import type { Prompt } from "@llama-edge/shared";
 import { Hono } from "hono";
+import type { RequestIdVariables } from "hono/request-id";
 import { errors } from "../errors.ts";
+import { type InferenceDeps, runInference } from "../inference.ts";
 import type { AuthVars } from "../middleware/auth.ts";
 import type { JsonBodyVars } from "../middleware/json-body.ts";
 import { CompletionFormatter } from "../openai/format.ts";
 import { type CompletionRequest, CompletionRequestSchema, parseRequest } from "../openai/schemas.ts";
-import { type InferenceDeps, runInference } from "./inference.ts";
 import { samplingParams } from "./sampling.ts";
 
 /** OpenAI's default for this endpoint (chat has none). */
@@ -25,7 +26,7 @@ function toPrompts(prompt: CompletionRequest["prompt"]): Prompt[] {
 }
 
 export function completionsRoute(deps: InferenceDeps) {
-  return new Hono<{ Variables: AuthVars & JsonBodyVars }>().post("/", async (c) => {
+  return new Hono<{ Variables: AuthVars & JsonBodyVars & RequestIdVariables }>().post("/", async (c) => {
     const req = parseRequest(CompletionRequestSchema, c.get("body"));
     const n = req.n ?? 1;
     if (req.suffix) throw errors.invalidRequest("'suffix' is not supported by this model.", "suffix", "invalid_value");
@@ -50,6 +51,7 @@ export function completionsRoute(deps: InferenceDeps) {
       sampling: samplingParams(req, maxTokens, { logprobs, topLogprobs: req.logprobs ?? 0 }),
       ...(req.response_format ? { output: { response_format: req.response_format } } : {}),
       maxTokens,
+      maxTokensParam: "max_tokens",
       stream: req.stream === true,
       includeUsage: req.stream === true && req.stream_options?.include_usage === true,
       logprobs,

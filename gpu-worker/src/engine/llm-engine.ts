@@ -1,4 +1,4 @@
-import { freemem } from "node:os";
+import { availableParallelism, freemem } from "node:os";
 import { compileModel } from "../model/compiled-model.ts";
 import { type LlamaConfig, loadLlamaConfig } from "../model/config.ts";
 import type { Quantization } from "../model/quantize.ts";
@@ -36,6 +36,7 @@ export interface EngineOptions {
   executionProvider?: "cpu" | "cuda";
   /** Weight format the checkpoint is compiled to; default "none" (f32). */
   quantization?: Quantization;
+  /** ONNX Runtime intra-op threads; default every core (its own default picks one core on some VMs). */
   numThreads?: number;
   /** ONNX Runtime thread spinning between operators; default on (see ModelRunnerOptions.allowSpinning). */
   allowSpinning?: boolean;
@@ -120,26 +121,32 @@ export class LLMEngine {
     const maxNumSeqs = opts.maxNumSeqs ?? 64;
     const blockSize = opts.blockSize ?? 16;
     const bytesPerBlock = ModelRunner.kvBytesPerToken(cfg) * blockSize;
-    let kvBytes = opts.kvCacheBytes;
-    if (kvBytes === undefined) {
-      kvBytes =
-        opts.kvCacheFraction !== undefined
-          ? opts.kvCacheFraction * freemem()
-          : Math.min(maxNumSeqs * Math.ceil(maxModelLen / blockSize) * bytesPerBlock, 4 * 1024 ** 3, freemem() / 2);
-    }
-    const numBlocks = Math.floor(kvBytes / bytesPerBlock);
-    if (numBlocks < 1) throw new Error(`KV cache budget of ${kvBytes} bytes holds no block of ${bytesPerBlock} bytes`);
     const compiled = compileModel(opts.modelDir, cfg, {
       quantization: opts.quantization,
       onProgress: opts.onProgress && ((d, t) => opts.onProgress?.("compile", d, t)),
     });
+    // The pool is sized once the weights are in memory, from what is left then.
+    const sizePool = (): number => {
+      let kvBytes = opts.kvCacheBytes;
+      if (kvBytes === undefined) {
+        const available = availableMemory();
+        kvBytes =
+          opts.kvCacheFraction !== undefined
+            ? opts.kvCacheFraction * available
+            : Math.min(maxNumSeqs * Math.ceil(maxModelLen / blockSize) * bytesPerBlock, 4 * 1024 ** 3, available / 2);
+      }
+      const n = Math.floor(kvBytes / bytesPerBlock);
+      if (n < 1) throw new Error(`KV cache budget of ${kvBytes} bytes holds no block of ${bytesPerBlock} bytes`);
+      return n;
+    };
     const runner = await ModelRunner.create(compiled, cfg, {
-      numBlocks,
+      numBlocks: sizePool,
       blockSize,
       executionProvider: opts.executionProvider,
-      numThreads: opts.numThreads,
+      numThreads: opts.numThreads ?? availableParallelism(),
       allowSpinning: opts.allowSpinning,
     });
+    const numBlocks = runner.numBlocks;
     const kv = new KVCacheManager({ numBlocks, blockSize, enablePrefixCaching: opts.enablePrefixCaching ?? true });
     const scheduler = new Scheduler({ maxNumSeqs, maxNumBatchedTokens: opts.maxNumBatchedTokens ?? 512 }, kv);
     const modelName = opts.modelDir.replace(/\/+$/, "").split("/").pop() ?? "model";
@@ -481,6 +488,16 @@ export class LLMEngine {
     const stepErr = new EngineStepError(`the engine failed: ${cause.message}`, { cause });
     for (const st of [...this.states.values()]) this.fail(st, stepErr);
   }
+}
+
+/**
+ * Bytes this process could still allocate: the host's available memory, bounded by the container's memory limit
+ * (cgroup) when there is one, since a pod sees the whole node's free memory.
+ */
+export function availableMemory(): number {
+  const limit = process.constrainedMemory?.() ?? 0;
+  const free = freemem();
+  return limit > 0 ? Math.min(free, Math.max(0, limit - process.memoryUsage.rss())) : free;
 }
 
 function randomSeed(): number {

@@ -10,15 +10,16 @@
  */
 import type { Prompt, SamplingParams, Usage } from "@llama-edge/shared";
 import type { Context } from "hono";
-import type { GatewayConfig } from "../config.ts";
-import type { Job, JobEvent, JobOutput, JobRunner } from "../dispatch/job.ts";
-import { estimatePromptTokens, planPools } from "../dispatch/routing.ts";
-import { ApiError, type ApiErrorInfo, errorBody, errors } from "../errors.ts";
-import type { Limiter } from "../keys/key-store.ts";
-import type { AuthVars } from "../middleware/auth.ts";
-import type { JsonBodyVars } from "../middleware/json-body.ts";
-import { type FormatterOptions, newCompletionId, type ResponseFormatter } from "../openai/format.ts";
-import { admissionError, rateLimitHeaders } from "../rate-limit.ts";
+import type { RequestIdVariables } from "hono/request-id";
+import type { GatewayConfig } from "./config.ts";
+import type { Job, JobEvent, JobOutput, JobRunner, Limiter } from "./dispatch/job.ts";
+import { estimatePromptTokens, maxPromptTokens, planPools } from "./dispatch/routing.ts";
+import { ApiError, type ApiErrorInfo, errorBody, errors } from "./errors.ts";
+import type { AuthVars } from "./middleware/auth.ts";
+import type { JsonBodyVars } from "./middleware/json-body.ts";
+import { type FormatterOptions, newCompletionId, type ResponseFormatter } from "./openai/format.ts";
+import { MAX_SEQUENCES } from "./openai/schemas.ts";
+import { admissionError, rateLimitHeaders } from "./rate-limit.ts";
 
 export interface InferenceDeps {
   limiter: Limiter;
@@ -37,6 +38,8 @@ export interface InferencePlan {
   output?: JobOutput;
   /** Completion tokens allowed per choice; null = until the context is full. */
   maxTokens: number | null;
+  /** The parameter that set maxTokens (chat has two names for it). */
+  maxTokensParam: "max_tokens" | "max_completion_tokens";
   stream: boolean;
   includeUsage: boolean;
   logprobs: boolean;
@@ -50,27 +53,51 @@ export const SSE_HEADERS: Record<string, string> = {
   "x-accel-buffering": "no",
 };
 
-/** Reservations outlive the deadline by this much before the key's Durable Object drops them unsettled. */
+/** Reservations outlive the deadline by this much at most, renewed or not. */
 const RESERVATION_GRACE_MS = 60_000;
 
 export async function runInference(
-  c: Context<{ Variables: AuthVars & JsonBodyVars }>,
+  c: Context<{ Variables: AuthVars & JsonBodyVars & RequestIdVariables }>,
   deps: InferenceDeps,
   plan: InferencePlan,
 ): Promise<Response> {
   const { config, limiter, dispatcher } = deps;
-  const estimates = plan.prompts.map(estimatePromptTokens);
-  const routed = planPools(config, plan.model, estimates, plan.maxTokens, plan.kind === "chat" ? "messages" : "prompt");
-  if ("error" in routed) throw routed.error;
-
   const numChoices = plan.prompts.length * plan.n;
+  if (numChoices > MAX_SEQUENCES) {
+    throw errors.invalidRequest(
+      `Too many choices: ${plan.prompts.length} prompt(s) × n=${plan.n} = ${numChoices}, at most ${MAX_SEQUENCES} per request.`,
+      "n",
+      "invalid_value",
+    );
+  }
+  const routed = planPools(config, {
+    model: plan.model,
+    prompts: plan.prompts,
+    maxTokens: plan.maxTokens,
+    maxTokensParam: plan.maxTokensParam,
+    promptParam: plan.kind === "chat" ? "messages" : "prompt",
+  });
+  if ("error" in routed) throw routed.error;
+  const estimates = plan.prompts.map(estimatePromptTokens);
+
   const promptTokens = estimates.reduce((s, e) => s + e.tokens, 0);
   const reserve = promptTokens + numChoices * (plan.maxTokens ?? config.default_completion_reserve);
-  const deadline = Date.now() + config.request_timeout_ms;
+  const now = Date.now();
+  // A pool scaled to zero answers after a cold start: its queue wait comes on top of the request's own time.
+  const queueTimeoutMs = Object.fromEntries(routed.pools.map((p) => [p, config.pools[p]?.queue_timeout_ms ?? 0]));
+  const deadline = now + Math.max(0, ...Object.values(queueTimeoutMs)) + config.request_timeout_ms;
   const keyHash = c.get("keyHash");
   const admitted = await limiter.admit(keyHash, {
     model: plan.model,
     tokens: reserve,
+    sequences: numChoices,
+    budget: {
+      promptTokens: plan.prompts.reduce((n, p) => n + maxPromptTokens(p), 0),
+      choices: numChoices,
+      maxTokens: plan.maxTokens,
+      maxContext: routed.maxContext,
+    },
+    leaseUntil: now + config.reservation_lease_ms,
     expiresAt: deadline + RESERVATION_GRACE_MS,
   });
   if (!admitted.ok) {
@@ -79,8 +106,9 @@ export async function runInference(
   }
   c.set("key", admitted.key);
 
-  const id = newCompletionId(plan.kind);
-  const headers: Record<string, string> = { ...rateLimitHeaders(admitted.rate), "x-request-id": id };
+  // The job is named by the request id (x-request-id): the workers' request ids, in their logs, start with it.
+  const id = c.get("requestId");
+  const headers: Record<string, string> = rateLimitHeaders(admitted.rate);
   const job: Job = {
     id,
     keyHash,
@@ -89,10 +117,14 @@ export async function runInference(
     pools: routed.pools,
     prompts: plan.prompts,
     n: plan.n,
-    sampling: plan.sampling,
+    // A budget with too little left for a request without max_tokens capped it (finish_reason "length" says so).
+    sampling: admitted.maxTokens === undefined ? plan.sampling : { ...plan.sampling, max_tokens: admitted.maxTokens },
     ...(plan.output ? { output: plan.output } : {}),
     deadline,
+    queueTimeoutMs,
     estimatedPromptTokens: estimates.map((e) => e.tokens),
+    leaseMs: config.reservation_lease_ms,
+    reader: { maxBufferedBytes: config.max_unread_bytes, idleReaderMs: config.idle_reader_timeout_ms },
   };
 
   // Aborted when the client goes away (request.signal) or cancels the stream: cancels the job at the workers.
@@ -126,6 +158,7 @@ export async function runInference(
         cached_tokens: 0,
       })
       .catch(() => {});
+    if (ac.signal.aborted) throw errors.clientClosed(); // nobody is waiting for an answer
     console.error(`job ${id}: dispatch failed`, e);
     throw errors.serviceUnavailable("The gateway could not dispatch the request; try again later.");
   }
@@ -136,7 +169,7 @@ export async function runInference(
   if (config.expose_worker_id && workers.size > 0) headers["x-llama-edge-worker"] = [...workers].join(",");
 
   const formatter = plan.makeFormatter({
-    id,
+    id: newCompletionId(plan.kind),
     model: plan.model,
     created: Math.floor(Date.now() / 1000),
     numChoices,
@@ -233,7 +266,7 @@ function sseResponse(
         if (closed) return;
         closed = true;
         controller.close();
-        void events.return?.(); // lets the runner finish (and release what it holds)
+        events.return?.()?.catch(() => {}); // lets the runner finish (and release what it holds)
       };
       for (;;) {
         let ev: JobEvent;
