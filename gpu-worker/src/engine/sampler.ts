@@ -178,7 +178,12 @@ function sampleRow(
     const plain = p.temperature < GREEDY_EPS && !p.logprobs && p.topLogprobs === 0 && !hasEdits(r);
     if (plain) {
       if (r.rng !== null) r.rng.next(); // one draw per token, as for any row
-      return { tokenId: argmaxAllowed(row, r.allowedTokens) };
+      // The model's argmax, when allowed, is the best allowed token: one bit to test (the usual case when a
+      // model writes the JSON it was asked for).
+      const mask = r.allowedTokens;
+      if (rowArgmax !== undefined && ((mask[rowArgmax >> 5]! >>> (rowArgmax & 31)) & 1) === 1)
+        return { tokenId: rowArgmax };
+      return { tokenId: argmaxAllowed(row, mask) };
     }
     // The model's probs and argmax describe the unmasked row: a masked row never takes those shortcuts.
     row = maskedCopy(row, r.allowedTokens, s.masked);
@@ -220,12 +225,23 @@ function argmaxAllowed(row: Float32Array, mask: Int32Array): number {
   let best = -1;
   let m = Number.NEGATIVE_INFINITY;
   for (let w = 0, base = 0; base < V && w < mask.length; w++, base += 32) {
-    const bits = mask[w];
+    let bits = mask[w]!;
     if (bits === 0) continue;
-    const end = Math.min(base + 32, V);
-    for (let id = base; id < end; id++) {
-      if (((bits >>> (id - base)) & 1) !== 0 && (best < 0 || row[id] > m)) {
-        m = row[id];
+    if (bits === -1 && base + 32 <= V) {
+      for (let id = base; id < base + 32; id++) {
+        if (best < 0 || row[id]! > m) {
+          m = row[id]!;
+          best = id;
+        }
+      }
+      continue;
+    }
+    // the set bits only, lowest first
+    while (bits !== 0) {
+      const id = base + 31 - Math.clz32(bits & -bits);
+      bits &= bits - 1;
+      if (id < V && (best < 0 || row[id]! > m)) {
+        m = row[id]!;
         best = id;
       }
     }
