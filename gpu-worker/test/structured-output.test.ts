@@ -4,7 +4,7 @@
  * batching, preemption, prefix caching and aborts change nothing a constrained request produces.
  */
 import { Ajv } from "ajv";
-import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { beforeAll, describe, expect, it } from "vitest";
 import type { GrammarSpec } from "../src/engine/grammar.ts";
 import { type EngineOptions, LLMEngine } from "../src/engine/llm-engine.ts";
 import { ModelRunner } from "../src/engine/model-runner.ts";
@@ -48,19 +48,10 @@ const validate = new Ajv().compile(SCHEMA);
 const sampled = (seed: number, maxTokens = 96): Partial<SamplingParams> => ({ temperature: 1, seed, maxTokens });
 
 let modelDir: string;
-const engines: LLMEngine[] = [];
-async function engine(opts: Partial<EngineOptions> = {}): Promise<LLMEngine> {
-  const e = await LLMEngine.create({ modelDir, ...opts });
-  engines.push(e);
-  return e;
-}
+const engine = (opts: Partial<EngineOptions> = {}) => LLMEngine.create({ modelDir, ...opts });
 
 beforeAll(async () => {
   modelDir = await ensureDefaultModel("default", { quiet: true });
-});
-
-afterAll(() => {
-  engines.length = 0;
 });
 
 describe("constrained decoding in the engine", () => {

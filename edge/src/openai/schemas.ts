@@ -28,6 +28,9 @@ const tokenId = z.number().int().min(0);
 const stopString = z.string().max(MAX_STOP_LENGTH);
 const stop = nullish(z.union([stopString, z.array(stopString).max(MAX_STOP)]));
 
+/** A name OpenAI allows for a schema or a function. */
+const identifier = z.string().regex(/^[a-zA-Z0-9_-]{1,64}$/, "must be 1 to 64 letters, digits, underscores or dashes");
+
 /** A JSON Schema object; what it may contain is for the worker's grammar engine to judge. */
 const jsonSchema = z.record(z.string(), z.unknown());
 
@@ -39,7 +42,7 @@ const responseFormat = nullish(
     z.strictObject({
       type: z.literal("json_schema"),
       json_schema: z.strictObject({
-        name: z.string().regex(/^[a-zA-Z0-9_-]{1,64}$/, "must be 1 to 64 letters, digits, underscores or dashes"),
+        name: identifier,
         description: z.string().optional(),
         schema: jsonSchema.optional(),
         strict: nullish(z.boolean()),
@@ -130,7 +133,7 @@ const chatMessage = z
 const tool = z.strictObject({
   type: z.literal("function"),
   function: z.strictObject({
-    name: z.string().regex(/^[a-zA-Z0-9_-]{1,64}$/, "must be 1 to 64 letters, digits, underscores or dashes"),
+    name: identifier,
     description: z.string().optional(),
     parameters: jsonSchema.optional(),
     strict: nullish(z.boolean()),

@@ -12,7 +12,7 @@
  * @module
  */
 import { Worker } from "node:worker_threads";
-import { GrammarError, type GrammarSpec, type GrammarVocabulary, vocabularyKey } from "./grammar.ts";
+import { GrammarError, type GrammarSpec, type GrammarVocabulary, onePerVocabulary } from "./grammar.ts";
 
 export type ToGrammarThread =
   | { type: "open"; call: number; id: number; spec: GrammarSpec }
@@ -65,13 +65,7 @@ export class GrammarWorker {
 
   /** The process's grammar thread for this vocabulary. */
   static for(vocab: GrammarVocabulary): GrammarWorker {
-    const key = vocabularyKey(vocab);
-    let w = GrammarWorker.#byVocabulary.get(key);
-    if (!w) {
-      w = new GrammarWorker(vocab);
-      GrammarWorker.#byVocabulary.set(key, w);
-    }
-    return w;
+    return onePerVocabulary(GrammarWorker.#byVocabulary, vocab, () => new GrammarWorker(vocab));
   }
 
   get stopTokenIds(): readonly number[] {

@@ -17,6 +17,14 @@ beforeAll(async () => {
 
 const allowed = (mask: Int32Array, id: number) => ((mask[id >> 5] >>> (id & 31)) & 1) === 1;
 
+/** Whether `spec`'s grammar takes `text` whole, then the end of sequence. */
+async function accepts(spec: GrammarSpec, text: string): Promise<boolean> {
+  const m = await cache.matcher(spec);
+  const ok = feed(m, text) && m.accept(EOS) && m.isTerminated;
+  m.dispose();
+  return ok;
+}
+
 /** Feeds `text`'s tokens (as they would follow a prompt: no leading-space piece) and returns whether all were accepted. */
 function feed(m: SequenceGrammar, text: string): boolean {
   // Encoding "a" + text and dropping "a"'s piece gives the mid-sequence tokens of text.
@@ -95,16 +103,10 @@ describe("GrammarCache", () => {
         required: ["x", "p"],
       },
     };
-    const accepts = async (text: string) => {
-      const m = await cache.matcher(spec);
-      const ok = feed(m, text) && m.accept(EOS) && m.isTerminated;
-      m.dispose();
-      return ok;
-    };
-    expect(await accepts('{"x": -1.5, "p": 0.25}')).toBe(true);
-    expect(await accepts('{"x": -2, "p": 1}')).toBe(true);
-    expect(await accepts('{"x": -2.3, "p": 0.25}')).toBe(false);
-    expect(await accepts('{"x": -1.5, "p": 0}')).toBe(false);
+    expect(await accepts(spec, '{"x": -1.5, "p": 0.25}')).toBe(true);
+    expect(await accepts(spec, '{"x": -2, "p": 1}')).toBe(true);
+    expect(await accepts(spec, '{"x": -2.3, "p": 0.25}')).toBe(false);
+    expect(await accepts(spec, '{"x": -1.5, "p": 0}')).toBe(false);
   });
 
   it('keeps enum and const choices exact (XGrammar alone lets "coneone" into ["cone", "c"])', async () => {
@@ -112,16 +114,11 @@ describe("GrammarCache", () => {
       { enum: ["cone", "c", "ups"] },
       { anyOf: [{ const: "cone" }, { const: "c" }, { const: 12 }] },
     ]) {
-      const accepts = async (text: string) => {
-        const m = await cache.matcher({ type: "json_schema", schema });
-        const ok = feed(m, text) && m.accept(EOS) && m.isTerminated;
-        m.dispose();
-        return ok;
-      };
-      expect(await accepts('"cone"')).toBe(true);
-      expect(await accepts('"c"')).toBe(true);
-      expect(await accepts('"coneone"')).toBe(false);
-      expect(await accepts('"co"')).toBe(false);
+      const spec: GrammarSpec = { type: "json_schema", schema };
+      expect(await accepts(spec, '"cone"')).toBe(true);
+      expect(await accepts(spec, '"c"')).toBe(true);
+      expect(await accepts(spec, '"coneone"')).toBe(false);
+      expect(await accepts(spec, '"co"')).toBe(false);
     }
   });
 

@@ -134,12 +134,17 @@ export function grammarVocabulary(
   return { pieces, decoding: tokenizer.decoding, vocabSize, stopTokenIds: [...stopTokenIds] };
 }
 
-/** Identifies a vocabulary: its pieces, their decoding and the stop tokens. */
-export function vocabularyKey(v: GrammarVocabulary): string {
-  return createHash("sha256")
+/** The one `T` per vocabulary (its pieces, their decoding, the stop tokens) that `byVocabulary` holds. */
+export function onePerVocabulary<T>(byVocabulary: Map<string, T>, v: GrammarVocabulary, make: () => T): T {
+  const key = createHash("sha256")
     .update(JSON.stringify([v.decoding, v.vocabSize, v.stopTokenIds]))
     .update(v.pieces.join("\u0000"))
     .digest("hex");
+  const found = byVocabulary.get(key);
+  if (found !== undefined) return found;
+  const made = make();
+  byVocabulary.set(key, made);
+  return made;
 }
 
 /** Names the grammar's top rule so that `root` can repeat it with a separator. */
@@ -187,13 +192,7 @@ export class GrammarCache {
 
   /** The cache of `vocab`'s grammars in this thread (one per vocabulary). */
   static for(vocab: GrammarVocabulary): GrammarCache {
-    const key = vocabularyKey(vocab);
-    let cache = GrammarCache.#byTokenizer.get(key);
-    if (!cache) {
-      cache = new GrammarCache(vocab);
-      GrammarCache.#byTokenizer.set(key, cache);
-    }
-    return cache;
+    return onePerVocabulary(GrammarCache.#byTokenizer, vocab, () => new GrammarCache(vocab));
   }
 
   /** Loads XGrammar and preprocesses the vocabulary (a few hundred ms for 32k tokens), once. */
