@@ -96,6 +96,64 @@ describe("parseRequestMessage", () => {
   });
 });
 
+describe("structured output and tools in the protocol", () => {
+  const tools = [{ type: "function", function: { name: "get_weather", parameters: { type: "object" } } }];
+  const call = { id: "call_1", type: "function", function: { name: "get_weather", arguments: "{}" } };
+
+  test("a request carries response_format, tools, tool_choice and tool-call history", () => {
+    const r = parseRequestMessage(
+      enc({
+        ...valid,
+        prompt: {
+          type: "chat",
+          messages: [
+            { role: "user", content: "Weather?" },
+            { role: "assistant", content: null, tool_calls: [call] },
+            { role: "tool", content: "sunny", tool_call_id: "call_1" },
+          ],
+          tools,
+        },
+        tool_choice: { type: "function", function: { name: "get_weather" } },
+        parallel_tool_calls: false,
+        response_format: { type: "json_schema", json_schema: { name: "x", schema: { type: "object" } } },
+      }),
+    );
+    expect(r.ok).toBe(true);
+    if (!r.ok || r.value.prompt.type !== "chat") return;
+    expect(r.value.prompt.tools).toEqual(tools);
+    expect(r.value.prompt.messages[1]!.tool_calls).toEqual([call]);
+    expect(r.value).toMatchObject({ parallel_tool_calls: false, tool_choice: { function: { name: "get_weather" } } });
+  });
+
+  test("rejects malformed tools and formats", () => {
+    const bad = [
+      { ...valid, response_format: { type: "xml" } },
+      { ...valid, tool_choice: "sometimes" },
+      {
+        ...valid,
+        prompt: {
+          type: "chat",
+          messages: [{ role: "user", content: "x" }],
+          tools: [{ type: "function", function: { name: "a b" } }],
+        },
+      },
+    ];
+    for (const m of bad) expect(parseRequestMessage(enc(m)).ok, JSON.stringify(m)).toBe(false);
+  });
+
+  test("events carry tool-call pieces, finish_reason tool_calls and the param at fault", () => {
+    const base = { v: PROTOCOL_VERSION, id: "r", seq: 1 };
+    const piece = { index: 0, id: "call_1", name: "get_weather", arguments: "" };
+    expect(parseReplyMessage(enc({ ...base, type: "delta", text: "", token_ids: [5], tool_calls: [piece] })).ok).toBe(
+      true,
+    );
+    const usage = { prompt_tokens: 1, completion_tokens: 1, cached_tokens: 0 };
+    expect(parseReplyMessage(enc({ ...base, type: "final", finish_reason: "tool_calls", usage })).ok).toBe(true);
+    const err = parseReplyMessage(enc({ ...base, type: "error", code: "bad_request", message: "x", param: "tools" }));
+    expect(err.ok && err.value).toMatchObject({ param: "tools" });
+  });
+});
+
 describe("parseReplyMessage", () => {
   test("accepts every event kind and claims; rejects unknown types and bad codes", () => {
     const base = { v: PROTOCOL_VERSION, id: "r", seq: 0 };
