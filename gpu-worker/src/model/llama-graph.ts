@@ -37,14 +37,77 @@ export const ATTENTION_GROUPS = ["decode", "prefill"] as const;
 export type AttentionGroup = (typeof ATTENTION_GROUPS)[number];
 
 /**
+ * The graph's side of the KV cache: where attention reads past keys/values and where this step's go. The host pool
+ * (below) is the default; engine/webgpu-runner.ts keeps the cache on the device instead.
+ */
+export interface KvCacheGraph {
+  /** Past keys (kv 0) or values (kv 1) of `layer` at the slots `pastSlots` [G, P], head-major [nkv, G, P, hd]. */
+  readPast(layer: number, kv: 0 | 1, pastSlots: string): string;
+  /** This step's keys (after rope) and values of `layer`, each [T, nkv * hd]. */
+  write(layer: number, k: string, v: string): void;
+  /** After the last layer: declare whatever outputs the cache needs. */
+  finish(): void;
+}
+
+export interface GraphOptions {
+  /** Default: hostKvCache. */
+  kvCache?: (g: GraphBuilder, cfg: LlamaConfig) => KvCacheGraph;
+  /** Use com.microsoft FusedMatMul for q·kᵀ (default true; the WebGPU provider lacks it). */
+  fusedMatMul?: boolean;
+}
+
+/**
+ * The KV pool in host memory: input `kv_cache` [2 * layers * kvHeads * slots, headDim], read-only here (ONNX Runtime
+ * wraps the caller's buffer without copying). Row ((2l + kv) * kvHeads + h) * slots + slot holds head h of layer l's
+ * key (kv = 0) or value (kv = 1) at that slot; slot = block * blockSize + offset. Head-major rows make a gather land
+ * directly in the [kvHeads, G, P, headDim] layout attention multiplies, with no transpose. Output `new_kv`
+ * [2 * layers, T, kvHeads * headDim] holds the step's keys and values, which the caller writes into the pool.
+ */
+export function hostKvCache(g: GraphBuilder, cfg: LlamaConfig): KvCacheGraph {
+  const nkv = cfg.numKeyValueHeads;
+  const L = cfg.numHiddenLayers;
+  const kvCache = g.input("kv_cache", DType.float, ["kv_rows", cfg.headDim]);
+  // slots = kv_rows / (2 * layers * kvHeads): the pool size is a runtime property, not baked into the graph.
+  const kvRows = g.op("Gather", [g.op("Shape", [kvCache]), g.ints([0], true)], { axis: 0 });
+  const numSlots = g.op("Div", [kvRows, g.ints([2 * L * nkv], true)]);
+  // row offset of head h within a layer's keys or values: h * slots, as [nkv, 1, 1] to broadcast over [G, P]
+  const headOffsets = g.op("Mul", [g.ints(Array.from({ length: nkv }, (_, h) => h)), numSlots]);
+  const headOffsets3 = g.op("Reshape", [headOffsets, g.ints([nkv, 1, 1])]);
+  // rows of the past keys of layer 0, head-major [nkv, G, P], per group; each layer adds its base row
+  const pastRows = new Map<string, string>();
+  const newKv: string[] = [];
+  return {
+    readPast(layer, kv, pastSlots) {
+      let rows = pastRows.get(pastSlots);
+      if (rows === undefined) {
+        rows = g.op("Add", [headOffsets3, pastSlots]);
+        pastRows.set(pastSlots, rows);
+      }
+      const base = g.op("Mul", [numSlots, g.ints([(2 * layer + kv) * nkv], true)]); // first row of this layer's k/v
+      return g.op("Gather", [kvCache, g.op("Add", [rows, base])], { axis: 0 });
+    },
+    write(_layer, k, v) {
+      newKv.push(k, v);
+    },
+    finish() {
+      // new_kv [2L, T, kvDim]: layer l's keys at 2l, values at 2l+1
+      g.op(
+        "Concat",
+        newKv.map((t) => g.op("Unsqueeze", [t, g.ints([0])])),
+        { axis: 0 },
+        "new_kv",
+      );
+      g.output("new_kv", DType.float, [2 * L, "T", nkv * cfg.headDim]);
+    },
+  };
+}
+
+/**
  * Build the LLaMA forward pass for one engine step over a ragged batch that reads a paged KV cache.
  *
  * Inputs (T = tokens in the step, across all sequences):
  * - `input_ids`, `positions` [T] int64
- * - `kv_cache` [2 * layers * kvHeads * slots, headDim]: the whole paged pool, read-only here (ONNX Runtime wraps
- *   the caller's buffer without copying). Row ((2l + kv) * kvHeads + h) * slots + slot holds head h of layer l's
- *   key (kv = 0) or value (kv = 1) at that slot; slot = block * blockSize + offset. Head-major rows make a gather
- *   land directly in the [kvHeads, G, P, headDim] layout attention multiplies, with no transpose.
+ * - the KV cache's inputs (`kv_cache` by default: see hostKvCache and GraphOptions.kvCache)
  * - per attention group g (decode, prefill), G sequences padded to Q queries, P cached and N new keys:
  *   `g_query_index` [G, Q] (token rows), `g_past_slots` [G, P], `g_new_index` [G, N] (token rows whose fresh keys
  *   the sequence attends to), `g_mask` [G, Q, P + N] additive (P ≥ 1; pad with a masked slot) (0 or -1e9: padding and causality).
@@ -53,11 +116,10 @@ export type AttentionGroup = (typeof ATTENTION_GROUPS)[number];
  * - `inv_temperature` [S]: 1 / temperature of each sampled row (1 for greedy rows).
  *
  * Outputs: `logits` [S, vocab]; `argmax` [S] (the greedy token of each row); `logits_sum` [S]; `probs` [S, vocab] = softmax(logits * inv_temperature), which the sampler
- * draws from without an exp per vocabulary entry in JavaScript; `new_kv` [2 * layers, T, kvHeads * headDim], the step's keys (after rope) and
- * values, which the caller writes into the pool at the tokens' slots. Nothing here scales with the pool size:
- * attention gathers only the slots of the sequences in the step.
+ * draws from without an exp per vocabulary entry in JavaScript; and the KV cache's outputs (`new_kv` by default).
+ * Nothing here scales with the pool size: attention gathers only the slots of the sequences in the step.
  */
-export function buildLlamaGraph(cfg: LlamaConfig, w: PackedWeights): Uint8Array {
+export function buildLlamaGraph(cfg: LlamaConfig, w: PackedWeights, opts: GraphOptions = {}): Uint8Array {
   const g = new GraphBuilder();
   const H = cfg.hiddenSize;
   const nh = cfg.numAttentionHeads;
@@ -72,13 +134,12 @@ export function buildLlamaGraph(cfg: LlamaConfig, w: PackedWeights): Uint8Array 
 
   const ids = g.input("input_ids", i64, ["T"]);
   const positions = g.input("positions", i64, ["T"]);
-  const kvCache = g.input("kv_cache", f32, ["kv_rows", hd]);
-  // slots = kv_rows / (2 * layers * kvHeads): the pool size is a runtime property, not baked into the graph.
-  const kvRows = g.op("Gather", [g.op("Shape", [kvCache]), g.ints([0], true)], { axis: 0 });
-  const numSlots = g.op("Div", [kvRows, g.ints([2 * L * nkv], true)]);
-  // row offset of head h within a layer's keys or values: h * slots, as [nkv, 1, 1] to broadcast over [G, P]
-  const headOffsets = g.op("Mul", [g.ints(Array.from({ length: nkv }, (_, h) => h)), numSlots]);
-  const headOffsets3 = g.op("Reshape", [headOffsets, g.ints([nkv, 1, 1])]);
+  const kvCache = (opts.kvCache ?? hostKvCache)(g, cfg);
+  // q·kᵀ: FusedMatMul is a CPU/CUDA contrib op; elsewhere MatMul on an explicit transpose
+  const matMulTransB = (a: string, b: string): string =>
+    opts.fusedMatMul === false
+      ? g.op("MatMul", [a, g.op("Transpose", [b], { perm: [0, 1, 3, 2] })])
+      : g.op("FusedMatMul", [a, b], { transB: 1 }, undefined, "com.microsoft");
   const groups = ATTENTION_GROUPS.map((name) => {
     const mask = g.input(`${name}_mask`, f32, [`${name}_G`, `${name}_Q`, `${name}_K`]);
     const pastSlots = g.input(`${name}_past_slots`, i64, [`${name}_G`, `${name}_P`]);
@@ -94,8 +155,7 @@ export function buildLlamaGraph(cfg: LlamaConfig, w: PackedWeights): Uint8Array 
       name,
       queryIndex: g.input(`${name}_query_index`, i64, [`${name}_G`, `${name}_Q`]),
       newIndex,
-      // rows of the past keys of layer 0, head-major [nkv, G, P]; each layer adds its base row
-      pastRows: g.op("Add", [headOffsets3, pastSlots]),
+      pastSlots,
       mask: g.op("Unsqueeze", [mask, g.ints([0, 2])]), // [1, G, 1, Q, K]
       queryShape: g.op("Concat", [g.ints([nkv]), dimG, g.ints([-1, hd])], { axis: 0 }),
       scoreShape5: g.op("Concat", [g.ints([nkv]), dimG, g.ints([rep]), dimQK], { axis: 0 }),
@@ -130,7 +190,6 @@ export function buildLlamaGraph(cfg: LlamaConfig, w: PackedWeights): Uint8Array 
 
   // x: [T, H] residual stream
   let x = g.op("Gather", [embed, ids], { axis: 0 });
-  const newKv: string[] = [];
   for (let l = 0; l < L; l++) {
     const lw = w.layers[l];
     const p = `layers.${l}`;
@@ -147,10 +206,8 @@ export function buildLlamaGraph(cfg: LlamaConfig, w: PackedWeights): Uint8Array 
     // scale queries once here instead of every score: q / sqrt(hd)
     const q = g.op("Mul", [rope(qRaw, nh), g.float(1 / Math.sqrt(hd))]); // [T, nh*hd]
     const k = rope(kRaw, nkv); // [T, kvDim]
-    newKv.push(k, v);
+    kvCache.write(l, k, v);
 
-    const layerRows = g.op("Mul", [numSlots, g.ints([2 * l * nkv], true)]); // first key row of layer l
-    const valueRows = g.op("Mul", [numSlots, g.ints([(2 * l + 1) * nkv], true)]);
     // this step's keys/values head-major [nkv, T, hd], shared by both groups
     const kFresh = g.op("Transpose", [g.op("Reshape", [k, g.ints([-1, nkv, hd])])], { perm: [1, 0, 2] });
     const vFresh = g.op("Transpose", [g.op("Reshape", [v, g.ints([-1, nkv, hd])])], { perm: [1, 0, 2] });
@@ -158,20 +215,13 @@ export function buildLlamaGraph(cfg: LlamaConfig, w: PackedWeights): Uint8Array 
       // queries [G, Q, nh*hd] -> [nkv, G, rep*Q, hd]
       const qg = g.op("Reshape", [g.op("Gather", [q, grp.queryIndex], { axis: 0 }), g.ints([0, 0, nkv, rep, hd])]);
       const qh = g.op("Reshape", [g.op("Transpose", [qg], { perm: [2, 0, 3, 1, 4] }), grp.queryShape]);
-      // past keys/values gathered from the pool [nkv, G, P, hd]; fresh ones from this step [nkv, G, N, hd]
-      const kPast = g.op("Gather", [kvCache, g.op("Add", [grp.pastRows, layerRows])], { axis: 0 });
-      const vPast = g.op("Gather", [kvCache, g.op("Add", [grp.pastRows, valueRows])], { axis: 0 });
+      // past keys/values from the cache [nkv, G, P, hd]; fresh ones from this step [nkv, G, N, hd]
+      const kPast = kvCache.readPast(l, 0, grp.pastSlots);
+      const vPast = kvCache.readPast(l, 1, grp.pastSlots);
       const kNew = g.op("Gather", [kFresh, grp.newIndex], { axis: 1 });
       const vNew = g.op("Gather", [vFresh, grp.newIndex], { axis: 1 });
       // scores q·kᵀ for past and fresh keys side by side: only scores are concatenated, never keys
-      const scores = g.op(
-        "Concat",
-        [
-          g.op("FusedMatMul", [qh, kPast], { transB: 1 }, undefined, "com.microsoft"),
-          g.op("FusedMatMul", [qh, kNew], { transB: 1 }, undefined, "com.microsoft"),
-        ],
-        { axis: -1 },
-      ); // [nkv, G, rep*Q, P+N]
+      const scores = g.op("Concat", [matMulTransB(qh, kPast), matMulTransB(qh, kNew)], { axis: -1 }); // [nkv, G, rep*Q, P+N]
       const probs5 = g.op("Softmax", [g.op("Add", [g.op("Reshape", [scores, grp.scoreShape5]), grp.mask])], {
         axis: -1,
       });
@@ -218,14 +268,7 @@ export function buildLlamaGraph(cfg: LlamaConfig, w: PackedWeights): Uint8Array 
   g.op("Softmax", [scaled], { axis: -1 }, "probs");
   g.output("probs", f32, ["S", cfg.vocabSize]);
 
-  // new_kv [2L, T, kvDim]: layer l's keys at 2l, values at 2l+1
-  g.op(
-    "Concat",
-    newKv.map((t) => g.op("Unsqueeze", [t, g.ints([0])])),
-    { axis: 0 },
-    "new_kv",
-  );
-  g.output("new_kv", f32, [2 * L, "T", kvDim]);
+  kvCache.finish();
   return g.build("llama");
 }
 
