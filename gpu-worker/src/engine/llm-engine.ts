@@ -4,12 +4,13 @@ import { type LlamaConfig, loadLlamaConfig } from "../model/config.ts";
 import { LlamaTokenizer } from "../tokenizer/tokenizer.ts";
 import { IncrementalDetokenizer } from "./detokenizer.ts";
 import { KVCacheManager } from "./kv-cache-manager.ts";
-import { ModelRunner, type StepOutput, type StepSequence } from "./model-runner.ts";
+import { createModelBackend, type Device, kvBytesPerToken, type ModelBackend } from "./model-backend.ts";
 import { finishReasonOf, isFinished, Request, RequestStatus } from "./request.ts";
-import { type SamplingRow, sampleBatch } from "./sampler.ts";
+import type { SampledToken, SamplingFailure, SamplingRow } from "./sampler.ts";
 import { validateSamplingParams } from "./sampling-params.ts";
 import { Scheduler } from "./scheduler.ts";
 import { SeededRng } from "./seeded-rng.ts";
+import type { StepSequence } from "./step-inputs.ts";
 import { StopStringChecker } from "./stop-checker.ts";
 import type { EngineEvent, EngineRequest, EngineStats, TokenLogprob } from "./types.ts";
 
@@ -30,7 +31,8 @@ export interface EngineOptions {
   enablePrefixCaching?: boolean;
   /** Context length; default and maximum: the model's max_position_embeddings. */
   maxModelLen?: number;
-  executionProvider?: "cpu" | "cuda";
+  /** Where the model runs (see model-backend.ts). Default cpu. */
+  executionProvider?: Device;
   numThreads?: number;
   /** ONNX Runtime thread spinning between operators; default on (see ModelRunnerOptions.allowSpinning). */
   allowSpinning?: boolean;
@@ -91,7 +93,7 @@ export class LLMEngine {
   private constructor(
     readonly cfg: LlamaConfig,
     readonly tokenizer: LlamaTokenizer,
-    private readonly runner: ModelRunner,
+    private readonly runner: ModelBackend,
     readonly kv: KVCacheManager,
     readonly scheduler: Scheduler,
     readonly config: {
@@ -109,7 +111,8 @@ export class LLMEngine {
     const maxModelLen = Math.min(opts.maxModelLen ?? cfg.maxPositionEmbeddings, cfg.maxPositionEmbeddings);
     const maxNumSeqs = opts.maxNumSeqs ?? 64;
     const blockSize = opts.blockSize ?? 16;
-    const bytesPerBlock = ModelRunner.kvBytesPerToken(cfg) * blockSize;
+    const device = opts.executionProvider ?? "cpu";
+    const bytesPerBlock = kvBytesPerToken(cfg, device) * blockSize;
     let kvBytes = opts.kvCacheBytes;
     if (kvBytes === undefined) {
       kvBytes =
@@ -122,10 +125,11 @@ export class LLMEngine {
     const compiled = compileModel(opts.modelDir, cfg, {
       onProgress: opts.onProgress && ((d, t) => opts.onProgress?.("compile", d, t)),
     });
-    const runner = await ModelRunner.create(compiled, cfg, {
+    const runner = await createModelBackend(compiled, cfg, {
+      device,
       numBlocks,
       blockSize,
-      executionProvider: opts.executionProvider,
+      maxNumSeqs,
       numThreads: opts.numThreads,
       allowSpinning: opts.allowSpinning,
     });
@@ -261,19 +265,28 @@ export class LLMEngine {
     const plan = this.scheduler.schedule();
     if (plan.scheduled.length === 0) return;
     this.stepping = true;
-    let out: StepOutput;
+    let tokens: (SampledToken | SamplingFailure)[];
+    const sampled: OutputState[] = [];
     try {
-      this.runner.copyBlocks(plan.blockCopies);
-      const temperatures: number[] = [];
+      await this.runner.copyBlocks(plan.blockCopies);
+      const sampleRows: SamplingRow[] = [];
       const seqs: StepSequence[] = plan.scheduled.map(({ request, numNewTokens, blockTable }) => {
         const start = request.numComputedTokens;
         const tokenIds: number[] = [];
         for (let i = start; i < start + numNewTokens; i++) tokenIds.push(request.tokenAt(i));
         const needLogits = start + numNewTokens === request.numTokens;
-        if (needLogits) temperatures.push(request.params.temperature);
+        if (needLogits) {
+          sampled.push(this.states.get(request.requestId)!);
+          sampleRows.push({
+            params: request.params,
+            rng: request.rng,
+            promptTokenIds: request.promptTokenIds,
+            outputTokenIds: request.outputTokenIds,
+          });
+        }
         return { tokenIds, startPos: start, blockTable, needLogits };
       });
-      out = await this.runner.execute(seqs, temperatures);
+      tokens = await this.runner.step(seqs, sampleRows);
     } catch (e) {
       // Not attributable to one sequence: the step's sequences end (their KV may be half written), nothing else.
       const err = new EngineStepError(`the engine step failed: ${e instanceof Error ? e.message : String(e)}`, {
@@ -288,23 +301,10 @@ export class LLMEngine {
       this.stepping = false;
     }
 
-    const sampleRows: SamplingRow[] = [];
-    const sampled: OutputState[] = [];
     for (const { request, numNewTokens } of plan.scheduled) {
       request.numComputedTokens += numNewTokens;
       this.kv.cacheFullBlocks(request.requestId, request.tokenIds, request.numComputedTokens);
-      if (request.numComputedTokens === request.numTokens) {
-        const st = this.states.get(request.requestId)!;
-        sampled.push(st);
-        sampleRows.push({
-          params: request.params,
-          rng: request.rng,
-          promptTokenIds: request.promptTokenIds,
-          outputTokenIds: request.outputTokenIds,
-        });
-      }
     }
-    const tokens = sampleBatch(out.logits, this.cfg.vocabSize, sampleRows, out);
     let generated = 0;
     sampled.forEach((st, i) => {
       if (st.abortRequested) return;

@@ -50,7 +50,7 @@ export interface ModelSideOutputs {
 }
 
 /** vLLM treats temperatures below this as greedy. */
-const GREEDY_EPS = 1e-5;
+export const GREEDY_EPS = 1e-5;
 
 // exp(z) for z <= 0 from a table of exp(-i/32) and a degree-5 Taylor step (relative error ~1e-12): about twice
 // as fast as Math.exp, which dominates sampling time at 128k vocab. Below -104, exp underflows float32 anyway.

@@ -15,6 +15,8 @@ export interface CompiledModel {
   graph: Uint8Array;
   /** Folder holding `weights.bin`, for ONNX Runtime's external-initializer lookup. */
   weightsDir: string;
+  /** Where each packed tensor sits in weights.bin, for backends that build their own variant of the graph. */
+  weights: PackedWeights;
 }
 
 /**
@@ -47,7 +49,7 @@ export function compileModel(
       rmSync(tmp, { recursive: true, force: true });
     }
   }
-  return { graph: buildLlamaGraph(cfg, layout.refs), weightsDir: outDir };
+  return { graph: buildLlamaGraph(cfg, layout.refs), weightsDir: outDir, weights: layout.refs };
 }
 
 function cacheKey(cfg: LlamaConfig, weights: LlamaWeights): string {

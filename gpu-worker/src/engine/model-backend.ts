@@ -1,0 +1,64 @@
+/**
+ * What the engine needs from a model backend, and the factory that picks one for `--device`:
+ * - cpu, cuda: ModelRunner (model-runner.ts). The KV pool is a host array handed to ONNX Runtime every step; on
+ *   CUDA that means the whole pool is copied to the device on every step (see README, "Devices").
+ * - webgpu: WebGpuRunner (webgpu-runner.ts). Weights and the KV cache stay on the device; a step moves only its
+ *   small inputs and what the sampler needs.
+ *
+ * As in vLLM's model runners, a backend both runs the model and samples, so a device backend can sample where
+ * the logits are.
+ *
+ * @module
+ */
+import type { CompiledModel } from "../model/compiled-model.ts";
+import type { LlamaConfig } from "../model/config.ts";
+import { ModelRunner } from "./model-runner.ts";
+import type { SampledToken, SamplingFailure, SamplingRow } from "./sampler.ts";
+import type { StepSequence } from "./step-inputs.ts";
+import { WebGpuRunner } from "./webgpu-runner.ts";
+
+export type Device = "cpu" | "cuda" | "webgpu";
+export const DEVICES: readonly Device[] = ["cpu", "cuda", "webgpu"];
+
+export interface ModelBackend {
+  /** Copy whole blocks (copy-on-write of a shared partial block) before a step writes into them. */
+  copyBlocks(copies: readonly (readonly [number, number])[]): void | Promise<void>;
+  /**
+   * Run one step and sample the next token of every sequence with `needLogits`: `rows[i]` belongs to the i-th such
+   * sequence, in order. A row that cannot be sampled comes back as a SamplingFailure; a failed run throws.
+   */
+  step(seqs: readonly StepSequence[], rows: SamplingRow[]): Promise<(SampledToken | SamplingFailure)[]>;
+}
+
+export interface BackendOptions {
+  device: Device;
+  numBlocks: number;
+  blockSize: number;
+  /** Most sequences in one step (the device backend sizes its logits buffer by it). */
+  maxNumSeqs: number;
+  /** CPU provider: intra-op threads and spinning (see ModelRunnerOptions). */
+  numThreads?: number;
+  allowSpinning?: boolean;
+}
+
+/** Bytes of KV cache per token (all layers, keys and values) on `device`. */
+export function kvBytesPerToken(cfg: LlamaConfig, device: Device): number {
+  return device === "webgpu" ? WebGpuRunner.kvBytesPerToken(cfg) : ModelRunner.kvBytesPerToken(cfg);
+}
+
+export async function createModelBackend(
+  model: CompiledModel,
+  cfg: LlamaConfig,
+  opts: BackendOptions,
+): Promise<ModelBackend> {
+  const { numBlocks, blockSize } = opts;
+  if (opts.device === "webgpu")
+    return WebGpuRunner.create(model, cfg, { numBlocks, blockSize, maxNumSeqs: opts.maxNumSeqs });
+  return ModelRunner.create(model, cfg, {
+    numBlocks,
+    blockSize,
+    executionProvider: opts.device,
+    numThreads: opts.numThreads,
+    allowSpinning: opts.allowSpinning,
+  });
+}
