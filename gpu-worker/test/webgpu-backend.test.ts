@@ -1,0 +1,189 @@
+/**
+ * The WebGPU backend (`--device webgpu`) on whatever Vulkan driver the machine has: in CI that is Mesa's lavapipe,
+ * a CPU implementation (see .ci/run), so these tests check correctness and how costs scale, not speed. The
+ * serving behaviours (batching, preemption, prefix cache, aborts) run on it too, in serving-engine.test.ts.
+ */
+import { spawnSync } from "node:child_process";
+import { mkdtempSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { type EngineOptions, LLMEngine } from "../src/engine/llm-engine.ts";
+import type { SamplingRow } from "../src/engine/sampler.ts";
+import { validateSamplingParams } from "../src/engine/sampling-params.ts";
+import type { StepSequence } from "../src/engine/step-inputs.ts";
+import type { EngineEvent, SamplingParams } from "../src/engine/types.ts";
+import { WebGpuRunner } from "../src/engine/webgpu-runner.ts";
+import { compileModel } from "../src/model/compiled-model.ts";
+import { loadLlamaConfig } from "../src/model/config.ts";
+import { ensureDefaultModel } from "../src/model/default-model.ts";
+import { writeRandomLlama } from "../src/model/random-model.ts";
+
+interface Generated {
+  tokenIds: number[];
+  logprobs: number[];
+}
+
+async function generate(opts: EngineOptions, prompt: number[], sampling: Partial<SamplingParams>): Promise<Generated> {
+  const engine = await LLMEngine.create(opts);
+  const r: Generated = { tokenIds: [], logprobs: [] };
+  for await (const e of engine.submit({ requestId: "g", prompt, sampling }) as AsyncIterable<EngineEvent>) {
+    if (e.type !== "delta") continue;
+    r.tokenIds.push(...e.tokenIds);
+    for (const lp of e.logprobs ?? []) r.logprobs.push(lp.logprob);
+  }
+  return r;
+}
+
+const PROMPT = [1, 450, 4996, 17354, 1701, 29916, 432, 17204, 975, 278, 17366, 11203];
+const tmpDirs: string[] = [];
+afterAll(() => {
+  for (const d of tmpDirs) rmSync(d, { recursive: true, force: true });
+});
+
+function gqaModel(): string {
+  const dir = mkdtempSync(join(tmpdir(), "llama-gqa-"));
+  tmpDirs.push(dir);
+  writeRandomLlama(dir, {
+    seed: 7,
+    tokenizer: "llama2",
+    config: {
+      hidden_size: 64,
+      intermediate_size: 160,
+      num_hidden_layers: 2,
+      num_attention_heads: 8,
+      num_key_value_heads: 2,
+      max_position_embeddings: 256,
+      vocab_size: 32000,
+    },
+  });
+  return dir;
+}
+
+describe("greedy output equals the CPU provider's (f32)", () => {
+  // Same tokens exactly. WebGPU's kernels sum in other orders than the CPU's, so logits differ in the last bits:
+  // the default model's logprobs (the logits path) stay within 1e-3 at every position; the GQA model takes the
+  // device's argmax alone (the greedy path, no logits downloaded).
+  it("default model (stories15M shape): 24 tokens, logprobs within 1e-3", async () => {
+    const modelDir = await ensureDefaultModel("default", { quiet: true });
+    const sampling = { temperature: 0, maxTokens: 24, ignoreEos: true, logprobs: true };
+    const opts = { modelDir, maxNumSeqs: 2, kvCacheBytes: 32 * 2 ** 20 };
+    const cpu = await generate({ ...opts, executionProvider: "cpu" }, PROMPT, sampling);
+    const gpu = await generate({ ...opts, executionProvider: "webgpu" }, PROMPT, sampling);
+    expect(gpu.tokenIds).toEqual(cpu.tokenIds);
+    expect(gpu.logprobs).toHaveLength(24);
+    for (let i = 0; i < 24; i++) expect(Math.abs(gpu.logprobs[i] - cpu.logprobs[i])).toBeLessThan(1e-3);
+  });
+
+  it("GQA model (8 heads, 2 kv heads): 48 tokens", async () => {
+    const modelDir = gqaModel();
+    const sampling = { temperature: 0, maxTokens: 48, ignoreEos: true };
+    const opts = { modelDir, maxNumSeqs: 2, kvCacheBytes: 32 * 2 ** 20 };
+    const cpu = await generate({ ...opts, executionProvider: "cpu" }, PROMPT, sampling);
+    const gpu = await generate({ ...opts, executionProvider: "webgpu" }, PROMPT, sampling);
+    expect(gpu.tokenIds).toHaveLength(48);
+    expect(gpu.tokenIds).toEqual(cpu.tokenIds);
+  });
+});
+
+describe("the KV cache stays on the device", () => {
+  let modelDir: string;
+  beforeAll(() => {
+    modelDir = gqaModel();
+  });
+
+  const greedyRow = (): SamplingRow => ({
+    params: validateSamplingParams({ temperature: 0 }, { vocabSize: 32000 }),
+    rng: null,
+    promptTokenIds: [],
+    outputTokenIds: [],
+  });
+
+  /** Prefill two sequences, then decode both for `steps` steps; returns each step's transfer and the tokens. */
+  async function runSteps(runner: WebGpuRunner, steps: number) {
+    const tables = [
+      [3, 9, 4],
+      [7, 1, 12],
+    ];
+    const seqs: StepSequence[] = [
+      { tokenIds: PROMPT, startPos: 0, blockTable: tables[0], needLogits: true },
+      { tokenIds: PROMPT.slice(0, 5), startPos: 0, blockTable: tables[1], needLogits: true },
+    ];
+    const transfers: number[][] = [];
+    const tokens: number[][] = [];
+    for (let s = 0; s <= steps; s++) {
+      const out = await runner.step(seqs, [greedyRow(), greedyRow()]);
+      transfers.push([runner.lastStepTransfer.hostToDevice, runner.lastStepTransfer.deviceToHost]);
+      tokens.push(out.map((t) => t.tokenId));
+      for (const [i, q] of seqs.entries()) {
+        seqs[i] = {
+          tokenIds: [out[i].tokenId],
+          startPos: q.startPos + q.tokenIds.length,
+          blockTable: q.blockTable,
+          needLogits: true,
+        };
+      }
+    }
+    return { transfers, tokens };
+  }
+
+  it("with the pool 8x larger, every step moves the same bytes (and none of the pool)", async () => {
+    const cfg = loadLlamaConfig(modelDir);
+    const model = compileModel(modelDir, cfg);
+    const small = await WebGpuRunner.create(model, cfg, { numBlocks: 16, blockSize: 16, maxNumSeqs: 2 });
+    const large = await WebGpuRunner.create(model, cfg, { numBlocks: 128, blockSize: 16, maxNumSeqs: 2 });
+    const a = await runSteps(small, 6);
+    const b = await runSteps(large, 6);
+    expect(b.tokens).toEqual(a.tokens);
+    expect(b.transfers).toEqual(a.transfers);
+    // one layer's keys of the small pool is already more than any step moves
+    const arrayBytes = 16 * 16 * cfg.numKeyValueHeads * cfg.headDim * 4;
+    for (const [up, down] of a.transfers) expect(up + down).toBeLessThan(arrayBytes);
+  });
+
+  it("copies blocks on the device (copy-on-write): a sequence reading the copy continues identically", async () => {
+    const cfg = loadLlamaConfig(modelDir);
+    const runner = await WebGpuRunner.create(compileModel(modelDir, cfg), cfg, {
+      numBlocks: 16,
+      blockSize: 16,
+      maxNumSeqs: 2,
+    });
+    const prompt = PROMPT.slice(0, 10); // one partial block
+    const [first] = await runner.step(
+      [{ tokenIds: prompt, startPos: 0, blockTable: [2], needLogits: true }],
+      [greedyRow()],
+    );
+    await runner.copyBlocks([[2, 11]]);
+    const next = (table: number[]) =>
+      runner.step(
+        [{ tokenIds: [first.tokenId], startPos: prompt.length, blockTable: table, needLogits: true }],
+        [greedyRow()],
+      );
+    const [fromOriginal] = await next([2]);
+    const [fromCopy] = await next([11]);
+    const [fromEmpty] = await next([5]);
+    expect(fromCopy.tokenId).toBe(fromOriginal.tokenId);
+    expect(fromEmpty.tokenId).not.toBe(fromOriginal.tokenId); // the check can fail: a block without the prompt differs
+  });
+});
+
+describe("a device that cannot be used", () => {
+  it("fails the worker's start with one line saying which", () => {
+    // A process whose Vulkan loader finds no driver: Dawn reports no adapter.
+    const script = `
+      import { LLMEngine } from ${JSON.stringify(new URL("../src/engine/llm-engine.ts", import.meta.url).pathname)};
+      try {
+        await LLMEngine.create({ modelDir: process.argv[1], executionProvider: "webgpu", maxNumSeqs: 1 });
+        console.log("created");
+      } catch (e) { console.log(e.name + ": " + e.message); }
+      process.exit(0);`;
+    const dir = gqaModel();
+    const r = spawnSync(process.execPath, ["--import", "tsx", "--input-type=module", "-e", script, dir], {
+      env: { ...process.env, VK_ICD_FILENAMES: "/nonexistent/icd.json", VK_DRIVER_FILES: "/nonexistent/icd.json" },
+      encoding: "utf8",
+      timeout: 120_000,
+    });
+    const line = r.stdout.trim().split("\n").at(-1) ?? "";
+    expect(line).toMatch(/^DeviceError: webgpu: no usable GPU adapter \(.*\)\. Install a Vulkan driver/);
+  });
+});
