@@ -2,7 +2,7 @@
  * The serving engine end to end on real ONNX Runtime: continuous batching, chunked prefill, preemption,
  * prefix caching, aborts and seeded sampling must never change what any single request produces.
  */
-import { mkdtempSync, rmSync } from "node:fs";
+import { mkdtempSync, readdirSync, readFileSync, rmSync, symlinkSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
@@ -318,6 +318,47 @@ describe("sampling", () => {
     expect(r.finishReason).toBe("stop");
     expect(r.text).toBe(text.slice(0, text.indexOf(stop)));
     expect(r.text).not.toContain(stop);
+  });
+
+  it("text held back for a stop string is released when generation ends on EOS or a stop token", async () => {
+    // The default model's weights with eos set to a token greedy decoding produces: a real EOS, no ignore_eos.
+    const base = await collect(
+      (await engine({ maxNumSeqs: 2 })).submit({ requestId: "b", prompt: prompts(1)[0], sampling: greedy(30) }),
+    );
+    const k = base.deltas.findIndex(
+      (d, i) => i >= 3 && d.length > 0 && !base.tokenIds.slice(0, i).includes(base.tokenIds[i]),
+    );
+    expect(k).toBeGreaterThan(2);
+    const before = base.deltas.slice(0, k).join("");
+    // a stop string that begins with the text's last character, so the checker holds that character back
+    const stop = `${before.slice(-1)}\u0007never`;
+    const modelDir = await ensureDefaultModel("default", { quiet: true });
+    const eosDir = mkdtempSync(join(tmpdir(), "llama-eos-"));
+    try {
+      for (const f of readdirSync(modelDir)) {
+        if (f !== "config.json" && f !== "generation_config.json") symlinkSync(join(modelDir, f), join(eosDir, f));
+      }
+      const config = JSON.parse(readFileSync(join(modelDir, "config.json"), "utf8"));
+      writeFileSync(join(eosDir, "config.json"), JSON.stringify({ ...config, eos_token_id: base.tokenIds[k] }));
+      const e = await engine({ modelDir: eosDir, maxNumSeqs: 2 });
+      const sampling = { temperature: 0, maxTokens: 30, stop: [stop] };
+      const r = await collect(e.submit({ requestId: "eos", prompt: prompts(1)[0], sampling }));
+      expect(r.finishReason).toBe("stop");
+      expect(r.tokenIds).toEqual(base.tokenIds.slice(0, k + 1)); // the EOS token is the last one
+      expect(r.text).toBe(before);
+      // a stop token id takes the same path
+      const e2 = await engine({ maxNumSeqs: 2 });
+      const viaId = await collect(
+        e2.submit({
+          requestId: "sid",
+          prompt: prompts(1)[0],
+          sampling: { ...sampling, stopTokenIds: [base.tokenIds[k]] },
+        }),
+      );
+      expect(viaId.text).toBe(before);
+    } finally {
+      rmSync(eosDir, { recursive: true, force: true });
+    }
   });
 
   it("invalid values are rejected with an error naming the parameter", async () => {

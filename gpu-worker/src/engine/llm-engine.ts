@@ -1,6 +1,7 @@
 import { freemem } from "node:os";
 import { compileModel } from "../model/compiled-model.ts";
 import { type LlamaConfig, loadLlamaConfig } from "../model/config.ts";
+import type { Quantization } from "../model/quantize.ts";
 import { LlamaTokenizer } from "../tokenizer/tokenizer.ts";
 import { IncrementalDetokenizer } from "./detokenizer.ts";
 import { KVCacheManager } from "./kv-cache-manager.ts";
@@ -33,6 +34,8 @@ export interface EngineOptions {
   maxModelLen?: number;
   /** Where the model runs (see model-backend.ts). Default cpu. */
   executionProvider?: Device;
+  /** Weight format the checkpoint is compiled to; default "none" (f32). */
+  quantization?: Quantization;
   numThreads?: number;
   /** ONNX Runtime thread spinning between operators; default on (see ModelRunnerOptions.allowSpinning). */
   allowSpinning?: boolean;
@@ -123,6 +126,7 @@ export class LLMEngine {
     const numBlocks = Math.floor(kvBytes / bytesPerBlock);
     if (numBlocks < 1) throw new Error(`KV cache budget of ${kvBytes} bytes holds no block of ${bytesPerBlock} bytes`);
     const compiled = compileModel(opts.modelDir, cfg, {
+      quantization: opts.quantization,
       onProgress: opts.onProgress && ((d, t) => opts.onProgress?.("compile", d, t)),
     });
     const runner = await createModelBackend(compiled, cfg, {
@@ -338,16 +342,18 @@ export class LLMEngine {
     req.appendOutput(tokenId);
     const isStopToken = (!p.ignoreEos && this.cfg.eosTokenIds.includes(tokenId)) || p.stopTokenIds.includes(tokenId);
     let text = "";
-    let stopped = isStopToken;
+    let stopString = false;
     if (!isStopToken) {
+      // a stop token's own text is never emitted
       const r = st.stops.push(st.detok.push(tokenId));
       text = r.emit;
-      stopped = r.stopped;
+      stopString = r.stopped;
     }
-    let status: RequestStatus | null = stopped ? RequestStatus.FINISHED_STOPPED : null;
+    let status: RequestStatus | null = isStopToken || stopString ? RequestStatus.FINISHED_STOPPED : null;
     if (status === null && req.numTokens >= req.maxTotalTokens) status = RequestStatus.FINISHED_LENGTH;
-    if (status !== null && !stopped) {
-      // Release text held back for a possible stop string or an incomplete character.
+    if (status !== null && !stopString) {
+      // Ending for any reason but a stop string: release the text held back for a possible stop string or an
+      // incomplete character (with stop ["\n\n"], a final "\n" before EOS is real output).
       const r = st.stops.push(st.detok.flush());
       text += r.emit + (r.stopped ? "" : st.stops.flush());
       if (r.stopped) status = RequestStatus.FINISHED_STOPPED;

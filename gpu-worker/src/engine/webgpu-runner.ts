@@ -10,7 +10,7 @@ import * as ort from "onnxruntime-node";
 import type { CompiledModel } from "../model/compiled-model.ts";
 import type { LlamaConfig } from "../model/config.ts";
 import { deviceKvCache } from "../model/device-kv-cache.ts";
-import { buildLlamaGraph } from "../model/llama-graph.ts";
+import { buildLlamaGraph, type LinearWeight, type PackedWeights } from "../model/llama-graph.ts";
 import { DeviceError, DeviceKvPool } from "./device-kv-pool.ts";
 import { GREEDY_EPS, type SampledToken, type SamplingFailure, type SamplingRow, sampleBatch } from "./sampler.ts";
 import { buildStepInputs, type StepSequence } from "./step-inputs.ts";
@@ -65,8 +65,12 @@ export class WebGpuRunner {
       },
     };
     try {
-      const largestWeight = Math.max(model.weights.embed.length, model.weights.lmHead.length);
-      const pool = await DeviceKvPool.create(cfg, opts.numBlocks * opts.blockSize, largestWeight, sessionOptions);
+      const pool = await DeviceKvPool.create(
+        cfg,
+        opts.numBlocks * opts.blockSize,
+        largestTensorBytes(model.weights),
+        sessionOptions,
+      );
       const graph = buildLlamaGraph(cfg, model.weights, { kvCache: deviceKvCache(), fusedMatMul: false });
       const session = await ort.InferenceSession.create(graph, sessionOptions);
       return new WebGpuRunner(session, pool, cfg, opts);
@@ -123,6 +127,14 @@ export class WebGpuRunner {
       return { tokenId: Number(argmax[i]) };
     });
   }
+}
+
+/** Bytes of the biggest weight tensor the device must bind whole. */
+function largestTensorBytes(w: PackedWeights): number {
+  const linear = (lw: LinearWeight) => (lw.kind === "f32" ? lw.weight.length : lw.data.length);
+  let n = Math.max(w.embed.weight.length, linear(w.lmHead));
+  for (const l of w.layers) n = Math.max(n, linear(l.wqkv), linear(l.wo), linear(l.wgateUp), linear(l.wdown));
+  return n;
 }
 
 /** Greedy with nothing that edits or reports the logits: the device's argmax is the whole answer. */

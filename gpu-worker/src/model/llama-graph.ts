@@ -1,36 +1,64 @@
 import type { LlamaConfig } from "./config.ts";
 import { DType, type ExternalRef, GraphBuilder } from "./onnx-builder.ts";
 
+/** A linear layer's weight [out, in]: f32 for Gemm(transB=1), or block-quantized for MatMulNBits. */
+export type LinearWeight =
+  | { kind: "f32"; weight: ExternalRef }
+  | {
+      kind: "nbits";
+      bits: 4 | 8;
+      blockSize: number;
+      /** uint8 [out, blocks, blockSize * bits / 8] */
+      data: ExternalRef;
+      /** f32 [out * blocks] */
+      scales: ExternalRef;
+      /** uint8 packed 4-bit zero points; null for int8 (symmetric) */
+      zeroPoints: ExternalRef | null;
+    };
+
+/** The embedding table [vocab, hidden], in f32 or f16 (gathered rows are widened to f32). */
+export interface EmbeddingWeight {
+  dtype: "f32" | "f16";
+  weight: ExternalRef;
+}
+
 /**
- * The packed weights the graph reads, by packed name. Projections stay in Hugging Face's [out, in] layout and
- * run as Gemm(transB=1); q/k/v and gate/up are concatenated along `out` so each is one matrix multiply.
+ * The packed weights the graph reads, by packed name. Projections stay in Hugging Face's [out, in] layout;
+ * q/k/v and gate/up are concatenated along `out` so each is one matrix multiply.
  */
 export interface PackedWeights {
   /** [vocab, hidden] */
-  embed: ExternalRef;
+  embed: EmbeddingWeight;
   layers: {
     /** [hidden] */
     inputNorm: ExternalRef;
     /** [(heads + 2 * kvHeads) * headDim, hidden] = concat(q_proj, k_proj, v_proj) */
-    wqkv: ExternalRef;
+    wqkv: LinearWeight;
     /** [hidden, heads * headDim] */
-    wo: ExternalRef;
+    wo: LinearWeight;
     /** [hidden] */
     postNorm: ExternalRef;
     /** [2 * intermediate, hidden] = concat(gate_proj, up_proj) */
-    wgateUp: ExternalRef;
+    wgateUp: LinearWeight;
     /** [hidden, intermediate] */
-    wdown: ExternalRef;
+    wdown: LinearWeight;
   }[];
   /** [hidden] */
   finalNorm: ExternalRef;
-  /** [vocab, hidden]; the embedding matrix again when tie_word_embeddings */
-  lmHead: ExternalRef;
+  /** [vocab, hidden]; the f32 embedding matrix again when tie_word_embeddings and not quantized */
+  lmHead: LinearWeight;
   /** [maxPositions, headDim]: cos(pos * inv_freq) repeated for both rotate-half halves */
   ropeCos: ExternalRef;
   /** [maxPositions, headDim]: sin(...) with the first half negated, so rope(x) = x*cos + rotateHalf(x)*sin */
   ropeSin: ExternalRef;
 }
+
+/**
+ * MatMulNBits with int8 activations (accuracy_level 4): MLAS's fast path for both int4 and int8 weights on
+ * x86-64 (issue 9's calibration: int4 1.22 ms vs 3.3 ms at level 0 for the bench shape; int8 at level 0 takes a
+ * slow path, 435 ms).
+ */
+const NBITS_ACCURACY_LEVEL = 4;
 
 /** The two attention groups of a step: decode tokens (one query each) and prefill chunks (many queries each). */
 export const ATTENTION_GROUPS = ["decode", "prefill"] as const;
@@ -169,7 +197,12 @@ export function buildLlamaGraph(cfg: LlamaConfig, w: PackedWeights, opts: GraphO
   const invTemperature = g.input("inv_temperature", f32, ["S"]);
 
   // Weights
-  const embed = g.external("embed_tokens", f32, [cfg.vocabSize, H], w.embed);
+  const embed = g.external(
+    "embed_tokens",
+    w.embed.dtype === "f16" ? DType.float16 : f32,
+    [cfg.vocabSize, H],
+    w.embed.weight,
+  );
   const ropeCosTable = g.external("rope_cos", f32, [maxPos, hd], w.ropeCos);
   const ropeSinTable = g.external("rope_sin", f32, [maxPos, hd], w.ropeSin);
 
@@ -186,22 +219,35 @@ export function buildLlamaGraph(cfg: LlamaConfig, w: PackedWeights, opts: GraphO
   };
   const rmsNorm = (x: string, weight: string): string =>
     g.op("RMSNormalization", [x, weight], { axis: -1, epsilon: { float: cfg.rmsNormEps } });
-  const linear = (x: string, weight: string): string => g.op("Gemm", [x, weight], { transB: 1 });
+  /** x [rows, inFeatures] times the weight's transpose: [rows, outFeatures]. */
+  const linear = (x: string, name: string, lw: LinearWeight, out: number, inFeatures: number, output?: string) => {
+    if (lw.kind === "f32") {
+      return g.op("Gemm", [x, g.external(name, f32, [out, inFeatures], lw.weight)], { transB: 1 }, output);
+    }
+    const blocks = Math.ceil(inFeatures / lw.blockSize);
+    const inputs = [
+      x,
+      g.external(`${name}.q`, DType.uint8, [out, blocks, (lw.blockSize * lw.bits) / 8], lw.data),
+      g.external(`${name}.scales`, f32, [out * blocks], lw.scales),
+    ];
+    if (lw.zeroPoints) {
+      inputs.push(g.external(`${name}.zero_points`, DType.uint8, [lw.zeroPoints.length], lw.zeroPoints));
+    }
+    const attrs = { K: inFeatures, N: out, bits: lw.bits, block_size: lw.blockSize };
+    return g.op("MatMulNBits", inputs, { ...attrs, accuracy_level: NBITS_ACCURACY_LEVEL }, output, "com.microsoft");
+  };
 
-  // x: [T, H] residual stream
-  let x = g.op("Gather", [embed, ids], { axis: 0 });
+  // x: [T, H] residual stream (an f16 table's rows are widened to f32)
+  const embedded = g.op("Gather", [embed, ids], { axis: 0 });
+  let x = w.embed.dtype === "f16" ? g.op("Cast", [embedded], { to: f32 }) : embedded;
   for (let l = 0; l < L; l++) {
     const lw = w.layers[l];
     const p = `layers.${l}`;
     const inputNorm = g.external(`${p}.input_layernorm`, f32, [H], lw.inputNorm);
-    const wqkv = g.external(`${p}.wqkv`, f32, [(nh + 2 * nkv) * hd, H], lw.wqkv);
-    const wo = g.external(`${p}.wo`, f32, [H, nh * hd], lw.wo);
     const postNorm = g.external(`${p}.post_attention_layernorm`, f32, [H], lw.postNorm);
-    const wgu = g.external(`${p}.wgate_up`, f32, [2 * cfg.intermediateSize, H], lw.wgateUp);
-    const wdown = g.external(`${p}.wdown`, f32, [H, cfg.intermediateSize], lw.wdown);
 
     // attention: q, k, v for the step's tokens
-    const qkv = linear(rmsNorm(x, inputNorm), wqkv);
+    const qkv = linear(rmsNorm(x, inputNorm), `${p}.wqkv`, lw.wqkv, (nh + 2 * nkv) * hd, H);
     const [qRaw, kRaw, v] = g.node("Split", [qkv, g.ints([nh * hd, kvDim, kvDim])], { axis: -1 }, { numOutputs: 3 });
     // scale queries once here instead of every score: q / sqrt(hd)
     const q = g.op("Mul", [rope(qRaw, nh), g.float(1 / Math.sqrt(hd))]); // [T, nh*hd]
@@ -237,10 +283,10 @@ export function buildLlamaGraph(cfg: LlamaConfig, w: PackedWeights, opts: GraphO
       return g.op("Reshape", [g.op("Transpose", [ctx5], { perm: [1, 3, 0, 2, 4] }), g.ints([-1, nh * hd])]);
     });
     const attn = g.op("Gather", [g.op("Concat", groupOutputs, { axis: 0 }), outputIndex], { axis: 0 }); // [T, nh*hd]
-    x = g.op("Add", [x, linear(attn, wo)]);
+    x = g.op("Add", [x, linear(attn, `${p}.wo`, lw.wo, H, nh * hd)]);
 
     // SwiGLU feed-forward: down(silu(gate(h)) * up(h))
-    const gu = linear(rmsNorm(x, postNorm), wgu);
+    const gu = linear(rmsNorm(x, postNorm), `${p}.wgate_up`, lw.wgateUp, 2 * cfg.intermediateSize, H);
     const [gate, up] = g.node(
       "Split",
       [gu, g.ints([cfg.intermediateSize, cfg.intermediateSize])],
@@ -250,14 +296,17 @@ export function buildLlamaGraph(cfg: LlamaConfig, w: PackedWeights, opts: GraphO
       },
     );
     const act = g.op("Mul", [g.op("Mul", [gate, g.op("Sigmoid", [gate])]), up]);
-    x = g.op("Add", [x, linear(act, wdown)]);
+    x = g.op("Add", [x, linear(act, `${p}.wdown`, lw.wdown, H, cfg.intermediateSize)]);
   }
 
   // Only the rows that are sampled go through the final norm and the (large) vocabulary projection.
   const finalNorm = g.external("norm", f32, [H], w.finalNorm);
-  const lmHead = g.external("lm_head", f32, [cfg.vocabSize, H], w.lmHead);
   const last = g.op("Gather", [x, logitsIndex], { axis: 0 });
-  const logits = g.op("Gemm", [rmsNorm(last, finalNorm), lmHead], { transB: 1 }, "logits");
+  // A tied f32 head reads the embedding's initializer itself (one copy of the table in memory).
+  const tiedF32 = w.lmHead.kind === "f32" && w.lmHead.weight === w.embed.weight;
+  const logits = tiedF32
+    ? g.op("Gemm", [rmsNorm(last, finalNorm), embed], { transB: 1 }, "logits")
+    : linear(rmsNorm(last, finalNorm), "lm_head", w.lmHead, cfg.vocabSize, H, "logits");
   g.output("logits", f32, ["S", cfg.vocabSize]);
   g.op("ArgMax", [logits], { axis: 1, keepdims: 0 }, "argmax"); // greedy tokens (first index on ties)
   g.output("argmax", DType.int64, ["S"]);
