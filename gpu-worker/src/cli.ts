@@ -1,6 +1,7 @@
 import { readFileSync } from "node:fs";
 import { parseArgs } from "node:util";
 import cliProgress from "cli-progress";
+import { DEVICES, DeviceError, isDevice } from "./engine/device.ts";
 import { type EngineOptions, EngineRequestError, LLMEngine } from "./engine/llm-engine.ts";
 import { ExecutionProviderError } from "./engine/model-runner.ts";
 import { SamplingParamError } from "./engine/sampling-params.ts";
@@ -29,7 +30,7 @@ generate options:
                              {"prompt_token_ids","token_ids","text","finish_reason","cached_tokens"}
   --max-num-seqs <n>  --max-num-batched-tokens <n>  --block-size <n>  --kv-cache-bytes <n>
   --no-prefix-caching        Disable automatic prefix caching
-  --device <cpu|cuda>        ONNX Runtime execution provider (default cpu)
+  --device <cpu|cuda|webgpu> Where the model runs (default cpu; webgpu keeps weights and KV cache on the GPU)
 `;
 
 export async function main(argv: string[]): Promise<number> {
@@ -47,7 +48,8 @@ export async function main(argv: string[]): Promise<number> {
       e instanceof ModelLoadError ||
       e instanceof SamplingParamError ||
       e instanceof EngineRequestError ||
-      e instanceof ExecutionProviderError
+      e instanceof ExecutionProviderError ||
+      e instanceof DeviceError
     ) {
       process.stderr.write(`llama-worker: ${e.message}\n`);
       return 1;
@@ -124,8 +126,8 @@ async function generate(argv: string[]): Promise<number> {
       process.stderr.write("Using the generated default model: random weights, the output is meaningless.\n");
   }
   const device = values.device ?? "cpu";
-  if (device !== "cpu" && device !== "cuda")
-    throw new SamplingParamError("device", `--device must be cpu or cuda, got "${device}"`);
+  if (!isDevice(device))
+    throw new SamplingParamError("device", `--device must be one of ${DEVICES.join(", ")}, got "${device}"`);
   const engineOpts: EngineOptions = {
     modelDir,
     maxNumSeqs: num("max-num-seqs", values["max-num-seqs"]),

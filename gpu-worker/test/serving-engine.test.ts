@@ -6,8 +6,9 @@ import { mkdtempSync, readdirSync, readFileSync, rmSync, symlinkSync, writeFileS
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import type { Device } from "../src/engine/device.ts";
 import { type EngineOptions, EngineRequestError, LLMEngine } from "../src/engine/llm-engine.ts";
-import { type Device, kvBytesPerToken } from "../src/engine/model-backend.ts";
+import { kvBytesPerToken } from "../src/engine/model-backend.ts";
 import { SamplingParamError } from "../src/engine/sampling-params.ts";
 import type { EngineEvent, FinishReason, SamplingParams } from "../src/engine/types.ts";
 import { loadLlamaConfig } from "../src/model/config.ts";

@@ -7,7 +7,9 @@ import { spawnSync } from "node:child_process";
 import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
+import { fileURLToPath } from "node:url";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { DeviceError } from "../src/engine/device.ts";
 import { type EngineOptions, LLMEngine } from "../src/engine/llm-engine.ts";
 import type { SamplingRow } from "../src/engine/sampler.ts";
 import { validateSamplingParams } from "../src/engine/sampling-params.ts";
@@ -168,22 +170,58 @@ describe("the KV cache stays on the device", () => {
 });
 
 describe("a device that cannot be used", () => {
-  it("fails the worker's start with one line saying which", () => {
-    // A process whose Vulkan loader finds no driver: Dawn reports no adapter.
-    const script = `
-      import { LLMEngine } from ${JSON.stringify(new URL("../src/engine/llm-engine.ts", import.meta.url).pathname)};
-      try {
-        await LLMEngine.create({ modelDir: process.argv[1], executionProvider: "webgpu", maxNumSeqs: 1 });
-        console.log("created");
-      } catch (e) { console.log(e.name + ": " + e.message); }
-      process.exit(0);`;
-    const dir = gqaModel();
-    const r = spawnSync(process.execPath, ["--import", "tsx", "--input-type=module", "-e", script, dir], {
-      env: { ...process.env, VK_ICD_FILENAMES: "/nonexistent/icd.json", VK_DRIVER_FILES: "/nonexistent/icd.json" },
-      encoding: "utf8",
-      timeout: 120_000,
+  it("without a GPU adapter, the worker exits at start with one line saying so", () => {
+    // The Vulkan loader finds no driver: Dawn reports no adapter. The worker fails before it connects to NATS.
+    const bin = fileURLToPath(new URL("../bin/llama-worker.js", import.meta.url));
+    const r = spawnSync(
+      process.execPath,
+      [bin, "serve", "--model", gqaModel(), "--device", "webgpu", "--nats", "nats://127.0.0.1:1", "--health-port", "0"],
+      {
+        env: { ...process.env, VK_ICD_FILENAMES: "/nonexistent/icd.json", VK_DRIVER_FILES: "/nonexistent/icd.json" },
+        encoding: "utf8",
+        timeout: 120_000,
+      },
+    );
+    expect(r.status).toBe(1);
+    const fatal = r.stdout
+      .split("\n")
+      .filter((l) => l.startsWith("{"))
+      .map((l) => JSON.parse(l) as { level: number; msg: string })
+      .filter((l) => l.level === 60);
+    expect(fatal).toHaveLength(1);
+    expect(fatal[0].msg).toMatch(/^webgpu: no usable GPU adapter \(.*\)\. Install a Vulkan driver/);
+  });
+
+  it("a device lost mid-run ends every request with its reason, refuses new ones and tells the host once", async () => {
+    const lost: DeviceError[] = [];
+    const engine = await LLMEngine.create({
+      modelDir: gqaModel(),
+      executionProvider: "webgpu",
+      maxNumSeqs: 4,
+      onDeviceError: (e) => lost.push(e),
     });
-    const line = r.stdout.trim().split("\n").at(-1) ?? "";
-    expect(line).toMatch(/^DeviceError: webgpu: no usable GPU adapter \(.*\)\. Install a Vulkan driver/);
+    const runner = Reflect.get(engine, "runner") as WebGpuRunner;
+    const step = runner.step.bind(runner);
+    let calls = 0;
+    runner.step = async (seqs, rows) => {
+      if (++calls === 3) throw new DeviceError("webgpu: the device was lost (injected)");
+      return step(seqs, rows);
+    };
+    const results = await Promise.all(
+      [0, 1, 2].map(async (i) => {
+        const out: number[] = [];
+        try {
+          for await (const e of engine.submit({ requestId: `r${i}`, prompt: PROMPT, sampling: { maxTokens: 20 } })) {
+            if (e.type === "delta") out.push(...e.tokenIds);
+          }
+          return "finished";
+        } catch (e) {
+          return (e as Error).message;
+        }
+      }),
+    );
+    expect(results).toEqual(Array(3).fill("the engine step failed: webgpu: the device was lost (injected)"));
+    expect(lost).toHaveLength(1);
+    expect(() => engine.submit({ requestId: "late", prompt: PROMPT })).toThrow("webgpu: the device was lost");
   });
 });

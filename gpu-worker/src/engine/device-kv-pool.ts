@@ -13,11 +13,7 @@ import * as ort from "onnxruntime-node";
 import type { LlamaConfig } from "../model/config.ts";
 import { keyCacheName, valueCacheName } from "../model/device-kv-cache.ts";
 import { DType, GraphBuilder } from "../model/onnx-builder.ts";
-
-/** The device cannot be used: no adapter, lost, out of memory, or too small for the pool. The message is one line. */
-export class DeviceError extends Error {
-  override name = "DeviceError";
-}
+import { DeviceError } from "./device.ts";
 
 const PROBE_VALUE = 1;
 

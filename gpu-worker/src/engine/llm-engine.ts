@@ -4,8 +4,9 @@ import { type LlamaConfig, loadLlamaConfig } from "../model/config.ts";
 import type { Quantization } from "../model/quantize.ts";
 import { LlamaTokenizer } from "../tokenizer/tokenizer.ts";
 import { IncrementalDetokenizer } from "./detokenizer.ts";
+import { type Device, DeviceError } from "./device.ts";
 import { KVCacheManager } from "./kv-cache-manager.ts";
-import { createModelBackend, type Device, kvBytesPerToken, type ModelBackend } from "./model-backend.ts";
+import { createModelBackend, kvBytesPerToken, type ModelBackend } from "./model-backend.ts";
 import { finishReasonOf, isFinished, Request, RequestStatus } from "./request.ts";
 import type { SampledToken, SamplingFailure, SamplingRow } from "./sampler.ts";
 import { validateSamplingParams } from "./sampling-params.ts";
@@ -40,6 +41,8 @@ export interface EngineOptions {
   /** ONNX Runtime thread spinning between operators; default on (see ModelRunnerOptions.allowSpinning). */
   allowSpinning?: boolean;
   onProgress?: (stage: string, done: number, total: number) => void;
+  /** Called once if the device fails for good (lost, out of memory): the engine then refuses every request. */
+  onDeviceError?: (err: DeviceError) => void;
 }
 
 /** A request the engine refuses up front (the worker maps these to error events, the edge to HTTP 400). */
@@ -92,6 +95,9 @@ export class LLMEngine {
   private stepping = false;
   private loopRunning = false;
   private readonly recentTokens: { t: number; n: number }[] = [];
+  /** Set when the device failed for good; every later submit throws it. */
+  private deviceError: DeviceError | null = null;
+  private onDeviceError: ((err: DeviceError) => void) | undefined;
 
   private constructor(
     readonly cfg: LlamaConfig,
@@ -140,13 +146,15 @@ export class LLMEngine {
     const kv = new KVCacheManager({ numBlocks, blockSize, enablePrefixCaching: opts.enablePrefixCaching ?? true });
     const scheduler = new Scheduler({ maxNumSeqs, maxNumBatchedTokens: opts.maxNumBatchedTokens ?? 512 }, kv);
     const modelName = opts.modelDir.replace(/\/+$/, "").split("/").pop() ?? "model";
-    return new LLMEngine(cfg, tokenizer, runner, kv, scheduler, {
+    const engine = new LLMEngine(cfg, tokenizer, runner, kv, scheduler, {
       modelName,
       maxModelLen,
       maxNumSeqs,
       blockSize,
       numBlocks,
     });
+    engine.onDeviceError = opts.onDeviceError;
+    return engine;
   }
 
   /**
@@ -154,6 +162,7 @@ export class LLMEngine {
    * SamplingParamError); otherwise events arrive on the returned stream until a `final` event.
    */
   submit(req: EngineRequest): AsyncIterable<EngineEvent> {
+    if (this.deviceError) throw this.deviceError;
     if (this.states.has(req.requestId)) {
       throw new EngineRequestError("duplicate_request_id", `request id ${req.requestId} is already running`);
     }
@@ -299,6 +308,12 @@ export class LLMEngine {
       for (const { request } of plan.scheduled) {
         const st = this.states.get(request.requestId);
         if (st) this.fail(st, err);
+      }
+      if (e instanceof DeviceError && !this.deviceError) {
+        // The device will not come back: end what is queued too, and let the host take this worker out.
+        this.deviceError = e;
+        this.failAll(e);
+        this.onDeviceError?.(e);
       }
       return;
     } finally {

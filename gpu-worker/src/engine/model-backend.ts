@@ -12,13 +12,11 @@
  */
 import type { CompiledModel } from "../model/compiled-model.ts";
 import type { LlamaConfig } from "../model/config.ts";
+import type { Device } from "./device.ts";
 import { ModelRunner } from "./model-runner.ts";
 import type { SampledToken, SamplingFailure, SamplingRow } from "./sampler.ts";
 import type { StepSequence } from "./step-inputs.ts";
 import { WebGpuRunner } from "./webgpu-runner.ts";
-
-export type Device = "cpu" | "cuda" | "webgpu";
-export const DEVICES: readonly Device[] = ["cpu", "cuda", "webgpu"];
 
 export interface ModelBackend {
   /** Copy whole blocks (copy-on-write of a shared partial block) before a step writes into them. */

@@ -11,12 +11,11 @@ import type { CompiledModel } from "../model/compiled-model.ts";
 import type { LlamaConfig } from "../model/config.ts";
 import { deviceKvCache } from "../model/device-kv-cache.ts";
 import { buildLlamaGraph, type LinearWeight, type PackedWeights } from "../model/llama-graph.ts";
-import { DeviceError, DeviceKvPool } from "./device-kv-pool.ts";
+import { DeviceError } from "./device.ts";
+import { DeviceKvPool } from "./device-kv-pool.ts";
 import { GREEDY_EPS, type SampledToken, type SamplingFailure, type SamplingRow, sampleBatch } from "./sampler.ts";
 import { buildStepInputs, type StepSequence } from "./step-inputs.ts";
 import type { SamplingParams } from "./types.ts";
-
-export { DeviceError };
 
 /** Bytes one step moved between host and device memory, as the runner handed them over and read them back. */
 export interface StepTransfer {

@@ -25,7 +25,15 @@ async function main(init: ThreadInit): Promise<void> {
   let engine: LLMEngine;
   try {
     const mod = (await import(init.engineModule)) as { LLMEngine: typeof LLMEngine };
-    engine = await mod.LLMEngine.create(init.engineOptions);
+    engine = await mod.LLMEngine.create({
+      ...init.engineOptions,
+      // A failed device does not come back: end this thread with its one-line reason, so the host stops taking
+      // requests and the process exits (other workers keep serving; Kubernetes restarts this one).
+      onDeviceError: (err) =>
+        setImmediate(() => {
+          throw err;
+        }),
+    });
   } catch (e) {
     send({ type: "startFailed", error: toThreadError(e) });
     return;

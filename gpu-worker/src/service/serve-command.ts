@@ -11,6 +11,7 @@ import { parseArgs } from "node:util";
 import { isValidPoolName } from "@llama-edge/shared";
 import { type ConnectionOptions, credsAuthenticator } from "@nats-io/nats-core";
 import { pino } from "pino";
+import { DEVICES, isDevice } from "../engine/device.ts";
 import { ensureDefaultModel } from "../model/default-model.ts";
 import { EngineHost } from "./engine-host.ts";
 import { type HealthServer, startHealthServer } from "./health-server.ts";
@@ -34,7 +35,8 @@ shown; the flag wins.
   --block-size <n>              LLAMA_BLOCK_SIZE
   --kv-cache-bytes <n>          LLAMA_KV_CACHE_BYTES
   --no-prefix-caching           LLAMA_NO_PREFIX_CACHING=1
-  --device <cpu|cuda>           LLAMA_DEVICE            ONNX Runtime execution provider (default cpu)
+  --device <cpu|cuda|webgpu>    LLAMA_DEVICE            Where the model runs (default cpu). On GPU hosts use
+                                                        webgpu: weights and KV cache stay on the GPU (Vulkan)
   --kv-free-watermark <f>       LLAMA_KV_FREE_WATERMARK Pull only while this fraction of KV blocks is free
                                                         (default 0.05)
   --ack-wait <s>                LLAMA_ACK_WAIT          ack_wait of the pool's consumer when this worker
@@ -99,7 +101,7 @@ function readOptions(argv: string[]) {
   const pool = str("pool") ?? "default";
   if (!isValidPoolName(pool)) throw new UsageError(`--pool: "${pool}" is not a valid pool name ([a-z0-9-]+)`);
   const device = str("device") ?? "cpu";
-  if (device !== "cpu" && device !== "cuda") throw new UsageError(`--device must be cpu or cuda, got "${device}"`);
+  if (!isDevice(device)) throw new UsageError(`--device must be one of ${DEVICES.join(", ")}, got "${device}"`);
   return {
     help: values.help === true,
     model: str("model"),
@@ -115,7 +117,7 @@ function readOptions(argv: string[]) {
     blockSize: num("block-size", Number.isInteger),
     kvCacheBytes: num("kv-cache-bytes"),
     enablePrefixCaching: !flag("no-prefix-caching"),
-    device: device as "cpu" | "cuda",
+    device,
     kvFreeWatermark: num("kv-free-watermark", (n) => n >= 0 && n < 1),
     ackWaitS: num("ack-wait") ?? 30,
     streamReplicas: num("stream-replicas", (n) => Number.isInteger(n) && n >= 1 && n <= 5) ?? 1,
@@ -252,7 +254,8 @@ export async function serveCommand(argv: string[]): Promise<number> {
     await worker.drain(o.drainTimeoutS * 1000);
     return 0;
   } catch (e) {
-    logger.fatal({ err: e }, "worker failed");
+    // A device that cannot be used says which in the line itself (no adapter, out of memory, too small).
+    logger.fatal({ err: e }, e instanceof Error && e.name === "DeviceError" ? e.message : "worker failed");
     return 1;
   } finally {
     process.off("SIGTERM", onSignal);
