@@ -88,6 +88,50 @@ describe("greedy output equals the CPU provider's (f32)", () => {
   });
 });
 
+describe("sampling on the device", () => {
+  const requests: Partial<SamplingParams>[] = [
+    { temperature: 0.8, seed: 1 },
+    { temperature: 1, topK: 20, seed: 2 },
+    { temperature: 0.9, topP: 0.9, seed: 3 },
+    { temperature: 1.2, minP: 0.05, seed: 4, logprobs: true, topLogprobs: 3 },
+    { temperature: 0.7, repetitionPenalty: 1.3, seed: 5 }, // edits logits: sampled on the host from its row
+  ];
+
+  async function sampleAll(device: "cpu" | "webgpu", modelDir: string, reqs: Partial<SamplingParams>[]) {
+    const engine = await LLMEngine.create({ modelDir, executionProvider: device, maxNumSeqs: 8 });
+    const results = await Promise.all(
+      reqs.map(async (sampling, i) => {
+        const ids: number[] = [];
+        for await (const e of engine.submit({
+          requestId: `s${i}`,
+          prompt: PROMPT,
+          sampling: { ...sampling, maxTokens: 12, ignoreEos: true },
+        })) {
+          if (e.type === "delta") ids.push(...e.tokenIds);
+        }
+        return ids;
+      }),
+    );
+    return { engine, results };
+  }
+
+  it("seeded requests (temperature, top_k, top_p, min_p, penalties) give the CPU provider's tokens", async () => {
+    const modelDir = gqaModel();
+    const cpu = await sampleAll("cpu", modelDir, requests);
+    const gpu = await sampleAll("webgpu", modelDir, requests);
+    expect(gpu.results).toEqual(cpu.results);
+  });
+
+  it("downloads candidates, not the vocabulary: a sampling step moves far less than its logits", async () => {
+    const modelDir = gqaModel();
+    const { engine } = await sampleAll("webgpu", modelDir, requests.slice(0, 4));
+    const runner = Reflect.get(engine, "runner") as WebGpuRunner;
+    const logitsBytes = 4 * 32000 * 4; // the last step samples all four rows
+    expect(runner.lastStepTransfer.deviceToHost).toBeGreaterThan(0);
+    expect(runner.lastStepTransfer.deviceToHost).toBeLessThan(logitsBytes / 20);
+  });
+});
+
 describe("the KV cache stays on the device", () => {
   let modelDir: string;
   beforeAll(() => {

@@ -17,6 +17,8 @@ export interface SamplingRow {
   params: SamplingParams;
   /** per-request generator; advanced exactly once per sampled token (null: Math.random, for tests and greedy) */
   rng: SeededRng | null;
+  /** This token's uniform draw when the caller already took it from `rng` (the device backend draws first). */
+  u?: number;
   promptTokenIds: readonly number[];
   outputTokenIds: readonly number[];
 }
@@ -169,7 +171,7 @@ function sampleRow(
   let tokenId: number;
   try {
     applyBiasAndPenalties(row, r, s);
-    const u = r.rng === null ? Math.random() : r.rng.next();
+    const u = r.u ?? (r.rng === null ? Math.random() : r.rng.next());
     // the model's probs and argmax match the row only while nothing edited it (no logit_bias, no penalty)
     const unedited = s.savedIds.length === 0;
     const rowProbs = unedited ? probs : undefined;

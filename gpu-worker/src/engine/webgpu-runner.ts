@@ -1,8 +1,13 @@
 /**
  * The WebGPU backend (`--device webgpu`): ONNX Runtime's WebGPU execution provider (Dawn; Vulkan on Linux) with the
  * weights and the paged KV cache resident on the device. Per step the host uploads the step's inputs (token ids,
- * positions, slots, masks, sampling parameters) and downloads what the sampler needs, and nothing that grows with
- * the pool: `lastStepTransfer` counts those bytes.
+ * positions, slots, masks, per-row sampling values) and downloads what the sampler needs, and nothing that grows
+ * with the pool: `lastStepTransfer` counts those bytes.
+ *
+ * Sampling happens where the logits are (model/sampling-head.ts, device-sampler.ts): a greedy row downloads its
+ * argmax, any other row its best NUM_CANDIDATES tokens. The step's logits stay on the device, written into a
+ * [maxNumSeqs, vocab] buffer, and only rows the candidates cannot settle (logit_bias, penalties, a wide nucleus)
+ * are gathered to the host afterwards.
  *
  * @module
  */
@@ -11,11 +16,14 @@ import type { CompiledModel } from "../model/compiled-model.ts";
 import type { LlamaConfig } from "../model/config.ts";
 import { deviceKvCache } from "../model/device-kv-cache.ts";
 import { buildLlamaGraph, type LinearWeight, type PackedWeights } from "../model/llama-graph.ts";
+import { DType, GraphBuilder } from "../model/onnx-builder.ts";
+import { deviceSamplingHead, NO_MIN_P, NUM_CANDIDATES } from "../model/sampling-head.ts";
 import { DeviceError } from "./device.ts";
+import { DeviceBuffers } from "./device-buffers.ts";
 import { DeviceKvPool } from "./device-kv-pool.ts";
-import { GREEDY_EPS, type SampledToken, type SamplingFailure, type SamplingRow, sampleBatch } from "./sampler.ts";
+import { type DeviceSamplingOutputs, isPlainGreedy, sampleFromDevice } from "./device-sampler.ts";
+import { type SampledToken, type SamplingFailure, type SamplingRow, sampleBatch } from "./sampler.ts";
 import { buildStepInputs, type StepSequence } from "./step-inputs.ts";
-import type { SamplingParams } from "./types.ts";
 
 /** Bytes one step moved between host and device memory, as the runner handed them over and read them back. */
 export interface StepTransfer {
@@ -26,18 +34,29 @@ export interface StepTransfer {
 export interface WebGpuRunnerOptions {
   numBlocks: number;
   blockSize: number;
-  /** Most sequences in one step. */
+  /** Most sequences in one step (rows of the logits buffer). */
   maxNumSeqs: number;
 }
 
+/** The sampling head's outputs (see model/sampling-head.ts). */
+const SAMPLING_OUTPUTS = ["cand_ids", "cand_logits", "cand_probs", "lse", "kept_mass", "draw", "draw_logit"];
+
+/** Largest f32 strictly below 1: a draw must stay below the total mass it scales. */
+const MAX_UNIFORM = 1 - 2 ** -24;
+
 export class WebGpuRunner {
   readonly numSlots: number;
-  /** Host↔device bytes of the last step (copies of blocks included). */
+  /** Host↔device bytes of the last step, block copies before it included. */
   lastStepTransfer: StepTransfer = { hostToDevice: 0, deviceToHost: 0 };
+  private copiedBytes = 0;
 
   private constructor(
     private readonly session: ort.InferenceSession,
     private readonly pool: DeviceKvPool,
+    /** [maxNumSeqs, vocab] on the device: each step's logits, for rows sampled on the host. */
+    private readonly logitsBuffer: ort.Tensor,
+    private readonly pickRows: ort.InferenceSession,
+    private readonly buffers: DeviceBuffers,
     readonly cfg: LlamaConfig,
     readonly opts: WebGpuRunnerOptions,
   ) {
@@ -57,75 +76,141 @@ export class WebGpuRunner {
       executionProviders: ["webgpu"],
       graphOptimizationLevel: "all",
       logSeverityLevel: 3,
-      extra: {
-        session: {
-          model_external_initializers_file_folder_path: model.weightsDir,
-        },
-      },
+      extra: { session: { model_external_initializers_file_folder_path: model.weightsDir } },
     };
     try {
-      const pool = await DeviceKvPool.create(
-        cfg,
-        opts.numBlocks * opts.blockSize,
-        largestTensorBytes(model.weights),
-        sessionOptions,
-      );
-      const graph = buildLlamaGraph(cfg, model.weights, { kvCache: deviceKvCache(), fusedMatMul: false });
+      const buffers = await DeviceBuffers.create(sessionOptions);
+      const weightBytes = largestTensorBytes(model.weights);
+      const probe = await buffers.zeros(Math.ceil(weightBytes / 4 / cfg.hiddenSize), cfg.hiddenSize);
+      await buffers.expectAddressable(probe, "the largest weight tensor");
+      probe.dispose();
+      const pool = await DeviceKvPool.create(cfg, opts.numBlocks * opts.blockSize, buffers, sessionOptions);
+      const logitsBuffer = await buffers.zeros(opts.maxNumSeqs, cfg.vocabSize);
+      await buffers.expectAddressable(logitsBuffer, "the logits of --max-num-seqs rows");
+      const graph = buildLlamaGraph(cfg, model.weights, {
+        kvCache: deviceKvCache(),
+        fusedMatMul: false,
+        samplingHead: deviceSamplingHead,
+      });
       const session = await ort.InferenceSession.create(graph, sessionOptions);
-      return new WebGpuRunner(session, pool, cfg, opts);
+      const pickRows = await ort.InferenceSession.create(pickRowsGraph(cfg.vocabSize), sessionOptions);
+      return new WebGpuRunner(session, pool, logitsBuffer, pickRows, buffers, cfg, opts);
     } catch (e) {
       throw asDeviceError(e);
     }
   }
 
   async copyBlocks(copies: readonly (readonly [number, number])[]): Promise<void> {
-    await this.pool.copyBlocks(copies, this.opts.blockSize);
+    this.copiedBytes += await this.pool.copyBlocks(copies, this.opts.blockSize);
   }
 
   async step(seqs: readonly StepSequence[], rows: SamplingRow[]): Promise<(SampledToken | SamplingFailure)[]> {
     const inputs = buildStepInputs(seqs, this.opts.blockSize);
-    const feeds = inputs.feeds;
     const S = inputs.numRows;
+    const V = this.cfg.vocabSize;
+    // Each row's one uniform draw, taken now: the device draws with it and a host fallback reuses it.
+    const draws = rows.map((r) => (r.rng === null ? Math.random() : r.rng.next()));
+    const feeds = inputs.feeds;
     feeds.new_slots = new ort.Tensor("int64", inputs.newSlots, [inputs.numTokens, 1]);
     const inv = new Float32Array(S).fill(1);
-    for (let i = 0; i < S; i++) if (rows[i].params.temperature > 0) inv[i] = 1 / rows[i].params.temperature;
+    const minPOffset = new Float32Array(S).fill(NO_MIN_P);
+    rows.forEach(({ params: p }, i) => {
+      if (p.temperature > 0) inv[i] = 1 / p.temperature;
+      if (p.minP > 0 && p.temperature > 0) minPOffset[i] = p.temperature * Math.log(p.minP);
+    });
     feeds.inv_temperature = new ort.Tensor("float32", inv, [S]);
-    // Rows that only need the greedy token take the device's argmax; any other row needs the logits on the host.
-    const hostSampling = rows.some((r) => !isPlainGreedy(r.params));
-    const sampling = rows.some((r) => r.params.temperature > 0);
-    const fetches: Record<string, ort.Tensor | null> = { ...this.pool.fetches, argmax: null, logits_sum: null };
-    if (hostSampling) fetches.logits = null;
-    if (hostSampling && sampling) fetches.probs = null;
+    feeds.uniform = new ort.Tensor(
+      "float32",
+      Float32Array.from(draws, (u) => Math.min(u, MAX_UNIFORM)),
+      [S],
+    );
+    feeds.min_p_offset = new ort.Tensor("float32", minPOffset, [S]);
 
+    // ONNX Runtime runs only what the fetched outputs need: an all-greedy step skips the sampling head.
+    const greedyOnly = rows.every((r) => isPlainGreedy(r.params));
+    const logits = ort.Tensor.fromGpuBuffer(this.logitsBuffer.gpuBuffer, { dataType: "float32", dims: [S, V] });
+    const fetches: Record<string, ort.Tensor | null> = { ...this.pool.fetches, argmax: null, logits_sum: null };
+    if (!greedyOnly) {
+      for (const name of SAMPLING_OUTPUTS) fetches[name] = null;
+      fetches.logits = logits;
+    }
     let out: ort.InferenceSession.ReturnType;
     try {
       out = await this.session.run({ ...feeds, ...this.pool.feeds }, fetches);
     } catch (e) {
       throw asDeviceError(e);
     }
-    for (const name of Object.keys(this.pool.fetches)) out[name].dispose(); // wrappers, not the arrays
+    const downloaded: ort.Tensor[] = [];
+    for (const [name, t] of Object.entries(out)) {
+      if (t.location === "cpu") downloaded.push(t);
+      else if (fetches[name] !== null) t.dispose(); // wrappers of our own buffers
+    }
     this.lastStepTransfer = {
-      hostToDevice: hostBytes(Object.values(feeds)),
-      deviceToHost: hostBytes(Object.keys(fetches).flatMap((n) => (n in this.pool.fetches ? [] : [out[n]]))),
+      hostToDevice: this.copiedBytes + hostBytes(Object.values(feeds)),
+      deviceToHost: hostBytes(downloaded),
     };
+    this.copiedBytes = 0;
 
     const argmax = out.argmax.data as BigInt64Array;
     const rowSums = out.logits_sum.data as Float32Array;
-    if (hostSampling) {
-      return sampleBatch(out.logits.data as Float32Array, this.cfg.vocabSize, rows, {
-        argmax,
-        rowSums,
-        probs: sampling ? (out.probs.data as Float32Array) : undefined,
-      });
-    }
-    return rows.map((r, i) => {
-      r.rng?.next(); // one draw per sampled token, as on the host path
+    const device: DeviceSamplingOutputs | null = greedyOnly
+      ? null
+      : {
+          argmax,
+          candIds: out.cand_ids.data as BigInt64Array,
+          candLogits: out.cand_logits.data as Float32Array,
+          candProbs: out.cand_probs.data as Float32Array,
+          lse: out.lse.data as Float32Array,
+          keptMass: out.kept_mass.data as Float32Array,
+          draw: out.draw.data as BigInt64Array,
+          drawLogit: out.draw_logit.data as Float32Array,
+          k: Math.min(NUM_CANDIDATES, V),
+          vocabSize: V,
+        };
+    const tokens: (SampledToken | SamplingFailure | null)[] = rows.map((r, i) => {
       if (!Number.isFinite(rowSums[i])) {
         return { tokenId: -1, error: "the model produced non-finite logits (NaN or infinity) for this sequence" };
       }
-      return { tokenId: Number(argmax[i]) };
+      return device === null ? { tokenId: Number(argmax[i]) } : sampleFromDevice(r.params, draws[i], device, i);
     });
+
+    // Rows only the full logits can settle: fetch just those rows and sample them as the CPU backend would.
+    const onHost = tokens.flatMap((t, i) => (t === null ? [i] : []));
+    if (onHost.length > 0) {
+      const picked = await this.pickRows.run({
+        logits,
+        rows: new ort.Tensor("int64", BigInt64Array.from(onHost, BigInt), [onHost.length]),
+      });
+      this.lastStepTransfer.hostToDevice += onHost.length * 8;
+      this.lastStepTransfer.deviceToHost += hostBytes([picked.picked]);
+      const sampled = sampleBatch(
+        picked.picked.data as Float32Array,
+        V,
+        onHost.map((i) => ({ ...rows[i], u: draws[i] })),
+      );
+      onHost.forEach((i, j) => {
+        tokens[i] = sampled[j];
+      });
+    }
+    return tokens as (SampledToken | SamplingFailure)[];
   }
+
+  async release(): Promise<void> {
+    await this.session.release();
+    await this.pickRows.release();
+    await this.pool.release();
+    this.logitsBuffer.dispose();
+    await this.buffers.release();
+  }
+}
+
+/** picked [R, vocab] = logits[rows]: the rows the host samples itself. */
+function pickRowsGraph(vocabSize: number): Uint8Array {
+  const g = new GraphBuilder();
+  const logits = g.input("logits", DType.float, ["S", vocabSize]);
+  g.op("Gather", [logits, g.input("rows", DType.int64, ["R"])], { axis: 0 }, "picked");
+  g.output("picked", DType.float, ["R", vocabSize]);
+  return g.build("pick_rows");
 }
 
 /** Bytes of the biggest weight tensor the device must bind whole. */
@@ -134,19 +219,6 @@ function largestTensorBytes(w: PackedWeights): number {
   let n = Math.max(w.embed.weight.length, linear(w.lmHead));
   for (const l of w.layers) n = Math.max(n, linear(l.wqkv), linear(l.wo), linear(l.wgateUp), linear(l.wdown));
   return n;
-}
-
-/** Greedy with nothing that edits or reports the logits: the device's argmax is the whole answer. */
-function isPlainGreedy(p: SamplingParams): boolean {
-  return (
-    p.temperature < GREEDY_EPS &&
-    !p.logprobs &&
-    p.topLogprobs === 0 &&
-    Object.keys(p.logitBias).length === 0 &&
-    p.repetitionPenalty === 1 &&
-    p.presencePenalty === 0 &&
-    p.frequencyPenalty === 0
-  );
 }
 
 function hostBytes(tensors: readonly ort.Tensor[]): number {

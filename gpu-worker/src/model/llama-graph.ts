@@ -82,6 +82,8 @@ export interface GraphOptions {
   kvCache?: (g: GraphBuilder, cfg: LlamaConfig) => KvCacheGraph;
   /** Use com.microsoft FusedMatMul for q·kᵀ (default true; the WebGPU provider lacks it). */
   fusedMatMul?: boolean;
+  /** More outputs computed from `logits` [S, vocab] and `probs` (the device sampler's, see sampling-head.ts). */
+  samplingHead?: (g: GraphBuilder, values: { logits: string; probs: string; vocabSize: number }) => void;
 }
 
 /**
@@ -314,8 +316,9 @@ export function buildLlamaGraph(cfg: LlamaConfig, w: PackedWeights, opts: GraphO
   g.op("ReduceSum", [logits, g.ints([1])], { keepdims: 0 }, "logits_sum");
   g.output("logits_sum", f32, ["S"]);
   const scaled = g.op("Mul", [logits, g.op("Unsqueeze", [invTemperature, g.ints([1])])]);
-  g.op("Softmax", [scaled], { axis: -1 }, "probs");
+  const probs = g.op("Softmax", [scaled], { axis: -1 }, "probs");
   g.output("probs", f32, ["S", cfg.vocabSize]);
+  opts.samplingHead?.(g, { logits, probs, vocabSize: cfg.vocabSize });
 
   kvCache.finish();
   return g.build("llama");
