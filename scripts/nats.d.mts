@@ -13,6 +13,26 @@ export declare function writeNatsConfig(o: {
   storeDir: string;
   maxPayload?: number;
 }): string;
+export declare function chooseNatsPorts(preferred?: {
+  port: number;
+  wsPort: number;
+  httpPort: number;
+}): Promise<{ port: number; wsPort: number; httpPort: number; taken: number[] }>;
+export declare function preferredNatsPorts(env?: Record<string, string | undefined>): {
+  port: number;
+  wsPort: number;
+  httpPort: number;
+};
+export declare function spawnNatsServer(o: {
+  dir: string;
+  port: number;
+  wsPort: number;
+  httpPort: number;
+  storeDir: string;
+  maxPayload?: number;
+  detached?: boolean;
+  stdio?: "inherit" | "ignore" | "pipe";
+}): { proc: ChildProcess; configFile: string };
 export declare function waitForNats(httpPort: number, timeoutMs?: number, proc?: ChildProcess): Promise<void>;
 
 export interface NatsHandle {

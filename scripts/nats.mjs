@@ -2,14 +2,15 @@
 // nats-server for the local stack and the tests: find it (or install it on Debian/Ubuntu as root), write its
 // config (JetStream with a store under .cache/nats, a loopback WebSocket listener for the edge), start and stop it.
 //
-//   node scripts/nats.mjs            start in the foreground until Ctrl-C (ports from NATS_PORT, NATS_WS_PORT...)
+//   node scripts/nats.mjs            start in the foreground until Ctrl-C (ports from NATS_PORT, NATS_WS_PORT,
+//                                    NATS_HTTP_PORT or the defaults; free ones when those are taken)
 //   node scripts/nats.mjs install    only make sure nats-server is installed
 import { spawn, spawnSync } from "node:child_process";
 import { accessSync, constants, mkdirSync, readFileSync, writeFileSync } from "node:fs";
-import { connect as tcpConnect } from "node:net";
 import { delimiter, join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { root } from "./ensure-deps.mjs";
+import { freePort, portInUse } from "./ports.mjs";
 
 /** JetStream landed in 2.2 and the WebSocket listener in 2.2; 2.9 is the oldest we test (Debian 12 ships it). */
 const MIN_VERSION = [2, 9, 0];
@@ -114,21 +115,31 @@ websocket {
   return file;
 }
 
-function portOpen(port) {
-  return new Promise((resolve) => {
-    const s = tcpConnect({ host: "127.0.0.1", port }, () => {
-      s.destroy();
-      resolve(true);
-    });
-    s.on("error", () => resolve(false));
-  });
+/**
+ * The default ports when all three are free, else three free ones: on a host where the packaged
+ * `nats-server.service` (Debian, Ubuntu) holds 4222, the local stack runs its own server beside it rather than
+ * reuse one without JetStream or a WebSocket listener. `taken` lists the defaults found in use.
+ * @returns {Promise<{ port: number, wsPort: number, httpPort: number, taken: number[] }>}
+ */
+export async function chooseNatsPorts(preferred = defaultPorts) {
+  const wanted = [preferred.port, preferred.wsPort, preferred.httpPort];
+  const taken = [];
+  for (const p of wanted) if (await portInUse(p)) taken.push(p);
+  if (taken.length === 0) return { ...preferred, taken };
+  const ports = new Set();
+  while (ports.size < 3) ports.add(await freePort());
+  const [port, wsPort, httpPort] = ports;
+  return { port, wsPort, httpPort, taken };
 }
 
 /** Polls the monitoring endpoint until JetStream is up (healthz checks it), or throws after `timeoutMs`. */
 export async function waitForNats(httpPort, timeoutMs = 15_000, proc) {
   const until = Date.now() + timeoutMs;
   while (Date.now() < until) {
-    if (proc && proc.exitCode !== null) throw new Error(`nats-server exited with code ${proc.exitCode}`);
+    // A process killed by a signal has exitCode null and signalCode set.
+    if (proc && (proc.exitCode !== null || proc.signalCode !== null)) {
+      throw new Error(`nats-server exited (${proc.exitCode ?? proc.signalCode})`);
+    }
     try {
       const r = await fetch(`http://127.0.0.1:${httpPort}/healthz?js-enabled-only=true`);
       if (r.ok) return;
@@ -149,17 +160,13 @@ export async function waitForNats(httpPort, timeoutMs = 15_000, proc) {
  *   stop: () => Promise<void> }>}
  */
 export async function startNats(opts = {}) {
-  const bin = ensureNatsServer();
   const dir = opts.dir ?? join(root, ".cache", "nats");
   const port = opts.port ?? defaultPorts.port;
   const wsPort = opts.wsPort ?? defaultPorts.wsPort;
   const httpPort = opts.httpPort ?? defaultPorts.httpPort;
   const storeDir = opts.storeDir ?? join(dir, "jetstream");
-  if (await portOpen(port)) throw new Error(`port ${port} is in use: is another nats-server running?`);
-  const configFile = writeNatsConfig({ dir, port, wsPort, httpPort, storeDir, maxPayload: opts.maxPayload });
-  // detached: its own process group, so a terminal's Ctrl-C reaches the caller, which stops the server last
-  // (after the workers have drained over it).
-  const proc = spawn(bin, ["-c", configFile], { stdio: opts.stdio ?? "ignore", detached: opts.detached ?? false });
+  if (await portInUse(port)) throw new Error(`port ${port} is in use: is another nats-server running?`);
+  const { proc, configFile } = spawnNatsServer({ ...opts, dir, port, wsPort, httpPort, storeDir });
   const exited = new Promise((resolve) => proc.once("exit", resolve));
   try {
     await waitForNats(httpPort, 15_000, proc);
@@ -184,9 +191,29 @@ export async function startNats(opts = {}) {
   };
 }
 
-function envPort(name, fallback) {
-  const v = process.env[name];
-  return v ? Number(v) : fallback;
+/**
+ * Writes the config into `o.dir` and starts nats-server without waiting for it (see `waitForNats`): what the
+ * supervisor in scripts/start.mjs runs again, with the same ports and store, when the server dies.
+ * @param {{ dir: string, port: number, wsPort: number, httpPort: number, storeDir: string, maxPayload?: number,
+ *           stdio?: "inherit" | "ignore" | "pipe", detached?: boolean }} o
+ */
+export function spawnNatsServer(o) {
+  const bin = ensureNatsServer();
+  const configFile = writeNatsConfig(o);
+  // detached: its own process group, so a terminal's Ctrl-C reaches the caller, which stops the server last
+  // (after the workers have drained over it).
+  const proc = spawn(bin, ["-c", configFile], { stdio: o.stdio ?? "ignore", detached: o.detached ?? false });
+  return { proc, configFile };
+}
+
+/** The ports to try first: NATS_PORT, NATS_WS_PORT and NATS_HTTP_PORT, else the defaults. */
+export function preferredNatsPorts(env = process.env) {
+  const port = (name, fallback) => (env[name] ? Number(env[name]) : fallback);
+  return {
+    port: port("NATS_PORT", defaultPorts.port),
+    wsPort: port("NATS_WS_PORT", defaultPorts.wsPort),
+    httpPort: port("NATS_HTTP_PORT", defaultPorts.httpPort),
+  };
 }
 
 if (process.argv[1] === fileURLToPath(import.meta.url)) {
@@ -194,12 +221,9 @@ if (process.argv[1] === fileURLToPath(import.meta.url)) {
     if (process.argv[2] === "install") {
       console.log(ensureNatsServer());
     } else {
-      const nats = await startNats({
-        port: envPort("NATS_PORT", defaultPorts.port),
-        wsPort: envPort("NATS_WS_PORT", defaultPorts.wsPort),
-        httpPort: envPort("NATS_HTTP_PORT", defaultPorts.httpPort),
-        stdio: "inherit",
-      });
+      const ports = await chooseNatsPorts(preferredNatsPorts());
+      if (ports.taken.length) console.error(`[llama-edge] port(s) ${ports.taken.join(", ")} in use: using free ports`);
+      const nats = await startNats({ ...ports, stdio: "inherit" });
       console.error(`[llama-edge] nats-server ready: ${nats.url} (WebSocket ${nats.wsUrl}), config ${nats.configFile}`);
       const stop = () => void nats.stop().then(() => process.exit(0));
       process.once("SIGINT", stop);

@@ -1,7 +1,13 @@
 #!/usr/bin/env node
 // `npm start`: the whole stack on one machine. nats-server (JetStream + a loopback WebSocket listener for the
-// edge), GPU/CPU workers on the default model (or --model), and the gateway under workerd (`wrangler dev`).
-// Prints the base URL, a development API key and a curl to paste; Ctrl-C stops everything (workers drain).
+// edge), GPU/CPU workers on the default model (or --model), and the gateway on workerd (Miniflare: see
+// edge/dev/gateway.mjs for why not `wrangler dev`). Prints the console URL, the OpenAI base URL, a development API
+// key and a curl to paste.
+//
+// It supervises what it started as Kubernetes would (scripts/supervisor.mjs): a process that dies is restarted
+// with back-off while the rest keeps running; requests in flight on a dead worker end with the protocol's
+// `worker_lost` error (the gateway's heartbeat timeout) and new ones are served once the replacement is ready.
+// Ctrl-C or SIGTERM stops everything in order (workers drain their streams first); a second Ctrl-C kills at once.
 import { readFileSync } from "node:fs";
 import { basename, join, resolve } from "node:path";
 import { parseArgs } from "node:util";
@@ -16,7 +22,8 @@ const USAGE = `Usage: npm start [-- options]
                      infra/k8s/worker/scaledobject.yaml; --min-workers/--max-workers override it)
   --min-workers <n>  --max-workers <n>
   --max-num-seqs <n> Sequences per worker (default 16)
-  --port <port>      Gateway port (default 8787)
+  --port <port>      Gateway port (default 8787; 0 = any free port)
+  --state-dir <dir>  NATS store, gateway storage, admin secret and development key (default .cache)
 `;
 
 let args;
@@ -30,6 +37,7 @@ try {
       "max-workers": { type: "string" },
       "max-num-seqs": { type: "string", default: "16" },
       port: { type: "string", default: "8787" },
+      "state-dir": { type: "string" },
       help: { type: "boolean", short: "h" },
     },
   }));
@@ -41,34 +49,85 @@ if (args.help) {
   console.log(USAGE);
   process.exit(0);
 }
+for (const name of ["workers", "max-num-seqs", "port", "min-workers", "max-workers"]) {
+  const v = args[name];
+  if (v !== undefined && !/^\d+$/.test(v)) {
+    console.error(`--${name}: "${v}" is not a whole number\n\n${USAGE}`);
+    process.exit(2);
+  }
+}
 
 ensureNpmDeps();
 // TypeScript modules (model generation, the autoscaler) run through tsx, as the worker CLI does.
 const { register } = await import("tsx/esm/api");
 register();
-const { startNats } = await import("./nats.mjs");
-const { startGateway, ensureDevKey, persistentSecret } = await import("../edge/dev/gateway.mjs");
+const { spawn } = await import("node:child_process");
+const { chooseNatsPorts, preferredNatsPorts, spawnNatsServer, waitForNats } = await import("./nats.mjs");
+const { freePort, portInUse } = await import("./ports.mjs");
+const { Supervisor, exited, hasExited, signalGroup, stopProcess } = await import("./supervisor.mjs");
+const { ensureDevKey, persistentSecret } = await import("../edge/dev/gateway.mjs");
 const { connect } = await import("@nats-io/transport-node");
 
 const POOL = "default";
+const GATEWAY_SCRIPT = join(root, "edge", "dev", "gateway.mjs");
+/** Workers drain for up to 25 s on SIGTERM (their --drain-timeout); then they are killed. */
+const WORKER_STOP_TIMEOUT_MS = 30_000;
 const log = (msg) => console.log(`[llama-edge] ${msg}`);
-const cleanups = [];
-let stopping = false;
-async function shutdown(code = 0) {
-  if (stopping) return;
-  stopping = true;
-  log("stopping (workers finish their streams first)…");
-  for (const fn of cleanups.reverse()) {
-    try {
-      await fn();
-    } catch {
-      // keep stopping the rest
+const stateDir = resolve(args["state-dir"] ?? join(root, ".cache"));
+
+const sup = new Supervisor({ log });
+/** @type {import("../infra/local/autoscaler.ts").LocalAutoscaler | undefined} */
+let scaler;
+/** @type {import("@nats-io/nats-core").NatsConnection | undefined} */
+let nc;
+let stopping;
+let firstSignalAt = 0;
+
+/** Everything down, in order: workers (they drain over NATS, through the gateway), the gateway, nats-server. */
+function shutdown(code) {
+  stopping ??= (async () => {
+    log("stopping (workers finish their streams first)…");
+    if (scaler) {
+      const workers = [...scaler.workers.values()];
+      const stopped = scaler.stop().catch(() => {});
+      await Promise.all(workers.map((p) => Promise.race([exited(p), stopped]).then(() => stopProcess(p, 0))));
+      await Promise.race([stopped, new Promise((r) => setTimeout(r, WORKER_STOP_TIMEOUT_MS))]);
+      for (const p of workers) signalGroup(p, "SIGKILL");
     }
-  }
-  process.exit(code);
+    await sup.stop();
+    await nc?.close().catch(() => {});
+    process.exit(code);
+  })();
+  return stopping;
 }
-process.on("SIGINT", () => shutdown(0));
-process.on("SIGTERM", () => shutdown(0));
+
+function onSignal(signal) {
+  const now = Date.now();
+  if (firstSignalAt === 0) {
+    firstSignalAt = now;
+    void shutdown(0);
+    return;
+  }
+  // npm forwards the terminal's SIGINT that already reached us: a second one within a second is the same Ctrl-C.
+  if (now - firstSignalAt < 1000) return;
+  log(`${signal} again: killing everything now`);
+  killEverything();
+  process.exit(130);
+}
+
+function killEverything() {
+  sup.killAll();
+  for (const p of scaler?.workers.values() ?? []) signalGroup(p, "SIGKILL");
+}
+
+for (const signal of ["SIGINT", "SIGTERM", "SIGHUP"]) process.on(signal, onSignal);
+// Whatever ends this process, no child is left behind.
+process.on("exit", killEverything);
+process.on("uncaughtException", (e) => {
+  console.error(`[llama-edge] ${e.stack ?? e}`);
+  killEverything();
+  process.exit(1);
+});
 
 try {
   // 1. the model: the checkpoint given, or the generated default one
@@ -82,89 +141,155 @@ try {
   const modelName = basename(modelDir);
   const maxContext = config.max_position_embeddings ?? 2048;
 
-  // 2. NATS
-  const nats = await startNats({ stdio: "ignore", detached: true });
-  cleanups.push(() => nats.stop());
-  log(`nats-server on ${nats.url} (WebSocket ${nats.wsUrl})`);
+  let port = Number(args.port);
+  if (port === 0) port = await freePort();
+  else if (await portInUse(port)) throw new Error(`port ${port} is in use: pick another with --port`);
 
-  // 3. workers: a fixed number, or the local autoscaler
+  // 2. NATS: ours on the default ports, or on free ones when something (a packaged nats-server) holds them
+  const nats = await chooseNatsPorts(preferredNatsPorts());
+  const natsUrl = `nats://127.0.0.1:${nats.port}`;
+  const natsWsUrl = `ws://127.0.0.1:${nats.wsPort}`;
+  if (nats.taken.length > 0) {
+    log(
+      `port(s) ${nats.taken.join(", ")} already in use (another nats-server, e.g. the system's nats-server.service?): ` +
+        "running our own on free ports instead",
+    );
+  }
+  const natsDir = join(stateDir, "nats");
+  sup.add("nats-server", {
+    start: () =>
+      spawnNatsServer({ ...nats, dir: natsDir, storeDir: join(natsDir, "jetstream"), detached: true, stdio: "ignore" })
+        .proc,
+    ready: (proc) => waitForNats(nats.httpPort, 15_000, proc),
+    onStart: (proc) =>
+      log(
+        `nats-server: pid ${proc.pid}, ${natsUrl} (WebSocket ${natsWsUrl}, monitoring http://127.0.0.1:${nats.httpPort})`,
+      ),
+    stage: 0,
+    stopTimeoutMs: 5000,
+  });
+  await sup.ready("nats-server");
+  // The supervisor's own connection: it sees the workers' load reports (readiness) and survives NATS restarts.
+  nc = await connect({ servers: natsUrl, name: "llama-edge start", maxReconnectAttempts: -1, reconnectTimeWait: 250 });
+  const loadReports = new Map(); // worker id -> callbacks waiting for its next report
+  nc.subscribe(`llama.pool.${POOL}.load`, {
+    callback: (err, msg) => {
+      if (err) return;
+      let id;
+      try {
+        id = msg.json().worker_id;
+      } catch {
+        return;
+      }
+      for (const done of loadReports.get(id) ?? []) done();
+      loadReports.delete(id);
+    },
+  });
+  /** Resolves at the worker's next load report: it is pulling requests. Rejects if it exits first. */
+  const nextLoadReport = (workerId, proc) =>
+    new Promise((resolveReport, rejectReport) => {
+      if (!loadReports.has(workerId)) loadReports.set(workerId, []);
+      loadReports.get(workerId).push(resolveReport);
+      void exited(proc).then(() => rejectReport(new Error(`${workerId} exited`)));
+    });
+
+  // 3. the gateway on workerd; its secret and config travel in the environment, never on the command line
+  const gatewayUrl = `http://127.0.0.1:${port}`;
+  const adminSecret = persistentSecret(join(stateDir, "edge", "admin-secret"));
+  const gatewayConfig = {
+    pools: { [POOL]: { max_context: maxContext, models: [modelName] } },
+    // Development: responses name the worker that served them (x-llama-edge-worker).
+    expose_worker_id: true,
+  };
+  sup.add("gateway", {
+    start: () =>
+      spawn(
+        process.execPath,
+        [GATEWAY_SCRIPT, "--port", String(port), "--persist-to", join(stateDir, "edge", "state")],
+        {
+          stdio: ["ignore", "ignore", "inherit"],
+          detached: true,
+          env: {
+            ...process.env,
+            NATS_URL: natsWsUrl,
+            ADMIN_SECRET: adminSecret,
+            GATEWAY_CONFIG: JSON.stringify(gatewayConfig),
+          },
+        },
+      ),
+    ready: (proc) => waitForHealth(`${gatewayUrl}/health`, proc),
+    onStart: (proc) => log(`gateway: pid ${proc.pid}, ${gatewayUrl}`),
+    stage: 1,
+    stopTimeoutMs: 10_000,
+  });
+
+  // 4. workers: a fixed number under the supervisor, or the local autoscaler
   const { LocalAutoscaler, readScalePolicy, spawnWorker } = await import("../infra/local/autoscaler.ts");
   const maxNumSeqs = Number(args["max-num-seqs"]);
-  const start = (workerId) =>
+  const spawnPoolWorker = (workerId, healthPort) =>
     spawnWorker({
       workerId,
       pool: POOL,
-      natsUrl: nats.url,
+      natsUrl,
       model: modelDir,
       maxNumSeqs,
-      extra: ["--log-level", "warn"],
+      extra: ["--log-level", "warn", "--health-port", String(healthPort)],
     });
-  const nc = await connect({ servers: nats.url });
-  cleanups.push(() => nc.close());
-  const firstReport = new Promise((resolveReport) => {
-    const sub = nc.subscribe(`llama.pool.${POOL}.load`, { max: 1, callback: () => resolveReport() });
-    cleanups.push(() => sub.unsubscribe());
-  });
+  let workersReady;
   if (args.autoscale) {
     const overrides = { lagThreshold: maxNumSeqs };
     if (args["min-workers"]) overrides.minReplicas = Number(args["min-workers"]);
     if (args["max-workers"]) overrides.maxReplicas = Number(args["max-workers"]);
     const policy = readScalePolicy(undefined, { minReplicas: 1, maxReplicas: 2, ...overrides });
-    const scaler = new LocalAutoscaler({
+    const firstReport = new Promise((r) => nc.subscribe(`llama.pool.${POOL}.load`, { max: 1, callback: () => r() }));
+    scaler = new LocalAutoscaler({
       pool: POOL,
       nc,
       policy,
-      startWorker: start,
+      startWorker: (id) => spawnPoolWorker(id, 0),
       onEvent: (e) => {
         if (e.type === "scale-up" || e.type === "scale-down")
           log(`autoscaler: ${e.type} (lag ${e.lag}) → ${e.replicas} worker(s)`);
+        // A crashed worker is replaced at the next poll, when the lag still asks for it.
+        if (e.type === "worker-exit" && !sup.stopping) log(`${e.workerId} exited (code ${e.code})`);
       },
     });
     await scaler.start();
-    cleanups.push(() => scaler.stop());
     log(`autoscaler: ${policy.minReplicas}–${policy.maxReplicas} workers, lag threshold ${policy.lagThreshold}`);
+    workersReady = policy.minReplicas > 0 ? firstReport : Promise.resolve();
   } else {
-    const procs = Array.from({ length: Number(args.workers) }, (_, i) => start(`${POOL}-${i}`));
-    cleanups.push(() =>
-      Promise.all(
-        procs.map(
-          (p) =>
-            new Promise((done) => {
-              if (p.exitCode !== null) return done();
-              p.once("exit", done);
-              p.kill("SIGTERM");
-            }),
-        ),
-      ),
-    );
-    for (const p of procs) {
-      p.once("exit", (code) => {
-        if (stopping) return;
-        log(`a worker exited (${code})`);
-        shutdown(1);
+    const names = Array.from({ length: Number(args.workers) }, (_, i) => `${POOL}-${i}`);
+    for (const workerId of names) {
+      let healthPort = 0;
+      sup.add(`worker ${workerId}`, {
+        // A known metrics port, printed, so that `curl …/metrics` works on the local stack.
+        start: async () => {
+          healthPort = await freePort();
+          return spawnPoolWorker(workerId, healthPort);
+        },
+        ready: async (proc) => {
+          await nextLoadReport(workerId, proc);
+          log(`worker ${workerId}: ready`);
+        },
+        onStart: (proc) => log(`worker ${workerId}: pid ${proc.pid}, metrics http://127.0.0.1:${healthPort}/metrics`),
+        stage: 2,
+        stopTimeoutMs: WORKER_STOP_TIMEOUT_MS,
       });
     }
+    workersReady = Promise.all(names.map((n) => sup.ready(`worker ${n}`)));
   }
   log(`loading ${modelName} in the worker(s)…`);
-  await firstReport;
+  await Promise.all([sup.ready("gateway"), workersReady]);
 
-  // 4. the gateway under workerd
-  const gw = await startGateway({
-    natsWsUrl: nats.wsUrl,
-    port: Number(args.port),
-    adminSecret: persistentSecret(join(root, ".cache", "edge", "admin-secret")),
-    config: { pools: { [POOL]: { max_context: maxContext, models: [modelName] } } },
-    logLevel: "warn",
-  });
-  cleanups.push(() => gw.stop());
-  const key = await ensureDevKey(gw, join(root, ".cache", "edge", "dev-key"));
-
+  const gw = { url: gatewayUrl, port, adminSecret };
+  const key = await ensureDevKey(gw, join(stateDir, "edge", "dev-key"));
   console.log(`
 llama-edge is up.
 
+  Web console       ${gw.url}/        (Playground, Usage, Admin: paste the key or the admin secret there)
   OpenAI base URL   ${gw.url}/v1
-  API key           ${key}        (development key, kept in .cache/edge/dev-key)
-  Admin secret      in .cache/edge/admin-secret
+  API key           ${key}        (development key, kept in ${join(stateDir, "edge", "dev-key")})
+  Admin secret      in ${join(stateDir, "edge", "admin-secret")}
   Model             ${modelName}${args.model ? "" : "   (random weights: the output is meaningless text)"}
 
   curl ${gw.url}/v1/chat/completions \\
@@ -174,6 +299,21 @@ llama-edge is up.
 Press Ctrl-C to stop.
 `);
 } catch (e) {
-  console.error(`[llama-edge] ${e instanceof Error ? e.message : e}`);
-  await shutdown(1);
+  if (!stopping) {
+    console.error(`[llama-edge] ${e instanceof Error ? e.message : e}`);
+    await shutdown(1);
+  }
+}
+
+/** Polls `url` until it answers 200; rejects if `proc` exits first. */
+async function waitForHealth(url, proc) {
+  while (!hasExited(proc)) {
+    try {
+      if ((await fetch(url)).ok) return;
+    } catch {
+      // not listening yet
+    }
+    await new Promise((r) => setTimeout(r, 200));
+  }
+  throw new Error("exited");
 }

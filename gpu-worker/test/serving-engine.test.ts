@@ -195,6 +195,20 @@ describe.each(BACKENDS)("on $device", ({ device, numPrompts, maxTokens, model })
   });
 });
 
+describe("KV pool size", () => {
+  it("a pool larger than one typed array can hold (17 GiB, > 2^32 floats) serves the same tokens", async () => {
+    // Pages are only touched where blocks are written, so this allocates virtual memory, not 17 GiB.
+    const big = await engine({ maxNumSeqs: 2, kvCacheBytes: 17 * 1024 ** 3 });
+    const kvBytesPerBlock = kvBytesPerToken(big.cfg, "cpu") * 16;
+    expect(big.config.numBlocks * kvBytesPerBlock).toBeGreaterThan(4 * 2 ** 32);
+    const small = await engine({ maxNumSeqs: 2 });
+    const p = prompts(2)[1];
+    const a = await collect(big.submit({ requestId: "big", prompt: p, sampling: greedy(8) }));
+    const b = await collect(small.submit({ requestId: "small", prompt: p, sampling: greedy(8) }));
+    expect(a.tokenIds).toEqual(b.tokenIds);
+  });
+});
+
 describe("aborts and leaks", () => {
   let tinyDir: string;
   beforeAll(() => {

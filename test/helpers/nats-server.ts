@@ -5,10 +5,10 @@
  * @module
  */
 import { mkdtempSync, rmSync } from "node:fs";
-import { createServer } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { type NatsHandle, startNats } from "../../scripts/nats.mjs";
+import { freePort } from "../../scripts/ports.mjs";
 
 export interface TestNats {
   url: string;
@@ -17,14 +17,6 @@ export interface TestNats {
   /** Stops the server (SIGTERM) and starts it again with the same ports and store. */
   restart(opts?: { downMs?: number }): Promise<void>;
   stop(): Promise<void>;
-}
-
-async function freePort(): Promise<number> {
-  const srv = createServer();
-  await new Promise<void>((resolve) => srv.listen(0, "127.0.0.1", resolve));
-  const { port } = srv.address() as { port: number };
-  await new Promise((resolve) => srv.close(resolve));
-  return port;
 }
 
 export async function startTestNats(): Promise<TestNats> {

@@ -22,6 +22,8 @@ export class DeviceKvPool {
   readonly fetches: Record<string, ort.Tensor>;
 
   private constructor(
+    /** Rows of every array. */
+    readonly numSlots: number,
     names: string[],
     private readonly arrays: ort.Tensor[],
     private readonly copySession: ort.InferenceSession,
@@ -44,7 +46,7 @@ export class DeviceKvPool {
     for (const _ of names) arrays.push(await buffers.zeros(numSlots, kvDim));
     await buffers.expectAddressable(arrays[0], "a KV array (one layer's keys)");
     const copy = await ort.InferenceSession.create(copyGraph(names, kvDim), sessionOptions);
-    return new DeviceKvPool(names, arrays, copy);
+    return new DeviceKvPool(numSlots, names, arrays, copy);
   }
 
   /** Copy whole blocks on the device (copy-on-write of a shared partial block). Returns the bytes uploaded. */

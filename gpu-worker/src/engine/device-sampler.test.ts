@@ -62,7 +62,7 @@ async function viaDevice(logits: Float32Array, params: SamplingParams[], draws: 
   };
   let onHost = 0;
   const tokens = params.map((p, i) => {
-    const t = sampleFromDevice(p, draws[i], device, i);
+    const t = sampleFromDevice({ params: p, rng: null, promptTokenIds: [], outputTokenIds: [7] }, draws[i], device, i);
     if (t !== null) return t;
     onHost++;
     const row = logits.slice(i * V, (i + 1) * V);

@@ -7,7 +7,7 @@
  *
  * @module
  */
-import { GREEDY_EPS, type SampledToken } from "./sampler.ts";
+import { GREEDY_EPS, type SampledToken, type SamplingRow } from "./sampler.ts";
 import type { SamplingParams } from "./types.ts";
 
 /** The device's sampling outputs for a step: [S] per row, [S, K] per candidate. */
@@ -26,13 +26,15 @@ export interface DeviceSamplingOutputs {
 }
 
 /** Greedy with nothing that edits or reports the logits: the argmax is the whole answer. */
-export function isPlainGreedy(p: SamplingParams): boolean {
-  return p.temperature < GREEDY_EPS && !wantsLogprobs(p) && !editsLogits(p);
+export function isPlainGreedy(r: SamplingRow): boolean {
+  return r.params.temperature < GREEDY_EPS && !wantsLogprobs(r.params) && !editsLogits(r);
 }
 
-/** logit_bias and penalties change logits the device never saw: such rows are sampled on the host. */
-export function editsLogits(p: SamplingParams): boolean {
+/** A grammar's mask, logit_bias and penalties change logits the device never saw: such rows go to the host. */
+export function editsLogits(r: SamplingRow): boolean {
+  const p = r.params;
   return (
+    r.allowedTokens !== undefined ||
     Object.keys(p.logitBias).length > 0 ||
     p.repetitionPenalty !== 1 ||
     p.presencePenalty !== 0 ||
@@ -49,12 +51,13 @@ function wantsLogprobs(p: SamplingParams): boolean {
  * settle it (the caller then samples the row on the host with the same `u`).
  */
 export function sampleFromDevice(
-  p: SamplingParams,
+  r: SamplingRow,
   u: number,
   out: DeviceSamplingOutputs,
   i: number,
 ): SampledToken | null {
-  if (editsLogits(p)) return null;
+  if (editsLogits(r)) return null;
+  const p = r.params;
   const { k, vocabSize: V } = out;
   const ids = out.candIds.subarray(i * k, (i + 1) * k);
   const logits = out.candLogits.subarray(i * k, (i + 1) * k);

@@ -1,10 +1,11 @@
-import { freemem } from "node:os";
+import { availableParallelism, freemem } from "node:os";
 import { compileModel } from "../model/compiled-model.ts";
 import { type LlamaConfig, loadLlamaConfig } from "../model/config.ts";
 import type { Quantization } from "../model/quantize.ts";
 import { LlamaTokenizer } from "../tokenizer/tokenizer.ts";
 import { IncrementalDetokenizer } from "./detokenizer.ts";
 import { type Device, DeviceError } from "./device.ts";
+import { GrammarCache, type GrammarSpec, type SequenceGrammar } from "./grammar.ts";
 import { KVCacheManager } from "./kv-cache-manager.ts";
 import { createModelBackend, kvBytesPerToken, type ModelBackend } from "./model-backend.ts";
 import { finishReasonOf, isFinished, Request, RequestStatus } from "./request.ts";
@@ -37,6 +38,7 @@ export interface EngineOptions {
   executionProvider?: Device;
   /** Weight format the checkpoint is compiled to; default "none" (f32). */
   quantization?: Quantization;
+  /** ONNX Runtime intra-op threads; default every core (its own default picks one core on some VMs). */
   numThreads?: number;
   /** ONNX Runtime thread spinning between operators; default on (see ModelRunnerOptions.allowSpinning). */
   allowSpinning?: boolean;
@@ -82,6 +84,8 @@ interface OutputState {
   detok: IncrementalDetokenizer;
   stops: StopStringChecker;
   abortRequested: boolean;
+  /** The request's grammar matcher (constrained decoding), advanced with every output token. */
+  grammar: SequenceGrammar | null;
 }
 
 /**
@@ -98,6 +102,7 @@ export class LLMEngine {
   /** Set when the device failed for good; every later submit throws it. */
   private deviceError: DeviceError | null = null;
   private onDeviceError: ((err: DeviceError) => void) | undefined;
+  #grammars: GrammarCache | null = null;
 
   private constructor(
     readonly cfg: LlamaConfig,
@@ -122,27 +127,33 @@ export class LLMEngine {
     const blockSize = opts.blockSize ?? 16;
     const device = opts.executionProvider ?? "cpu";
     const bytesPerBlock = kvBytesPerToken(cfg, device) * blockSize;
-    let kvBytes = opts.kvCacheBytes;
-    if (kvBytes === undefined) {
-      kvBytes =
-        opts.kvCacheFraction !== undefined
-          ? opts.kvCacheFraction * freemem()
-          : Math.min(maxNumSeqs * Math.ceil(maxModelLen / blockSize) * bytesPerBlock, 4 * 1024 ** 3, freemem() / 2);
-    }
-    const numBlocks = Math.floor(kvBytes / bytesPerBlock);
-    if (numBlocks < 1) throw new Error(`KV cache budget of ${kvBytes} bytes holds no block of ${bytesPerBlock} bytes`);
     const compiled = compileModel(opts.modelDir, cfg, {
       quantization: opts.quantization,
       onProgress: opts.onProgress && ((d, t) => opts.onProgress?.("compile", d, t)),
     });
+    // The pool is sized once the weights are in memory, from what is left then.
+    const sizePool = (): number => {
+      let kvBytes = opts.kvCacheBytes;
+      if (kvBytes === undefined) {
+        const available = availableMemory();
+        kvBytes =
+          opts.kvCacheFraction !== undefined
+            ? opts.kvCacheFraction * available
+            : Math.min(maxNumSeqs * Math.ceil(maxModelLen / blockSize) * bytesPerBlock, 4 * 1024 ** 3, available / 2);
+      }
+      const n = Math.floor(kvBytes / bytesPerBlock);
+      if (n < 1) throw new Error(`KV cache budget of ${kvBytes} bytes holds no block of ${bytesPerBlock} bytes`);
+      return n;
+    };
     const runner = await createModelBackend(compiled, cfg, {
       device,
-      numBlocks,
+      numBlocks: sizePool,
       blockSize,
       maxNumSeqs,
-      numThreads: opts.numThreads,
+      numThreads: opts.numThreads ?? availableParallelism(),
       allowSpinning: opts.allowSpinning,
     });
+    const numBlocks = runner.numBlocks;
     const kv = new KVCacheManager({ numBlocks, blockSize, enablePrefixCaching: opts.enablePrefixCaching ?? true });
     const scheduler = new Scheduler({ maxNumSeqs, maxNumBatchedTokens: opts.maxNumBatchedTokens ?? 512 }, kv);
     const modelName = opts.modelDir.replace(/\/+$/, "").split("/").pop() ?? "model";
@@ -199,16 +210,43 @@ export class LLMEngine {
     const rng = new SeededRng(params.seed ?? randomSeed());
     const request = new Request(req.requestId, promptIds, params, rng, maxTotal, this.arrivals++);
     const channel = new EventChannel(() => this.abort(req.requestId));
-    this.states.set(req.requestId, {
+    const st: OutputState = {
       request,
       channel,
       detok: new IncrementalDetokenizer(this.tokenizer, promptIds),
       stops: new StopStringChecker(params.stop),
       abortRequested: false,
-    });
-    this.scheduler.add(request);
-    this.kick();
+      grammar: null,
+    };
+    this.states.set(req.requestId, st);
+    if (req.grammar) this.queueWithGrammar(st, req.grammar);
+    else {
+      this.scheduler.add(request);
+      this.kick();
+    }
     return channel;
+  }
+
+  /** Compiled grammars of this engine's tokenizer (created on first use). */
+  get grammars(): GrammarCache {
+    this.#grammars ??= GrammarCache.for(this.tokenizer, this.cfg.vocabSize, this.cfg.eosTokenIds);
+    return this.#grammars;
+  }
+
+  /** Queues the request once its grammar is compiled (or found in the cache); a bad grammar fails its stream. */
+  private queueWithGrammar(st: OutputState, spec: GrammarSpec): void {
+    this.grammars.matcher(spec).then(
+      (matcher) => {
+        if (isFinished(st.request.status)) {
+          matcher.dispose(); // aborted while compiling
+          return;
+        }
+        st.grammar = matcher;
+        this.scheduler.add(st.request);
+        this.kick();
+      },
+      (err) => this.fail(st, err instanceof Error ? err : new Error(String(err))),
+    );
   }
 
   /** Abort a request (client went away). Its blocks are free before the next step. */
@@ -280,25 +318,37 @@ export class LLMEngine {
     this.stepping = true;
     let tokens: (SampledToken | SamplingFailure)[];
     const sampled: OutputState[] = [];
+    const grammarFailures: [OutputState, unknown][] = [];
     try {
       await this.runner.copyBlocks(plan.blockCopies);
       const sampleRows: SamplingRow[] = [];
-      const seqs: StepSequence[] = plan.scheduled.map(({ request, numNewTokens, blockTable }) => {
+      const seqs: StepSequence[] = [];
+      for (const { request, numNewTokens, blockTable } of plan.scheduled) {
         const start = request.numComputedTokens;
         const tokenIds: number[] = [];
         for (let i = start; i < start + numNewTokens; i++) tokenIds.push(request.tokenAt(i));
-        const needLogits = start + numNewTokens === request.numTokens;
+        let needLogits = start + numNewTokens === request.numTokens;
         if (needLogits) {
-          sampled.push(this.states.get(request.requestId)!);
-          sampleRows.push({
-            params: request.params,
-            rng: request.rng,
-            promptTokenIds: request.promptTokenIds,
-            outputTokenIds: request.outputTokenIds,
-          });
+          // The grammar's state changes only when a token is accepted, so the mask can be had before the run.
+          const st = this.states.get(request.requestId)!;
+          let allowedTokens: Int32Array | undefined;
+          try {
+            allowedTokens = await st.grammar?.nextTokenBitmask();
+            sampled.push(st);
+            sampleRows.push({
+              params: request.params,
+              rng: request.rng,
+              promptTokenIds: request.promptTokenIds,
+              outputTokenIds: request.outputTokenIds,
+              allowedTokens,
+            });
+          } catch (e) {
+            grammarFailures.push([st, e]); // the sequence still runs this step (its blocks are planned), unsampled
+            needLogits = false;
+          }
         }
-        return { tokenIds, startPos: start, blockTable, needLogits };
-      });
+        seqs.push({ tokenIds, startPos: start, blockTable, needLogits });
+      }
       tokens = await this.runner.step(seqs, sampleRows);
     } catch (e) {
       // Not attributable to one sequence: the step's sequences end (their KV may be half written), nothing else.
@@ -323,6 +373,10 @@ export class LLMEngine {
     for (const { request, numNewTokens } of plan.scheduled) {
       request.numComputedTokens += numNewTokens;
       this.kv.cacheFullBlocks(request.requestId, request.tokenIds, request.numComputedTokens);
+    }
+    for (const [st, e] of grammarFailures) {
+      const message = e instanceof Error ? e.message : String(e);
+      this.fail(st, new EngineSequenceError(`the grammar failed: ${message}`, { cause: e }));
     }
     let generated = 0;
     sampled.forEach((st, i) => {
@@ -355,7 +409,14 @@ export class LLMEngine {
     const req = st.request;
     const p = req.params;
     req.appendOutput(tokenId);
-    const isStopToken = (!p.ignoreEos && this.cfg.eosTokenIds.includes(tokenId)) || p.stopTokenIds.includes(tokenId);
+    if (st.grammar && !st.grammar.accept(tokenId)) {
+      throw new Error(`token ${tokenId} was sampled outside the request's grammar`);
+    }
+    // A completed grammar ends the sequence with its stop token, ignore_eos or not.
+    const isStopToken =
+      st.grammar?.isTerminated === true ||
+      (!p.ignoreEos && this.cfg.eosTokenIds.includes(tokenId)) ||
+      p.stopTokenIds.includes(tokenId);
     let text = "";
     let stopString = false;
     if (!isStopToken) {
@@ -402,6 +463,7 @@ export class LLMEngine {
     if (isFinished(req.status)) return;
     this.scheduler.finish(req, status);
     this.states.delete(req.requestId);
+    st.grammar?.dispose();
     st.channel.push({
       type: "final",
       finishReason: finishReasonOf(status),
@@ -420,6 +482,7 @@ export class LLMEngine {
     if (isFinished(st.request.status)) return;
     this.scheduler.finish(st.request, RequestStatus.FINISHED_ABORTED);
     this.states.delete(st.request.requestId);
+    st.grammar?.dispose();
     st.channel.fail(err);
   }
 
@@ -429,6 +492,16 @@ export class LLMEngine {
     const stepErr = new EngineStepError(`the engine failed: ${cause.message}`, { cause });
     for (const st of [...this.states.values()]) this.fail(st, stepErr);
   }
+}
+
+/**
+ * Bytes this process could still allocate: the host's available memory, bounded by the container's memory limit
+ * (cgroup) when there is one, since a pod sees the whole node's free memory.
+ */
+export function availableMemory(): number {
+  const limit = process.constrainedMemory?.() ?? 0;
+  const free = freemem();
+  return limit > 0 ? Math.min(free, Math.max(0, limit - process.memoryUsage.rss())) : free;
 }
 
 function randomSeed(): number {

@@ -19,6 +19,8 @@ import type { StepSequence } from "./step-inputs.ts";
 import { WebGpuRunner } from "./webgpu-runner.ts";
 
 export interface ModelBackend {
+  /** Blocks in the KV pool. */
+  readonly numBlocks: number;
   /** Copy whole blocks (copy-on-write of a shared partial block) before a step writes into them. */
   copyBlocks(copies: readonly (readonly [number, number])[]): void | Promise<void>;
   /**
@@ -30,7 +32,8 @@ export interface ModelBackend {
 
 export interface BackendOptions {
   device: Device;
-  numBlocks: number;
+  /** KV pool blocks, or a function called once the weights are loaded (to size the pool from what is left). */
+  numBlocks: number | (() => number);
   blockSize: number;
   /** Most sequences in one step (the device backend sizes its logits buffer by it). */
   maxNumSeqs: number;

@@ -18,7 +18,8 @@ export interface StepOutput {
 }
 
 export interface ModelRunnerOptions {
-  numBlocks: number;
+  /** KV pool blocks, or a function called once the weights are loaded (to size the pool from what is left). */
+  numBlocks: number | (() => number);
   blockSize: number;
   executionProvider?: "cpu" | "cuda";
   /** ONNX Runtime intra-op threads; default: all cores. */
@@ -37,18 +38,21 @@ export class ExecutionProviderError extends Error {
 }
 
 /**
- * Runs the model for one step over a ragged batch and owns the paged KV pool. The pool is one Float32Array
- * [2 * layers * kvHeads * slots, headDim] (head-major rows, see llama-graph.ts) handed to ONNX Runtime as an
- * input every step without copying; the step's fresh keys/values come back as a small output and are written
- * into their slots here.
+ * Runs the model for one step over a ragged batch and owns the paged KV pool. The pool is one Float32Array per
+ * layer, [2 * kvHeads * slots, headDim] (head-major rows, see llama-graph.ts), handed to ONNX Runtime as inputs
+ * every step without copying; the step's fresh keys/values come back as a small output and are written into
+ * their slots here. Per-layer arrays keep each one far below a typed array's 2^32-element limit (a 32 GiB pool
+ * in one array would not even allocate).
  */
 export class ModelRunner {
-  readonly kvCache: Float32Array;
+  /** Layer l's keys and values: row (kv * kvHeads + h) * numSlots + slot, headDim floats each. */
+  readonly kvLayers: Float32Array[];
   readonly numSlots: number;
+  readonly numBlocks: number;
   private readonly kvDim: number;
   private readonly headDim: number;
   private readonly numKvHeads: number;
-  private readonly kvTensor: ort.Tensor;
+  private readonly kvTensors: ort.Tensor[];
 
   private constructor(
     private readonly session: ort.InferenceSession,
@@ -58,10 +62,11 @@ export class ModelRunner {
     this.kvDim = cfg.numKeyValueHeads * cfg.headDim;
     this.headDim = cfg.headDim;
     this.numKvHeads = cfg.numKeyValueHeads;
-    this.numSlots = opts.numBlocks * opts.blockSize;
-    const rows = 2 * cfg.numHiddenLayers * cfg.numKeyValueHeads * this.numSlots;
-    this.kvCache = new Float32Array(rows * cfg.headDim);
-    this.kvTensor = new ort.Tensor("float32", this.kvCache, [rows, cfg.headDim]);
+    this.numBlocks = typeof opts.numBlocks === "number" ? opts.numBlocks : opts.numBlocks();
+    this.numSlots = this.numBlocks * opts.blockSize;
+    const rows = 2 * cfg.numKeyValueHeads * this.numSlots;
+    this.kvLayers = Array.from({ length: cfg.numHiddenLayers }, () => new Float32Array(rows * cfg.headDim));
+    this.kvTensors = this.kvLayers.map((a) => new ort.Tensor("float32", a, [rows, cfg.headDim]));
   }
 
   static async create(model: CompiledModel, cfg: LlamaConfig, opts: ModelRunnerOptions): Promise<ModelRunner> {
@@ -106,10 +111,12 @@ export class ModelRunner {
     const perBlock = this.opts.blockSize * this.headDim;
     for (const [src, dst] of copies) {
       // one contiguous run of slots per (layer, key/value, head)
-      for (let j = 0; j < 2 * this.cfg.numHiddenLayers * this.numKvHeads; j++) {
-        const base = j * this.numSlots * this.headDim;
-        const from = base + src * perBlock;
-        this.kvCache.copyWithin(base + dst * perBlock, from, from + perBlock);
+      for (const kv of this.kvLayers) {
+        for (let j = 0; j < 2 * this.numKvHeads; j++) {
+          const base = j * this.numSlots * this.headDim;
+          const from = base + src * perBlock;
+          kv.copyWithin(base + dst * perBlock, from, from + perBlock);
+        }
       }
     }
   }
@@ -129,7 +136,9 @@ export class ModelRunner {
    */
   async execute(seqs: readonly StepSequence[], temperatures?: readonly number[]): Promise<StepOutput> {
     const { feeds } = buildStepInputs(seqs, this.opts.blockSize);
-    feeds.kv_cache = this.kvTensor;
+    this.kvTensors.forEach((t, l) => {
+      feeds[`kv_cache.${l}`] = t;
+    });
     const rows = feeds.logits_index.dims[0];
     const inv = new Float32Array(rows).fill(1);
     if (temperatures) for (let i = 0; i < rows; i++) if (temperatures[i] > 0) inv[i] = 1 / temperatures[i];
@@ -158,11 +167,12 @@ export class ModelRunner {
       for (let i = 0; i < s.tokenIds.length; i++, row++) {
         const slot = slotOf(s.blockTable, s.startPos + i, this.opts.blockSize);
         for (let j = 0; j < 2 * this.cfg.numHiddenLayers; j++) {
-          // new_kv [2L, T, nkv*hd] -> pool rows ((j * nkv + h) * slots + slot)
+          // new_kv [2L, T, nkv*hd], j = 2l + kv -> layer l's rows ((kv * nkv + h) * slots + slot)
+          const layer = this.kvLayers[j >> 1];
           const src = (j * T + row) * this.kvDim;
           for (let h = 0; h < nkv; h++) {
             const from = src + h * hd;
-            this.kvCache.set(newKv.subarray(from, from + hd), ((j * nkv + h) * this.numSlots + slot) * hd);
+            layer.set(newKv.subarray(from, from + hd), (((j & 1) * nkv + h) * this.numSlots + slot) * hd);
           }
         }
       }

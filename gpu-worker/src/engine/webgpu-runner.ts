@@ -32,7 +32,8 @@ export interface StepTransfer {
 }
 
 export interface WebGpuRunnerOptions {
-  numBlocks: number;
+  /** KV pool blocks, or a function called once the weights are loaded. */
+  numBlocks: number | (() => number);
   blockSize: number;
   /** Most sequences in one step (rows of the logits buffer). */
   maxNumSeqs: number;
@@ -45,6 +46,7 @@ const SAMPLING_OUTPUTS = ["cand_ids", "cand_logits", "cand_probs", "lse", "kept_
 const MAX_UNIFORM = 1 - 2 ** -24;
 
 export class WebGpuRunner {
+  readonly numBlocks: number;
   readonly numSlots: number;
   /** Host↔device bytes of the last step, block copies before it included. */
   lastStepTransfer: StepTransfer = { hostToDevice: 0, deviceToHost: 0 };
@@ -60,7 +62,8 @@ export class WebGpuRunner {
     readonly cfg: LlamaConfig,
     readonly opts: WebGpuRunnerOptions,
   ) {
-    this.numSlots = opts.numBlocks * opts.blockSize;
+    this.numBlocks = pool.numSlots / opts.blockSize;
+    this.numSlots = pool.numSlots;
   }
 
   /** Bytes of KV cache per token (all layers, keys and values). */
@@ -84,7 +87,8 @@ export class WebGpuRunner {
       const probe = await buffers.zeros(Math.ceil(weightBytes / 4 / cfg.hiddenSize), cfg.hiddenSize);
       await buffers.expectAddressable(probe, "the largest weight tensor");
       probe.dispose();
-      const pool = await DeviceKvPool.create(cfg, opts.numBlocks * opts.blockSize, buffers, sessionOptions);
+      const numBlocks = typeof opts.numBlocks === "number" ? opts.numBlocks : opts.numBlocks();
+      const pool = await DeviceKvPool.create(cfg, numBlocks * opts.blockSize, buffers, sessionOptions);
       const logitsBuffer = await buffers.zeros(opts.maxNumSeqs, cfg.vocabSize);
       await buffers.expectAddressable(logitsBuffer, "the logits of --max-num-seqs rows");
       const graph = buildLlamaGraph(cfg, model.weights, {
@@ -127,7 +131,7 @@ export class WebGpuRunner {
     feeds.min_p_offset = new ort.Tensor("float32", minPOffset, [S]);
 
     // ONNX Runtime runs only what the fetched outputs need: an all-greedy step skips the sampling head.
-    const greedyOnly = rows.every((r) => isPlainGreedy(r.params));
+    const greedyOnly = rows.every(isPlainGreedy);
     const logits = ort.Tensor.fromGpuBuffer(this.logitsBuffer.gpuBuffer, { dataType: "float32", dims: [S, V] });
     const fetches: Record<string, ort.Tensor | null> = { ...this.pool.fetches, argmax: null, logits_sum: null };
     if (!greedyOnly) {
@@ -171,7 +175,7 @@ export class WebGpuRunner {
       if (!Number.isFinite(rowSums[i])) {
         return { tokenId: -1, error: "the model produced non-finite logits (NaN or infinity) for this sequence" };
       }
-      return device === null ? { tokenId: Number(argmax[i]) } : sampleFromDevice(r.params, draws[i], device, i);
+      return device === null ? { tokenId: Number(argmax[i]) } : sampleFromDevice(r, draws[i], device, i);
     });
 
     // Rows only the full logits can settle: fetch just those rows and sample them as the CPU backend would.

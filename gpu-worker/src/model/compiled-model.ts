@@ -43,6 +43,8 @@ export interface CompiledModel {
   weightBytes: number;
   /** Where each packed tensor sits in weights.bin, for backends that build their own variant of the graph. */
   weights: PackedWeights;
+  /** Bytes one decode step reads: every layer's weights and the lm_head, not the embedding table (one row). */
+  decodeBytesPerToken: number;
 }
 
 export interface CompileOptions {
@@ -87,6 +89,7 @@ export function compileModel(modelDir: string, cfg: LlamaConfig, opts: CompileOp
     weightsDir: outDir,
     weightBytes: layout.bytes,
     weights: layout.refs,
+    decodeBytesPerToken: layout.decodeBytes,
   };
 }
 
@@ -185,10 +188,15 @@ function packedLayout(cfg: LlamaConfig, quantization: Quantization) {
   };
   const ropeCos = rope("cos");
   const ropeSin = rope("sin");
+  const notRead = new Set([embed.weight, ropeCos, ropeSin]);
+  let decodeBytes = 0;
+  for (const e of entries) for (const r of e.refs) if (!notRead.has(r)) decodeBytes += r.length;
+  if (lmHead.kind === "f32" && lmHead.weight === embed.weight) decodeBytes += embed.weight.length; // tied: read whole
   return {
     refs: { embed, layers, finalNorm, lmHead, ropeCos, ropeSin } satisfies PackedWeights,
     entries,
     bytes: offset,
+    decodeBytes,
   };
 }
 

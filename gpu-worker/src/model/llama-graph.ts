@@ -87,34 +87,36 @@ export interface GraphOptions {
 }
 
 /**
- * The KV pool in host memory: input `kv_cache` [2 * layers * kvHeads * slots, headDim], read-only here (ONNX Runtime
- * wraps the caller's buffer without copying). Row ((2l + kv) * kvHeads + h) * slots + slot holds head h of layer l's
- * key (kv = 0) or value (kv = 1) at that slot; slot = block * blockSize + offset. Head-major rows make a gather land
- * directly in the [kvHeads, G, P, headDim] layout attention multiplies, with no transpose. Output `new_kv`
- * [2 * layers, T, kvHeads * headDim] holds the step's keys and values, which the caller writes into the pool.
+ * The KV pool in host memory: inputs `kv_cache.{l}` [2 * kvHeads * slots, headDim] for each layer l, one array per
+ * layer (so no single array outgrows a typed array's limit), read-only here (ONNX Runtime wraps the caller's buffer
+ * without copying). Row (kv * kvHeads + h) * slots + slot holds head h's key (kv = 0) or value (kv = 1) at that
+ * slot; slot = block * blockSize + offset. Head-major rows make a gather land directly in the [kvHeads, G, P,
+ * headDim] layout attention multiplies, with no transpose. Output `new_kv` [2 * layers, T, kvHeads * headDim] holds
+ * the step's keys and values, which the caller writes into the pool.
  */
 export function hostKvCache(g: GraphBuilder, cfg: LlamaConfig): KvCacheGraph {
   const nkv = cfg.numKeyValueHeads;
   const L = cfg.numHiddenLayers;
-  const kvCache = g.input("kv_cache", DType.float, ["kv_rows", cfg.headDim]);
-  // slots = kv_rows / (2 * layers * kvHeads): the pool size is a runtime property, not baked into the graph.
-  const kvRows = g.op("Gather", [g.op("Shape", [kvCache]), g.ints([0], true)], { axis: 0 });
-  const numSlots = g.op("Div", [kvRows, g.ints([2 * L * nkv], true)]);
+  const kvCaches = Array.from({ length: L }, (_, l) => g.input(`kv_cache.${l}`, DType.float, ["kv_rows", cfg.headDim]));
+  // slots = kv_rows / (2 * kvHeads): the pool size is a runtime property, not baked into the graph.
+  const kvRows = g.op("Gather", [g.op("Shape", [kvCaches[0]]), g.ints([0], true)], { axis: 0 });
+  const numSlots = g.op("Div", [kvRows, g.ints([2 * nkv], true)]);
+  const valueRowOffset = g.op("Mul", [numSlots, g.ints([nkv], true)]); // values follow the keys
   // row offset of head h within a layer's keys or values: h * slots, as [nkv, 1, 1] to broadcast over [G, P]
   const headOffsets = g.op("Mul", [g.ints(Array.from({ length: nkv }, (_, h) => h)), numSlots]);
   const headOffsets3 = g.op("Reshape", [headOffsets, g.ints([nkv, 1, 1])]);
-  // rows of the past keys of layer 0, head-major [nkv, G, P], per group; each layer adds its base row
-  const pastRows = new Map<string, string>();
+  // rows of the past keys and values in every layer's array, head-major [nkv, G, P], per group
+  const pastRows = new Map<string, [string, string]>();
   const newKv: string[] = [];
   return {
     readPast(layer, kv, pastSlots) {
       let rows = pastRows.get(pastSlots);
       if (rows === undefined) {
-        rows = g.op("Add", [headOffsets3, pastSlots]);
+        const keyRows = g.op("Add", [headOffsets3, pastSlots]);
+        rows = [keyRows, g.op("Add", [keyRows, valueRowOffset])];
         pastRows.set(pastSlots, rows);
       }
-      const base = g.op("Mul", [numSlots, g.ints([(2 * layer + kv) * nkv], true)]); // first row of this layer's k/v
-      return g.op("Gather", [kvCache, g.op("Add", [rows, base])], { axis: 0 });
+      return g.op("Gather", [kvCaches[layer], rows[kv]], { axis: 0 });
     },
     write(_layer, k, v) {
       newKv.push(k, v);

@@ -18,6 +18,15 @@
 export type Quantization = "none" | "int8" | "int4";
 export const QUANTIZATIONS: readonly Quantization[] = ["none", "int8", "int4"];
 
+/** `--quantization`'s value, checked; `what` names the flag or variable in the error. */
+export function parseQuantization(value: string | undefined, what = "--quantization"): Quantization {
+  if (value === undefined || value === "") return "none";
+  if (!(QUANTIZATIONS as readonly string[]).includes(value)) {
+    throw new RangeError(`${what} must be one of ${QUANTIZATIONS.join(", ")}, got "${value}"`);
+  }
+  return value as Quantization;
+}
+
 /** llama.cpp's Q4_0/Q8_0 block size; MatMulNBits' measured fast paths here are at 32 (issue 9). */
 export const QUANT_BLOCK_SIZE = 32;
 
