@@ -15,7 +15,7 @@ import type { Quantization } from "../src/model/quantize.ts";
 import { PUBLISHED_SHAPES, writeRandomLlama } from "../src/model/random-model.ts";
 import { ParamsProgress } from "../src/random-model-command.ts";
 import { allLogits, compare } from "../test/quantized-quality.ts";
-import { decodeThroughput, log, quick, record, threads } from "./harness.ts";
+import { backend, decodeThroughput, log, quick, record, threads } from "./harness.ts";
 
 const FORMATS: Quantization[] = ["none", "int8", "int4"];
 /** llama.cpp `llama-bench tg128` on this machine kind, 2 threads, same random bench-shape weights (issue 9). */
@@ -33,7 +33,7 @@ export async function weightFormatTable(): Promise<void> {
   log("| weights | 1 stream | 32 streams | llama.cpp, 1 stream (issue 9's figure, same machine kind) |");
   log("|---|---:|---:|---:|");
   for (const q of FORMATS) {
-    const engine = await LLMEngine.create({ modelDir: dir, maxNumSeqs: 32, quantization: q, numThreads: threads });
+    const engine = await LLMEngine.create({ modelDir: dir, maxNumSeqs: 32, quantization: q, ...backend });
     await decodeThroughput(engine, 2, 4);
     const one = await decodeThroughput(engine, 1, quick ? 24 : 64);
     const many = await decodeThroughput(engine, 32, quick ? 16 : 48);

@@ -50,6 +50,8 @@ export class WebGpuRunner {
   readonly numSlots: number;
   /** Host↔device bytes of the last step, block copies before it included. */
   lastStepTransfer: StepTransfer = { hostToDevice: 0, deviceToHost: 0 };
+  /** The same, summed over every step so far. */
+  readonly totalTransfer = { steps: 0, hostToDevice: 0, deviceToHost: 0 };
   private copiedBytes = 0;
 
   private constructor(
@@ -196,6 +198,9 @@ export class WebGpuRunner {
         tokens[i] = sampled[j];
       });
     }
+    this.totalTransfer.steps++;
+    this.totalTransfer.hostToDevice += this.lastStepTransfer.hostToDevice;
+    this.totalTransfer.deviceToHost += this.lastStepTransfer.deviceToHost;
     return tokens as (SampledToken | SamplingFailure)[];
   }
 
