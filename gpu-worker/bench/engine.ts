@@ -1,5 +1,6 @@
 /**
- * `npm run bench:engine [-- --quick] [-- --json]`: offline engine benchmarks on the generated models.
+ * `npm run bench:engine [-- --quick] [-- --json] [-- --device cpu|cuda|webgpu] [-- --only <section>]`: offline
+ * engine benchmarks on the generated models.
  * Prints a table; with --json the last line is one JSON object holding every figure (names in the README).
  * Ratios are measured within one run, since absolute numbers move with whatever else the machine does.
  */
@@ -24,6 +25,7 @@ import {
   device,
   json,
   log,
+  only,
   percentile,
   promptOf,
   quick,
@@ -444,22 +446,29 @@ results.machine = `${cpus().length}x ${cpus()[0]?.model ?? "cpu"}`;
 results.device = device;
 results.threads = threads;
 results.mode = quick ? "quick" : "full";
-await throughputTable("default", quick ? [1, 8, 32] : [1, 8, 32, 64], quick ? 24 : 64);
-await throughputTable("bench", quick ? [1, 32] : [1, 8, 32, 64], quick ? 16 : 48);
-await weightFormatTable();
 // quantization quality and the memory-bandwidth roofline are properties of the CPU provider
-const cpuOnly = (name: string) => log(`\n(${name}: CPU provider only, skipped on ${device})`);
-if (device === "cpu") await qualityRows();
-else cpuOnly("quantized quality");
-await ttftUnderLoad();
-await samplingCost();
-await mixedWorkload();
-await poolSizeIndependence();
-await kvMemory();
-await prefixTtft();
-if (device === "cpu") await bandwidthUtilisation();
-else cpuOnly("decode vs memory bandwidth");
-if (device !== "cpu") cpuOnly("llama2-7b rows");
-else if (big) await bigModelRows();
-else log("\n(llama2-7b rows skipped: run with --big; they generate a 13 GB random checkpoint once)");
+const cpuOnly = (name: string, run: () => Promise<void>) => async () => {
+  if (device === "cpu") await run();
+  else log(`\n(${name}: CPU provider only, skipped on ${device})`);
+};
+/** Sections in run order; `--only <name>` (repeatable) runs just those. */
+const SECTIONS: Record<string, () => Promise<void>> = {
+  "throughput-default": () => throughputTable("default", quick ? [1, 8, 32] : [1, 8, 32, 64], quick ? 24 : 64),
+  "throughput-bench": () => throughputTable("bench", quick ? [1, 32] : [1, 8, 32, 64], quick ? 16 : 48),
+  "weight-formats": weightFormatTable,
+  quality: cpuOnly("quantized quality", qualityRows),
+  "ttft-load": ttftUnderLoad,
+  sampling: samplingCost,
+  mixed: mixedWorkload,
+  pool: poolSizeIndependence,
+  "kv-memory": kvMemory,
+  prefix: prefixTtft,
+  bandwidth: cpuOnly("decode vs memory bandwidth", bandwidthUtilisation),
+  big: cpuOnly("llama2-7b rows", async () => {
+    if (big) await bigModelRows();
+    else log("\n(llama2-7b rows skipped: run with --big; they generate a 13 GB random checkpoint once)");
+  }),
+};
+for (const name of only ?? []) if (!(name in SECTIONS)) throw new Error(`--only: no section "${name}"`);
+for (const [name, run] of Object.entries(SECTIONS)) if (!only || only.includes(name)) await run();
 if (json) log(JSON.stringify(results));

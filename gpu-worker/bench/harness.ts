@@ -17,6 +17,7 @@ const { values: args } = parseArgs({
     threads: { type: "string" },
     big: { type: "boolean" },
     device: { type: "string" },
+    only: { type: "string", multiple: true },
   },
   allowPositionals: true, // big-model-child.ts passes its own
 });
@@ -33,6 +34,9 @@ export const device = (args.device ?? "cpu") as Device;
 if (!isDevice(device)) throw new Error(`--device must be one of ${DEVICES.join(", ")}, got ${device}`);
 /** Options every engine of the run shares. */
 export const backend = { numThreads: threads, executionProvider: device } as const;
+
+/** `--only <section>` (repeatable): the sections to run (names in bench/engine.ts); all when absent. */
+export const only = args.only;
 
 export const results: Record<string, number | string> = {};
 export const log = (line: string) => process.stdout.write(`${line}\n`);
