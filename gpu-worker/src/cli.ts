@@ -33,7 +33,8 @@ generate options:
   --max-num-seqs <n>  --max-num-batched-tokens <n>  --block-size <n>  --kv-cache-bytes <n>
   --no-prefix-caching        Disable automatic prefix caching
   --device <cpu|cuda|webgpu> Where the model runs (default cpu; webgpu keeps weights and KV cache on the GPU)
-  --quantization <q>         Weight format: none (f32), int8 or int4 (default none; env LLAMA_QUANTIZATION)
+  --quantization <q>         Weights: none (f32), f16, int8 or int4 (default f16 on webgpu where
+                             the GPU runs it, else none; env LLAMA_QUANTIZATION)
   --threads <n>              ONNX Runtime intra-op threads (default: every core; env LLAMA_THREADS)
 `;
 

@@ -7,7 +7,7 @@ import { IncrementalDetokenizer } from "./detokenizer.ts";
 import { type Device, DeviceError } from "./device.ts";
 import { GrammarCache, type GrammarSpec, type SequenceGrammar } from "./grammar.ts";
 import { KVCacheManager } from "./kv-cache-manager.ts";
-import { createModelBackend, kvBytesPerToken, type ModelBackend } from "./model-backend.ts";
+import { createModelBackend, defaultWeightFormat, kvBytesPerToken, type ModelBackend } from "./model-backend.ts";
 import { finishReasonOf, isFinished, Request, RequestStatus } from "./request.ts";
 import type { SampledToken, SamplingFailure, SamplingRow } from "./sampler.ts";
 import { validateSamplingParams } from "./sampling-params.ts";
@@ -36,7 +36,7 @@ export interface EngineOptions {
   maxModelLen?: number;
   /** Where the model runs (see model-backend.ts). Default cpu. */
   executionProvider?: Device;
-  /** Weight format the checkpoint is compiled to; default "none" (f32). */
+  /** Weight format the checkpoint is compiled to; default: f16 on webgpu where the adapter runs shader-f16, else f32. */
   quantization?: Quantization;
   /** ONNX Runtime intra-op threads; default every core (its own default picks one core on some VMs). */
   numThreads?: number;
@@ -128,7 +128,7 @@ export class LLMEngine {
     const device = opts.executionProvider ?? "cpu";
     const bytesPerBlock = kvBytesPerToken(cfg, device) * blockSize;
     const compiled = compileModel(opts.modelDir, cfg, {
-      quantization: opts.quantization,
+      quantization: opts.quantization ?? (await defaultWeightFormat(device)),
       onProgress: opts.onProgress && ((d, t) => opts.onProgress?.("compile", d, t)),
     });
     // The pool is sized once the weights are in memory, from what is left then.

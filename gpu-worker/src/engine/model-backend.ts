@@ -12,6 +12,7 @@
  */
 import type { CompiledModel } from "../model/compiled-model.ts";
 import type { LlamaConfig } from "../model/config.ts";
+import type { Quantization } from "../model/quantize.ts";
 import type { Device } from "./device.ts";
 import { ModelRunner } from "./model-runner.ts";
 import type { SampledToken, SamplingFailure, SamplingRow } from "./sampler.ts";
@@ -40,6 +41,11 @@ export interface BackendOptions {
   /** CPU provider: intra-op threads and spinning (see ModelRunnerOptions). */
   numThreads?: number;
   allowSpinning?: boolean;
+}
+
+/** The weight format when none is asked for: f16 on webgpu where the adapter runs shader-f16, else f32. */
+export async function defaultWeightFormat(device: Device): Promise<Quantization> {
+  return device === "webgpu" && (await WebGpuRunner.supportsF16()) ? "f16" : "none";
 }
 
 /** Bytes of KV cache per token (all layers, keys and values) on `device`. */

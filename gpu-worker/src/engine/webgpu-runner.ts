@@ -73,6 +73,31 @@ export class WebGpuRunner {
     return 2 * cfg.numHiddenLayers * cfg.numKeyValueHeads * cfg.headDim * 4;
   }
 
+  /**
+   * Whether the adapter multiplies in f16 (WebGPU's shader-f16 feature): an f16 MatMul with the CPU fallback
+   * disabled, checked against its known result. False when there is no usable adapter at all (create() says why).
+   */
+  static async supportsF16(): Promise<boolean> {
+    const g = new GraphBuilder();
+    const x = g.input("x", DType.float, [1, 4]);
+    const w = g.op("Cast", [g.op("Expand", [g.float(0.5), g.ints([4, 4])])], { to: DType.float16 });
+    g.op("Cast", [g.op("MatMul", [g.op("Cast", [x], { to: DType.float16 }), w])], { to: DType.float }, "y");
+    g.output("y", DType.float, [1, 4]);
+    try {
+      const probe = await ort.InferenceSession.create(g.build("f16_probe"), {
+        executionProviders: ["webgpu"],
+        logSeverityLevel: 4,
+        graphOptimizationLevel: "disabled", // keep the f16 MatMul a device op, not a folded constant
+        extra: { session: { disable_cpu_ep_fallback: "1" } },
+      });
+      const out = await probe.run({ x: new ort.Tensor("float32", Float32Array.from([1, 2, 3, 4]), [1, 4]) });
+      await probe.release();
+      return (out.y.data as Float32Array).every((v) => v === 5);
+    } catch {
+      return false;
+    }
+  }
+
   /** @throws DeviceError with a one-line reason when the device cannot be used. */
   static async create(model: CompiledModel, cfg: LlamaConfig, opts: WebGpuRunnerOptions): Promise<WebGpuRunner> {
     // Every op of the graph has a WebGPU kernel; ONNX Runtime still puts the small shape computations (Shape,
@@ -224,7 +249,7 @@ function pickRowsGraph(vocabSize: number): Uint8Array {
 
 /** Bytes of the biggest weight tensor the device must bind whole. */
 function largestTensorBytes(w: PackedWeights): number {
-  const linear = (lw: LinearWeight) => (lw.kind === "f32" ? lw.weight.length : lw.data.length);
+  const linear = (lw: LinearWeight) => (lw.kind === "nbits" ? lw.data.length : lw.weight.length);
   let n = Math.max(w.embed.weight.length, linear(w.lmHead));
   for (const l of w.layers) n = Math.max(n, linear(l.wqkv), linear(l.wo), linear(l.wgateUp), linear(l.wdown));
   return n;

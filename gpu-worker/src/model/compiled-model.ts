@@ -139,6 +139,7 @@ function packedLayout(cfg: LlamaConfig, quantization: Quantization) {
   };
   /** A linear layer [n, k] from the concatenation of `names` along n. */
   const linear = (names: string[], n: number, k: number): LinearWeight => {
+    if (quantization === "f16") return { kind: "f16", weight: floatTensor(names, n * k, "f16") };
     if (bits === null) return { kind: "f32", weight: floatTensor(names, n * k) };
     const row = quantizedRowBytes(k, bits, QUANT_BLOCK_SIZE);
     const data = region(n * row.data);
@@ -153,7 +154,7 @@ function packedLayout(cfg: LlamaConfig, quantization: Quantization) {
   };
 
   const embed: EmbeddingWeight =
-    bits === null
+    quantization === "none"
       ? { dtype: "f32", weight: floatTensor(["model.embed_tokens.weight"], cfg.vocabSize * H) }
       : { dtype: "f16", weight: floatTensor(["model.embed_tokens.weight"], cfg.vocabSize * H, "f16") };
   const layers: PackedWeights["layers"] = [];
@@ -175,11 +176,11 @@ function packedLayout(cfg: LlamaConfig, quantization: Quantization) {
     });
   }
   const finalNorm = floatTensor(["model.norm.weight"], H);
-  // Tied f32 models share the embedding's bytes; a quantized lm_head is its own copy (the embedding is f16).
+  // Tied f32 and f16 models share the embedding's bytes; a quantized lm_head is its own copy (the embedding is f16).
   const headName = cfg.tieWordEmbeddings ? "model.embed_tokens.weight" : "lm_head.weight";
   const lmHead: LinearWeight =
     bits === null && cfg.tieWordEmbeddings
-      ? { kind: "f32", weight: embed.weight }
+      ? { kind: embed.dtype, weight: embed.weight }
       : linear([headName], cfg.vocabSize, H);
   const rope = (table: "cos" | "sin") => {
     const ref = region(cfg.maxPositionEmbeddings * hd * 4);
@@ -191,7 +192,7 @@ function packedLayout(cfg: LlamaConfig, quantization: Quantization) {
   const notRead = new Set([embed.weight, ropeCos, ropeSin]);
   let decodeBytes = 0;
   for (const e of entries) for (const r of e.refs) if (!notRead.has(r)) decodeBytes += r.length;
-  if (lmHead.kind === "f32" && lmHead.weight === embed.weight) decodeBytes += embed.weight.length; // tied: read whole
+  if (lmHead.kind !== "nbits" && lmHead.weight === embed.weight) decodeBytes += embed.weight.length; // tied: read whole
   return {
     refs: { embed, layers, finalNorm, lmHead, ropeCos, ropeSin } satisfies PackedWeights,
     entries,

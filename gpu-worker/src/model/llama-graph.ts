@@ -4,6 +4,8 @@ import { DType, type ExternalRef, GraphBuilder } from "./onnx-builder.ts";
 /** A linear layer's weight [out, in]: f32 for Gemm(transB=1), or block-quantized for MatMulNBits. */
 export type LinearWeight =
   | { kind: "f32"; weight: ExternalRef }
+  /** [out, in] f16: multiplied in f16 (activations cast in and out), half the bytes of f32 */
+  | { kind: "f16"; weight: ExternalRef }
   | {
       kind: "nbits";
       bits: 4 | 8;
@@ -223,10 +225,25 @@ export function buildLlamaGraph(cfg: LlamaConfig, w: PackedWeights, opts: GraphO
   };
   const rmsNorm = (x: string, weight: string): string =>
     g.op("RMSNormalization", [x, weight], { axis: -1, epsilon: { float: cfg.rmsNormEps } });
-  /** x [rows, inFeatures] times the weight's transpose: [rows, outFeatures]. */
-  const linear = (x: string, name: string, lw: LinearWeight, out: number, inFeatures: number, output?: string) => {
+  /** x [rows, inFeatures] times the weight's transpose: [rows, outFeatures]. `initializer`: an existing one. */
+  const linear = (
+    x: string,
+    name: string,
+    lw: LinearWeight,
+    out: number,
+    inFeatures: number,
+    output?: string,
+    initializer?: string,
+  ) => {
     if (lw.kind === "f32") {
-      return g.op("Gemm", [x, g.external(name, f32, [out, inFeatures], lw.weight)], { transB: 1 }, output);
+      const weight = initializer ?? g.external(name, f32, [out, inFeatures], lw.weight);
+      return g.op("Gemm", [x, weight], { transB: 1 }, output);
+    }
+    if (lw.kind === "f16") {
+      // the transpose of an initializer is folded once at load; the product runs in f16
+      const weight = initializer ?? g.external(name, DType.float16, [out, inFeatures], lw.weight);
+      const x16 = g.op("Cast", [x], { to: DType.float16 });
+      return g.op("Cast", [g.op("MatMul", [x16, g.op("Transpose", [weight])])], { to: f32 }, output);
     }
     const blocks = Math.ceil(inFeatures / lw.blockSize);
     const inputs = [
@@ -306,11 +323,17 @@ export function buildLlamaGraph(cfg: LlamaConfig, w: PackedWeights, opts: GraphO
   // Only the rows that are sampled go through the final norm and the (large) vocabulary projection.
   const finalNorm = g.external("norm", f32, [H], w.finalNorm);
   const last = g.op("Gather", [x, logitsIndex], { axis: 0 });
-  // A tied f32 head reads the embedding's initializer itself (one copy of the table in memory).
-  const tiedF32 = w.lmHead.kind === "f32" && w.lmHead.weight === w.embed.weight;
-  const logits = tiedF32
-    ? g.op("Gemm", [rmsNorm(last, finalNorm), embed], { transB: 1 }, "logits")
-    : linear(rmsNorm(last, finalNorm), "lm_head", w.lmHead, cfg.vocabSize, H, "logits");
+  // A tied f32 or f16 head reads the embedding's initializer itself (one copy of the table in memory).
+  const tied = w.lmHead.kind !== "nbits" && w.lmHead.weight === w.embed.weight;
+  const logits = linear(
+    rmsNorm(last, finalNorm),
+    "lm_head",
+    w.lmHead,
+    cfg.vocabSize,
+    H,
+    "logits",
+    tied ? embed : undefined,
+  );
   g.output("logits", f32, ["S", cfg.vocabSize]);
   g.op("ArgMax", [logits], { axis: 1, keepdims: 0 }, "argmax"); // greedy tokens (first index on ties)
   g.output("argmax", DType.int64, ["S"]);

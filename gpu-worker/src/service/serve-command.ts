@@ -38,7 +38,8 @@ shown; the flag wins.
   --no-prefix-caching           LLAMA_NO_PREFIX_CACHING=1
   --device <cpu|cuda|webgpu>    LLAMA_DEVICE            Where the model runs (default cpu). On GPU hosts use
                                                         webgpu: weights and KV cache stay on the GPU (Vulkan)
-  --quantization <q>            LLAMA_QUANTIZATION      Weight format: none (f32), int8 or int4 (default none)
+  --quantization <q>            LLAMA_QUANTIZATION      Weights: none (f32), f16, int8 or int4 (default:
+                                                        f16 on webgpu where the GPU runs it, else none)
   --threads <n>                 LLAMA_THREADS           ONNX Runtime intra-op threads (default: every core,
                                                         os.availableParallelism())
   --kv-free-watermark <f>       LLAMA_KV_FREE_WATERMARK Pull only while this fraction of KV blocks is free
@@ -108,7 +109,7 @@ function readOptions(argv: string[]) {
   if (!isValidPoolName(pool)) throw new UsageError(`--pool: "${pool}" is not a valid pool name ([a-z0-9-]+)`);
   const device = str("device") ?? "cpu";
   if (!isDevice(device)) throw new UsageError(`--device must be one of ${DEVICES.join(", ")}, got "${device}"`);
-  let quantization: Quantization;
+  let quantization: Quantization | undefined;
   try {
     quantization = parseQuantization(str("quantization"));
   } catch (e) {
