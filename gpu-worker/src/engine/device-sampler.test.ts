@@ -1,7 +1,7 @@
 import * as ort from "onnxruntime-node";
 import { beforeAll, describe, expect, it } from "vitest";
 import { DType, GraphBuilder } from "../model/onnx-builder.ts";
-import { deviceSamplingHead, NO_MIN_P, NUM_CANDIDATES } from "../model/sampling-head.ts";
+import { buildSamplingHead, NO_MIN_P, NUM_CANDIDATES } from "../model/sampling-head.ts";
 import { type DeviceSamplingOutputs, sampleFromDevice } from "./device-sampler.ts";
 import { type SampledToken, type SamplingFailure, sampleBatch } from "./sampler.ts";
 import { validateSamplingParams } from "./sampling-params.ts";
@@ -10,18 +10,19 @@ import type { SamplingParams } from "./types.ts";
 
 const V = 1000;
 
-/** The sampling head alone over given logits, as the device graph ends (run here on the CPU provider). */
+/** The sampling head (run here on the CPU provider), and the softmax the CPU backend hands sampler.ts. */
 let head: ort.InferenceSession;
+let softmax: ort.InferenceSession;
 beforeAll(async () => {
+  head = await ort.InferenceSession.create(buildSamplingHead(V));
   const g = new GraphBuilder();
   const logits = g.input("logits", DType.float, ["S", V]);
   const invT = g.input("inv_temperature", DType.float, ["S"]);
-  const probs = g.op("Softmax", [g.op("Mul", [logits, g.op("Unsqueeze", [invT, g.ints([1])])])], { axis: -1 }, "probs");
+  g.op("Softmax", [g.op("Mul", [logits, g.op("Unsqueeze", [invT, g.ints([1])])])], { axis: -1 }, "probs");
   g.output("probs", DType.float, ["S", V]);
   g.op("ArgMax", [logits], { axis: 1, keepdims: 0 }, "argmax");
   g.output("argmax", DType.int64, ["S"]);
-  deviceSamplingHead(g, { logits, probs, vocabSize: V });
-  head = await ort.InferenceSession.create(g.build("head"));
+  softmax = await ort.InferenceSession.create(g.build("probs"));
 });
 
 /** Random logits: peaked rows (a few tokens hold most mass) and flat ones, with exact ties sprinkled in. */
@@ -42,14 +43,17 @@ async function viaDevice(logits: Float32Array, params: SamplingParams[], draws: 
   const minP = Float32Array.from(params, (p) =>
     p.minP > 0 && p.temperature > 0 ? p.temperature * Math.log(p.minP) : NO_MIN_P,
   );
+  const logitsT = new ort.Tensor("float32", logits, [S, V]);
+  const invT = new ort.Tensor("float32", inv, [S]);
   const out = await head.run({
-    logits: new ort.Tensor("float32", logits, [S, V]),
-    inv_temperature: new ort.Tensor("float32", inv, [S]),
+    logits: logitsT,
+    inv_temperature: invT,
     uniform: new ort.Tensor("float32", Float32Array.from(draws), [S]),
     min_p_offset: new ort.Tensor("float32", minP, [S]),
   });
+  const host = await softmax.run({ logits: logitsT, inv_temperature: invT });
   const device: DeviceSamplingOutputs = {
-    argmax: out.argmax.data as BigInt64Array,
+    argmax: host.argmax.data as BigInt64Array,
     candIds: out.cand_ids.data as BigInt64Array,
     candLogits: out.cand_logits.data as Float32Array,
     candProbs: out.cand_probs.data as Float32Array,
@@ -68,7 +72,7 @@ async function viaDevice(logits: Float32Array, params: SamplingParams[], draws: 
     const row = logits.slice(i * V, (i + 1) * V);
     return sampleBatch(row, V, [{ params: p, rng: null, u: draws[i], promptTokenIds: [], outputTokenIds: [7] }])[0];
   });
-  return { tokens, onHost, probs: out.probs.data as Float32Array, argmax: device.argmax };
+  return { tokens, onHost, probs: host.probs.data as Float32Array, argmax: device.argmax };
 }
 
 function expectSame(got: (SampledToken | SamplingFailure)[], want: (SampledToken | SamplingFailure)[]) {

@@ -17,7 +17,7 @@ import type { LlamaConfig } from "../model/config.ts";
 import { deviceKvCache } from "../model/device-kv-cache.ts";
 import { buildLlamaGraph, type LinearWeight, type PackedWeights } from "../model/llama-graph.ts";
 import { DType, GraphBuilder } from "../model/onnx-builder.ts";
-import { deviceSamplingHead, NO_MIN_P, NUM_CANDIDATES } from "../model/sampling-head.ts";
+import { buildSamplingHead, NO_MIN_P, NUM_CANDIDATES } from "../model/sampling-head.ts";
 import { DeviceError } from "./device.ts";
 import { DeviceBuffers } from "./device-buffers.ts";
 import { DeviceKvPool } from "./device-kv-pool.ts";
@@ -39,9 +39,6 @@ export interface WebGpuRunnerOptions {
   maxNumSeqs: number;
 }
 
-/** The sampling head's outputs (see model/sampling-head.ts). */
-const SAMPLING_OUTPUTS = ["cand_ids", "cand_logits", "cand_probs", "lse", "kept_mass", "draw", "draw_logit"];
-
 /** Largest f32 strictly below 1: a draw must stay below the total mass it scales. */
 const MAX_UNIFORM = 1 - 2 ** -24;
 
@@ -59,6 +56,8 @@ export class WebGpuRunner {
     private readonly pool: DeviceKvPool,
     /** [maxNumSeqs, vocab] on the device: each step's logits, for rows sampled on the host. */
     private readonly logitsBuffer: ort.Tensor,
+    /** The sampling head (model/sampling-head.ts), run on the logits buffer in steps where a row samples. */
+    private readonly head: ort.InferenceSession,
     private readonly pickRows: ort.InferenceSession,
     private readonly buffers: DeviceBuffers,
     readonly cfg: LlamaConfig,
@@ -118,14 +117,11 @@ export class WebGpuRunner {
       const pool = await DeviceKvPool.create(cfg, numBlocks * opts.blockSize, buffers, sessionOptions);
       const logitsBuffer = await buffers.zeros(opts.maxNumSeqs, cfg.vocabSize);
       await buffers.expectAddressable(logitsBuffer, "the logits of --max-num-seqs rows");
-      const graph = buildLlamaGraph(cfg, model.weights, {
-        kvCache: deviceKvCache(),
-        fusedMatMul: false,
-        samplingHead: deviceSamplingHead,
-      });
+      const graph = buildLlamaGraph(cfg, model.weights, { kvCache: deviceKvCache(), fusedMatMul: false, probs: false });
       const session = await ort.InferenceSession.create(graph, sessionOptions);
+      const head = await ort.InferenceSession.create(buildSamplingHead(cfg.vocabSize), sessionOptions);
       const pickRows = await ort.InferenceSession.create(pickRowsGraph(cfg.vocabSize), sessionOptions);
-      return new WebGpuRunner(session, pool, logitsBuffer, pickRows, buffers, cfg, opts);
+      return new WebGpuRunner(session, pool, logitsBuffer, head, pickRows, buffers, cfg, opts);
     } catch (e) {
       throw asDeviceError(e);
     }
@@ -143,61 +139,59 @@ export class WebGpuRunner {
     const draws = rows.map((r) => (r.rng === null ? Math.random() : r.rng.next()));
     const feeds = inputs.feeds;
     feeds.new_slots = new ort.Tensor("int64", inputs.newSlots, [inputs.numTokens, 1]);
-    const inv = new Float32Array(S).fill(1);
-    const minPOffset = new Float32Array(S).fill(NO_MIN_P);
-    rows.forEach(({ params: p }, i) => {
-      if (p.temperature > 0) inv[i] = 1 / p.temperature;
-      if (p.minP > 0 && p.temperature > 0) minPOffset[i] = p.temperature * Math.log(p.minP);
-    });
-    feeds.inv_temperature = new ort.Tensor("float32", inv, [S]);
-    feeds.uniform = new ort.Tensor(
-      "float32",
-      Float32Array.from(draws, (u) => Math.min(u, MAX_UNIFORM)),
-      [S],
-    );
-    feeds.min_p_offset = new ort.Tensor("float32", minPOffset, [S]);
-
-    // ONNX Runtime runs only what the fetched outputs need: an all-greedy step skips the sampling head.
-    const greedyOnly = rows.every(isPlainGreedy);
+    // The step's logits land in the device buffer (bound in place); only the argmax and row sums come back.
     const logits = ort.Tensor.fromGpuBuffer(this.logitsBuffer.gpuBuffer, { dataType: "float32", dims: [S, V] });
     const fetches: Record<string, ort.Tensor | null> = { ...this.pool.fetches, argmax: null, logits_sum: null };
-    if (!greedyOnly) {
-      for (const name of SAMPLING_OUTPUTS) fetches[name] = null;
-      fetches.logits = logits;
-    }
+    if (S > 0) fetches.logits = logits; // (a step of prefill chunks alone has no row)
     let out: ort.InferenceSession.ReturnType;
+    let sampled: ort.InferenceSession.ReturnType | null = null;
+    const headFeeds: Record<string, ort.Tensor> = {};
     try {
       out = await this.session.run({ ...feeds, ...this.pool.feeds }, fetches);
+      if (S > 0 && !rows.every(isPlainGreedy)) {
+        const inv = new Float32Array(S).fill(1);
+        const minPOffset = new Float32Array(S).fill(NO_MIN_P);
+        rows.forEach(({ params: p }, i) => {
+          if (p.temperature > 0) inv[i] = 1 / p.temperature;
+          if (p.minP > 0 && p.temperature > 0) minPOffset[i] = p.temperature * Math.log(p.minP);
+        });
+        headFeeds.inv_temperature = new ort.Tensor("float32", inv, [S]);
+        headFeeds.uniform = new ort.Tensor(
+          "float32",
+          Float32Array.from(draws, (u) => Math.min(u, MAX_UNIFORM)),
+          [S],
+        );
+        headFeeds.min_p_offset = new ort.Tensor("float32", minPOffset, [S]);
+        sampled = await this.head.run({ ...headFeeds, logits });
+      }
     } catch (e) {
       throw asDeviceError(e);
     }
-    const downloaded: ort.Tensor[] = [];
-    for (const [name, t] of Object.entries(out)) {
-      if (t.location === "cpu") downloaded.push(t);
-      else if (fetches[name] !== null) t.dispose(); // wrappers of our own buffers
-    }
+    for (const name of Object.keys(fetches)) if (fetches[name] !== null) out[name].dispose(); // our buffers' wrappers
+    const downloaded = [out.argmax, out.logits_sum, ...(sampled ? Object.values(sampled) : [])];
     this.lastStepTransfer = {
-      hostToDevice: this.copiedBytes + hostBytes(Object.values(feeds)),
+      hostToDevice: this.copiedBytes + hostBytes([...Object.values(feeds), ...Object.values(headFeeds)]),
       deviceToHost: hostBytes(downloaded),
     };
     this.copiedBytes = 0;
 
     const argmax = out.argmax.data as BigInt64Array;
     const rowSums = out.logits_sum.data as Float32Array;
-    const device: DeviceSamplingOutputs | null = greedyOnly
-      ? null
-      : {
-          argmax,
-          candIds: out.cand_ids.data as BigInt64Array,
-          candLogits: out.cand_logits.data as Float32Array,
-          candProbs: out.cand_probs.data as Float32Array,
-          lse: out.lse.data as Float32Array,
-          keptMass: out.kept_mass.data as Float32Array,
-          draw: out.draw.data as BigInt64Array,
-          drawLogit: out.draw_logit.data as Float32Array,
-          k: Math.min(NUM_CANDIDATES, V),
-          vocabSize: V,
-        };
+    const device: DeviceSamplingOutputs | null =
+      sampled === null
+        ? null
+        : {
+            argmax,
+            candIds: sampled.cand_ids.data as BigInt64Array,
+            candLogits: sampled.cand_logits.data as Float32Array,
+            candProbs: sampled.cand_probs.data as Float32Array,
+            lse: sampled.lse.data as Float32Array,
+            keptMass: sampled.kept_mass.data as Float32Array,
+            draw: sampled.draw.data as BigInt64Array,
+            drawLogit: sampled.draw_logit.data as Float32Array,
+            k: Math.min(NUM_CANDIDATES, V),
+            vocabSize: V,
+          };
     const tokens: (SampledToken | SamplingFailure | null)[] = rows.map((r, i) => {
       if (!Number.isFinite(rowSums[i])) {
         return { tokenId: -1, error: "the model produced non-finite logits (NaN or infinity) for this sequence" };
@@ -231,6 +225,7 @@ export class WebGpuRunner {
 
   async release(): Promise<void> {
     await this.session.release();
+    await this.head.release();
     await this.pickRows.release();
     await this.pool.release();
     this.logitsBuffer.dispose();

@@ -84,8 +84,11 @@ export interface GraphOptions {
   kvCache?: (g: GraphBuilder, cfg: LlamaConfig) => KvCacheGraph;
   /** Use com.microsoft FusedMatMul for q·kᵀ (default true; the WebGPU provider lacks it). */
   fusedMatMul?: boolean;
-  /** More outputs computed from `logits` [S, vocab] and `probs` (the device sampler's, see sampling-head.ts). */
-  samplingHead?: (g: GraphBuilder, values: { logits: string; probs: string; vocabSize: number }) => void;
+  /**
+   * Compute `probs` (and take `inv_temperature`); default true. ONNX Runtime runs every node of the graph whatever
+   * the run fetches, so a backend that samples elsewhere (model/sampling-head.ts) leaves it out.
+   */
+  probs?: boolean;
 }
 
 /**
@@ -200,7 +203,6 @@ export function buildLlamaGraph(cfg: LlamaConfig, w: PackedWeights, opts: GraphO
   });
   const outputIndex = g.input("output_index", i64, ["T"]);
   const logitsIndex = g.input("logits_index", i64, ["S"]);
-  const invTemperature = g.input("inv_temperature", f32, ["S"]);
 
   // Weights
   const embed = g.external(
@@ -340,10 +342,12 @@ export function buildLlamaGraph(cfg: LlamaConfig, w: PackedWeights, opts: GraphO
   // not finite iff the row holds a NaN or an infinity: lets the sampler fail just that row without scanning it
   g.op("ReduceSum", [logits, g.ints([1])], { keepdims: 0 }, "logits_sum");
   g.output("logits_sum", f32, ["S"]);
-  const scaled = g.op("Mul", [logits, g.op("Unsqueeze", [invTemperature, g.ints([1])])]);
-  const probs = g.op("Softmax", [scaled], { axis: -1 }, "probs");
-  g.output("probs", f32, ["S", cfg.vocabSize]);
-  opts.samplingHead?.(g, { logits, probs, vocabSize: cfg.vocabSize });
+  if (opts.probs !== false) {
+    const invTemperature = g.input("inv_temperature", f32, ["S"]);
+    const scaled = g.op("Mul", [logits, g.op("Unsqueeze", [invTemperature, g.ints([1])])]);
+    g.op("Softmax", [scaled], { axis: -1 }, "probs");
+    g.output("probs", f32, ["S", cfg.vocabSize]);
+  }
 
   kvCache.finish();
   return g.build("llama");
