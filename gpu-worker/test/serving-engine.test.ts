@@ -14,6 +14,7 @@ import type { EngineEvent, FinishReason, SamplingParams } from "../src/engine/ty
 import { loadLlamaConfig } from "../src/model/config.ts";
 import { ensureDefaultModel } from "../src/model/default-model.ts";
 import { writeRandomLlama } from "../src/model/random-model.ts";
+import { writeGqaModel } from "./gqa-model.ts";
 
 interface Result {
   tokenIds: number[];
@@ -57,27 +58,14 @@ const BACKENDS: { device: Device; numPrompts: number; maxTokens: number; model: 
   { device: "webgpu", numPrompts: 4, maxTokens: 8, model: async () => smallGqaModel() },
 ];
 
-const tmpDirs: string[] = [];
+const removals: (() => void)[] = [];
 afterAll(() => {
-  for (const d of tmpDirs) rmSync(d, { recursive: true, force: true });
+  for (const remove of removals) remove();
 });
 
 function smallGqaModel(): string {
-  const dir = mkdtempSync(join(tmpdir(), "llama-gqa-"));
-  tmpDirs.push(dir);
-  writeRandomLlama(dir, {
-    seed: 5,
-    tokenizer: "llama2",
-    config: {
-      hidden_size: 64,
-      intermediate_size: 128,
-      num_hidden_layers: 2,
-      num_attention_heads: 4,
-      num_key_value_heads: 2,
-      max_position_embeddings: 256,
-      vocab_size: 32000,
-    },
-  });
+  const { dir, remove } = writeGqaModel();
+  removals.push(remove);
   return dir;
 }
 

@@ -19,7 +19,7 @@ import { WebGpuRunner } from "../src/engine/webgpu-runner.ts";
 import { compileModel } from "../src/model/compiled-model.ts";
 import { loadLlamaConfig } from "../src/model/config.ts";
 import { ensureDefaultModel } from "../src/model/default-model.ts";
-import { writeRandomLlama } from "../src/model/random-model.ts";
+import { writeGqaModel } from "./gqa-model.ts";
 
 interface Generated {
   tokenIds: number[];
@@ -38,27 +38,14 @@ async function generate(opts: EngineOptions, prompt: number[], sampling: Partial
 }
 
 const PROMPT = [1, 450, 4996, 17354, 1701, 29916, 432, 17204, 975, 278, 17366, 11203];
-const tmpDirs: string[] = [];
+const removals: (() => void)[] = [];
 afterAll(() => {
-  for (const d of tmpDirs) rmSync(d, { recursive: true, force: true });
+  for (const remove of removals) remove();
 });
 
 function gqaModel(): string {
-  const dir = mkdtempSync(join(tmpdir(), "llama-gqa-"));
-  tmpDirs.push(dir);
-  writeRandomLlama(dir, {
-    seed: 7,
-    tokenizer: "llama2",
-    config: {
-      hidden_size: 64,
-      intermediate_size: 160,
-      num_hidden_layers: 2,
-      num_attention_heads: 8,
-      num_key_value_heads: 2,
-      max_position_embeddings: 256,
-      vocab_size: 32000,
-    },
-  });
+  const { dir, remove } = writeGqaModel();
+  removals.push(remove);
   return dir;
 }
 

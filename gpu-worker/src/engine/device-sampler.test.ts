@@ -1,8 +1,8 @@
 import * as ort from "onnxruntime-node";
 import { beforeAll, describe, expect, it } from "vitest";
 import { DType, GraphBuilder } from "../model/onnx-builder.ts";
-import { buildSamplingHead, NO_MIN_P, NUM_CANDIDATES } from "../model/sampling-head.ts";
-import { type DeviceSamplingOutputs, sampleFromDevice } from "./device-sampler.ts";
+import { buildSamplingHead, NO_MIN_P } from "../model/sampling-head.ts";
+import { deviceOutputs, sampleFromDevice } from "./device-sampler.ts";
 import { type SampledToken, type SamplingFailure, sampleBatch } from "./sampler.ts";
 import { validateSamplingParams } from "./sampling-params.ts";
 import { SeededRng } from "./seeded-rng.ts";
@@ -52,18 +52,7 @@ async function viaDevice(logits: Float32Array, params: SamplingParams[], draws: 
     min_p_offset: new ort.Tensor("float32", minP, [S]),
   });
   const host = await softmax.run({ logits: logitsT, inv_temperature: invT });
-  const device: DeviceSamplingOutputs = {
-    argmax: host.argmax.data as BigInt64Array,
-    candIds: out.cand_ids.data as BigInt64Array,
-    candLogits: out.cand_logits.data as Float32Array,
-    candProbs: out.cand_probs.data as Float32Array,
-    lse: out.lse.data as Float32Array,
-    keptMass: out.kept_mass.data as Float32Array,
-    draw: out.draw.data as BigInt64Array,
-    drawLogit: out.draw_logit.data as Float32Array,
-    k: NUM_CANDIDATES,
-    vocabSize: V,
-  };
+  const device = deviceOutputs(out, host.argmax.data as BigInt64Array, V);
   let onHost = 0;
   const tokens = params.map((p, i) => {
     const t = sampleFromDevice({ params: p, rng: null, promptTokenIds: [], outputTokenIds: [7] }, draws[i], device, i);

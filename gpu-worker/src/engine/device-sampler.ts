@@ -7,6 +7,8 @@
  *
  * @module
  */
+import type { Tensor } from "onnxruntime-node";
+import { NUM_CANDIDATES } from "../model/sampling-head.ts";
 import { GREEDY_EPS, type SampledToken, type SamplingRow } from "./sampler.ts";
 import type { SamplingParams } from "./types.ts";
 
@@ -23,6 +25,26 @@ export interface DeviceSamplingOutputs {
   /** Candidates per row. */
   k: number;
   vocabSize: number;
+}
+
+/** The sampling head's outputs (a run's result, by output name) and the model's argmax, as typed arrays. */
+export function deviceOutputs(
+  head: Record<string, Tensor>,
+  argmax: BigInt64Array,
+  vocabSize: number,
+): DeviceSamplingOutputs {
+  return {
+    argmax,
+    candIds: head.cand_ids.data as BigInt64Array,
+    candLogits: head.cand_logits.data as Float32Array,
+    candProbs: head.cand_probs.data as Float32Array,
+    lse: head.lse.data as Float32Array,
+    keptMass: head.kept_mass.data as Float32Array,
+    draw: head.draw.data as BigInt64Array,
+    drawLogit: head.draw_logit.data as Float32Array,
+    k: Math.min(NUM_CANDIDATES, vocabSize),
+    vocabSize,
+  };
 }
 
 /** Greedy with nothing that edits or reports the logits: the argmax is the whole answer. */

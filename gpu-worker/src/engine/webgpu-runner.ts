@@ -17,11 +17,11 @@ import type { LlamaConfig } from "../model/config.ts";
 import { deviceKvCache } from "../model/device-kv-cache.ts";
 import { buildLlamaGraph, type LinearWeight, type PackedWeights } from "../model/llama-graph.ts";
 import { DType, GraphBuilder } from "../model/onnx-builder.ts";
-import { buildSamplingHead, NO_MIN_P, NUM_CANDIDATES } from "../model/sampling-head.ts";
+import { buildSamplingHead, NO_MIN_P } from "../model/sampling-head.ts";
 import { DeviceError } from "./device.ts";
 import { DeviceBuffers } from "./device-buffers.ts";
 import { DeviceKvPool } from "./device-kv-pool.ts";
-import { type DeviceSamplingOutputs, isPlainGreedy, sampleFromDevice } from "./device-sampler.ts";
+import { deviceOutputs, isPlainGreedy, sampleFromDevice } from "./device-sampler.ts";
 import { type SampledToken, type SamplingFailure, type SamplingRow, sampleBatch } from "./sampler.ts";
 import { buildStepInputs, type StepSequence } from "./step-inputs.ts";
 
@@ -177,21 +177,7 @@ export class WebGpuRunner {
 
     const argmax = out.argmax.data as BigInt64Array;
     const rowSums = out.logits_sum.data as Float32Array;
-    const device: DeviceSamplingOutputs | null =
-      sampled === null
-        ? null
-        : {
-            argmax,
-            candIds: sampled.cand_ids.data as BigInt64Array,
-            candLogits: sampled.cand_logits.data as Float32Array,
-            candProbs: sampled.cand_probs.data as Float32Array,
-            lse: sampled.lse.data as Float32Array,
-            keptMass: sampled.kept_mass.data as Float32Array,
-            draw: sampled.draw.data as BigInt64Array,
-            drawLogit: sampled.draw_logit.data as Float32Array,
-            k: Math.min(NUM_CANDIDATES, V),
-            vocabSize: V,
-          };
+    const device = sampled === null ? null : deviceOutputs(sampled, argmax, V);
     const tokens: (SampledToken | SamplingFailure | null)[] = rows.map((r, i) => {
       if (!Number.isFinite(rowSums[i])) {
         return { tokenId: -1, error: "the model produced non-finite logits (NaN or infinity) for this sequence" };
