@@ -128,7 +128,8 @@ export class LLMEngine {
     const device = opts.executionProvider ?? "cpu";
     const bytesPerBlock = kvBytesPerToken(cfg, device) * blockSize;
     const compiled = compileModel(opts.modelDir, cfg, {
-      quantization: opts.quantization ?? (await defaultWeightFormat(device)),
+      quantization: opts.quantization,
+      defaultQuantization: await defaultWeightFormat(device),
       onProgress: opts.onProgress && ((d, t) => opts.onProgress?.("compile", d, t)),
     });
     // The pool is sized once the weights are in memory, from what is left then.

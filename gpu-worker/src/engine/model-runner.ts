@@ -160,16 +160,15 @@ export class ModelRunner {
   private writeNewKv(seqs: readonly StepSequence[], newKv: Float32Array): void {
     const hd = this.headDim;
     const nkv = this.numKvHeads;
-    let T = 0;
-    for (const s of seqs) T += s.tokenIds.length;
+    const L = this.cfg.numHiddenLayers;
     let row = 0;
     for (const s of seqs) {
       for (let i = 0; i < s.tokenIds.length; i++, row++) {
         const slot = slotOf(s.blockTable, s.startPos + i, this.opts.blockSize);
-        for (let j = 0; j < 2 * this.cfg.numHiddenLayers; j++) {
-          // new_kv [2L, T, nkv*hd], j = 2l + kv -> layer l's rows ((kv * nkv + h) * slots + slot)
+        for (let j = 0; j < 2 * L; j++) {
+          // new_kv [T, 2L, nkv*hd], j = 2l + kv -> layer l's rows ((kv * nkv + h) * slots + slot)
           const layer = this.kvLayers[j >> 1];
-          const src = (j * T + row) * this.kvDim;
+          const src = (row * 2 * L + j) * this.kvDim;
           for (let h = 0; h < nkv; h++) {
             const from = src + h * hd;
             layer.set(newKv.subarray(from, from + hd), (((j & 1) * nkv + h) * this.numSlots + slot) * hd);

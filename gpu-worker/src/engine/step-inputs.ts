@@ -68,9 +68,8 @@ export function buildStepInputs(seqs: readonly StepSequence[], blockSize: number
     ["decode", decode],
     ["prefill", prefill],
   ] as const) {
-    // An empty group still runs as one dummy row (query = key = token 0, never read back): ONNX Reshape
-    // cannot infer a -1 dimension from zero elements.
-    const G = Math.max(1, members.length);
+    // An empty group has G = 0: its operators run on empty tensors and cost next to nothing.
+    const G = members.length;
     let Q = 1;
     let P = 1; // at least one (masked) past slot keeps every tensor non-empty
     for (const i of members) {
@@ -80,7 +79,7 @@ export function buildStepInputs(seqs: readonly StepSequence[], blockSize: number
     const K = P + Q;
     const queryIndex = new BigInt64Array(G * Q);
     const pastSlots = new BigInt64Array(G * P);
-    const mask = new Float32Array(G * Q * K).fill(members.length > 0 ? MASKED : 0);
+    const mask = new Float32Array(G * Q * K).fill(MASKED);
     members.forEach((i, gi) => {
       const s = seqs[i];
       const n = s.tokenIds.length;

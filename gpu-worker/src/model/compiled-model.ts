@@ -1,6 +1,7 @@
 import { createHash } from "node:crypto";
 import { closeSync, existsSync, mkdirSync, openSync, renameSync, rmSync, statSync, writeSync } from "node:fs";
 import { dirname, join } from "node:path";
+import { checkCompiledDir, readCompiledManifest } from "./compiled-dir.ts";
 import type { LlamaConfig } from "./config.ts";
 import { cacheDir } from "./default-model.ts";
 import { ModelLoadError } from "./errors.ts";
@@ -23,7 +24,7 @@ import { f32BitsToF16Bits } from "./safetensors.ts";
 import { LlamaWeights } from "./weights.ts";
 
 /** Bump when the graph's weight layout or the packed file changes: old compiled caches are then ignored. */
-const COMPILER_VERSION = 3;
+export const COMPILER_VERSION = 4;
 
 /**
  * Tensors start on 4 KiB boundaries: ONNX Runtime memory-maps an external initializer instead of copying it
@@ -50,8 +51,12 @@ export interface CompiledModel {
 export interface CompileOptions {
   /** Weight format; default "none" (f32, exact). */
   quantization?: Quantization;
+  /** The format when `quantization` is not given and the source is a checkpoint (a compiled directory keeps its own). */
+  defaultQuantization?: Quantization;
   /** Called as parameters are converted: (parameters done, parameters in all). */
   onProgress?: (done: number, total: number) => void;
+  /** Write the packed weights here instead of the cache (`llama-worker compile --out`). */
+  outDir?: string;
 }
 
 /**
@@ -63,10 +68,28 @@ export interface CompileOptions {
  * file is cached under `<cache>/compiled/<key>`, keyed by the checkpoint's files and the format.
  */
 export function compileModel(modelDir: string, cfg: LlamaConfig, opts: CompileOptions = {}): CompiledModel {
-  const quantization = opts.quantization ?? "none";
+  // A directory `llama-worker compile` wrote (compiled-dir.ts): its weights are packed already, in its format.
+  const manifest = readCompiledManifest(modelDir);
+  if (manifest) {
+    // "none" is every command's default: only an explicit int8/int4 can disagree with the directory.
+    checkCompiledDir(
+      modelDir,
+      manifest,
+      COMPILER_VERSION,
+      opts.quantization === "none" ? undefined : opts.quantization,
+    );
+    const layout = packedLayout(cfg, manifest.quantization);
+    return {
+      graph: buildLlamaGraph(cfg, layout.refs),
+      weightsDir: modelDir,
+      weightBytes: layout.bytes,
+      decodeBytesPerToken: layout.decodeBytes,
+      weights: layout.refs,
+    };
+  }
+  const quantization = opts.quantization ?? opts.defaultQuantization ?? "none";
   const weights = LlamaWeights.open(modelDir, cfg);
-  const key = cacheKey(cfg, weights, quantization);
-  const outDir = join(cacheDir(), "compiled", key);
+  const outDir = opts.outDir ?? join(cacheDir(), "compiled", cacheKey(cfg, weights, quantization));
   const layout = packedLayout(cfg, quantization);
   if (!existsSync(join(outDir, "weights.bin"))) {
     mkdirSync(dirname(outDir), { recursive: true });
@@ -183,7 +206,7 @@ function packedLayout(cfg: LlamaConfig, quantization: Quantization) {
       ? { kind: embed.dtype, weight: embed.weight }
       : linear([headName], cfg.vocabSize, H);
   const rope = (table: "cos" | "sin") => {
-    const ref = region(cfg.maxPositionEmbeddings * hd * 4);
+    const ref = region(cfg.maxPositionEmbeddings * (hd / 2) * 4);
     entries.push({ source: { kind: "rope", table }, refs: [ref], params: 0 });
     return ref;
   };
@@ -247,6 +270,8 @@ function writePackedWeights(
       else
         for (const name of src.names) {
           const values = weights.readF32(name);
+          // Attention scores are q·k / sqrt(head_dim): the scale is folded into q_proj once, here.
+          if (name.endsWith(".self_attn.q_proj.weight")) scaleInPlace(values, 1 / Math.sqrt(cfg.headDim));
           if (src.kind === "float") put(0, asBytes(src.dtype === "f16" ? toF16(values) : values));
           else {
             const q = quantize(weights, name, values, src.k, src.bits);
@@ -269,6 +294,10 @@ function writePackedWeights(
   } finally {
     closeSync(out.fd);
   }
+}
+
+function scaleInPlace(values: Float32Array, factor: number): void {
+  for (let i = 0; i < values.length; i++) values[i] *= factor;
 }
 
 function quantize(weights: LlamaWeights, name: string, values: Float32Array, k: number, bits: 4 | 8) {

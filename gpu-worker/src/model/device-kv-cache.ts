@@ -40,7 +40,8 @@ export function deviceKvCache(dtype: DTypeCode = DType.float) {
       write(layer, k, v) {
         [k, v].forEach((x, kv) => {
           const name = `${arrays[layer][kv]}_out`;
-          g.op("ScatterND", [arrays[layer][kv], newSlots, x], {}, name);
+          const rows = g.op("Squeeze", [x, g.ints([1])]); // [T, 1, kvDim] -> [T, kvDim]
+          g.op("ScatterND", [arrays[layer][kv], newSlots, rows], {}, name);
           g.output(name, dtype, ["slots", kvDim]);
         });
       },

@@ -49,9 +49,9 @@ export interface PackedWeights {
   finalNorm: ExternalRef;
   /** [vocab, hidden]; the f32 embedding matrix again when tie_word_embeddings and not quantized */
   lmHead: LinearWeight;
-  /** [maxPositions, headDim]: cos(pos * inv_freq) repeated for both rotate-half halves */
+  /** [maxPositions, headDim / 2]: cos(pos * inv_freq), RotaryEmbedding's cos_cache */
   ropeCos: ExternalRef;
-  /** [maxPositions, headDim]: sin(...) with the first half negated, so rope(x) = x*cos + rotateHalf(x)*sin */
+  /** [maxPositions, headDim / 2]: sin(pos * inv_freq), RotaryEmbedding's sin_cache */
   ropeSin: ExternalRef;
 }
 
@@ -73,7 +73,7 @@ export type AttentionGroup = (typeof ATTENTION_GROUPS)[number];
 export interface KvCacheGraph {
   /** Past keys (kv 0) or values (kv 1) of `layer` at the slots `pastSlots` [G, P], head-major [nkv, G, P, hd]. */
   readPast(layer: number, kv: 0 | 1, pastSlots: string): string;
-  /** This step's keys (after rope) and values of `layer`, each [T, nkv * hd]. */
+  /** This step's keys (after rope) and values of `layer`, each [T, 1, nkv * hd]. */
   write(layer: number, k: string, v: string): void;
   /** After the last layer: declare whatever outputs the cache needs. */
   finish(): void;
@@ -127,14 +127,9 @@ export function hostKvCache(g: GraphBuilder, cfg: LlamaConfig): KvCacheGraph {
       newKv.push(k, v);
     },
     finish() {
-      // new_kv [2L, T, kvDim]: layer l's keys at 2l, values at 2l+1
-      g.op(
-        "Concat",
-        newKv.map((t) => g.op("Unsqueeze", [t, g.ints([0])])),
-        { axis: 0 },
-        "new_kv",
-      );
-      g.output("new_kv", DType.float, [2 * L, "T", nkv * cfg.headDim]);
+      // new_kv [T, 2L, kvDim]: layer l's keys at 2l, values at 2l+1 (each already [T, 1, kvDim])
+      g.op("Concat", newKv, { axis: 1 }, "new_kv");
+      g.output("new_kv", DType.float, ["T", 2 * L, nkv * cfg.headDim]);
     },
   };
 }
@@ -184,8 +179,10 @@ export function buildLlamaGraph(cfg: LlamaConfig, w: PackedWeights, opts: GraphO
     // Shapes from the inputs: scores are [nkv, G, rep*Q, K] to multiply and [nkv, G, rep, Q, K] to add the mask.
     const maskShape = g.op("Shape", [mask]);
     const dimG = g.op("Slice", [maskShape, g.ints([0]), g.ints([1])]);
+    const dimQ = g.op("Slice", [maskShape, g.ints([1]), g.ints([2])]);
     const dimQK = g.op("Slice", [maskShape, g.ints([1]), g.ints([3])]);
     const dimK = g.op("Slice", [maskShape, g.ints([2]), g.ints([3])]);
+    const dimRepQ = g.op("Mul", [dimQ, g.ints([rep])]);
     const dimP = g.op("Slice", [g.op("Shape", [pastSlots]), g.ints([1]), g.ints([2])]);
     const dimN = g.op("Slice", [g.op("Shape", [newIndex]), g.ints([1]), g.ints([2])]);
     return {
@@ -194,11 +191,12 @@ export function buildLlamaGraph(cfg: LlamaConfig, w: PackedWeights, opts: GraphO
       newIndex,
       pastSlots,
       mask: g.op("Unsqueeze", [mask, g.ints([0, 2])]), // [1, G, 1, Q, K]
-      queryShape: g.op("Concat", [g.ints([nkv]), dimG, g.ints([-1, hd])], { axis: 0 }),
+      // Explicit shapes (no -1): a group with no sequence this step has G = 0, and its operators then do nothing.
+      queryShape: g.op("Concat", [g.ints([nkv]), dimG, dimRepQ, g.ints([hd])], { axis: 0 }),
       scoreShape5: g.op("Concat", [g.ints([nkv]), dimG, g.ints([rep]), dimQK], { axis: 0 }),
-      scoreShape4: g.op("Concat", [g.ints([nkv]), dimG, g.ints([-1]), dimK], { axis: 0 }),
+      scoreShape4: g.op("Concat", [g.ints([nkv]), dimG, dimRepQ, dimK], { axis: 0 }),
       splitPN: g.op("Concat", [dimP, dimN], { axis: 0 }),
-      ctxShape5: g.op("Concat", [g.ints([nkv]), dimG, g.ints([rep, -1, hd])], { axis: 0 }),
+      ctxShape5: g.op("Concat", [g.ints([nkv]), dimG, g.ints([rep]), dimQ, g.ints([hd])], { axis: 0 }),
     };
   });
   const outputIndex = g.input("output_index", i64, ["T"]);
@@ -211,22 +209,25 @@ export function buildLlamaGraph(cfg: LlamaConfig, w: PackedWeights, opts: GraphO
     [cfg.vocabSize, H],
     w.embed.weight,
   );
-  const ropeCosTable = g.external("rope_cos", f32, [maxPos, hd], w.ropeCos);
-  const ropeSinTable = g.external("rope_sin", f32, [maxPos, hd], w.ropeSin);
-
-  // Rotary tables for the step's positions: [T, 1, hd], broadcast over heads.
-  const cos = g.op("Unsqueeze", [g.op("Gather", [ropeCosTable, positions], { axis: 0 }), g.ints([1])]);
-  const sin = g.op("Unsqueeze", [g.op("Gather", [ropeSinTable, positions], { axis: 0 }), g.ints([1])]);
-  const rope = (x: string, heads: number): string => {
-    // x: [T, heads*hd] -> [T, heads, hd]; rope(x) = x*cos + concat(x2, x1)*sin  (sin has its first half negated)
-    const x3 = g.op("Reshape", [x, g.ints([-1, heads, hd])]);
-    const [x1, x2] = g.node("Split", [x3, g.ints([hd / 2, hd / 2])], { axis: -1 }, { numOutputs: 2 });
-    const rotated = g.op("Concat", [x2, x1], { axis: -1 });
-    const out = g.op("Add", [g.op("Mul", [x3, cos]), g.op("Mul", [rotated, sin])]);
-    return g.op("Reshape", [out, g.ints([-1, heads * hd])]);
-  };
+  const ropeCosTable = g.external("rope_cos", f32, [maxPos, hd / 2], w.ropeCos);
+  const ropeSinTable = g.external("rope_sin", f32, [maxPos, hd / 2], w.ropeSin);
+  // Each token is its own batch row of RotaryEmbedding: x [T, 1, heads * hd], position ids [T, 1].
+  const positionIds = g.op("Unsqueeze", [positions, g.ints([1])]);
+  /** Rotate-half rope (Hugging Face's layout) as one operator. */
+  const rope = (x: string, heads: number): string =>
+    g.op("RotaryEmbedding", [x, ropeCosTable, ropeSinTable, positionIds], { interleaved: 0, num_heads: heads });
   const rmsNorm = (x: string, weight: string): string =>
     g.op("RMSNormalization", [x, weight], { axis: -1, epsilon: { float: cfg.rmsNormEps } });
+  /** The residual add and the next RMSNorm as one operator: [norm(x + branch), x + branch]. */
+  const addAndNorm = (x: string, branch: string, weight: string): [string, string] => {
+    const [normed, , , sum] = g.node(
+      "SkipSimplifiedLayerNormalization",
+      [x, branch, weight],
+      { epsilon: { float: cfg.rmsNormEps } },
+      { numOutputs: 4, domain: "com.microsoft" },
+    );
+    return [normed, sum];
+  };
   /** x [rows, inFeatures] times the weight's transpose: [rows, outFeatures]. `initializer`: an existing one. */
   const linear = (
     x: string,
@@ -263,18 +264,21 @@ export function buildLlamaGraph(cfg: LlamaConfig, w: PackedWeights, opts: GraphO
   // x: [T, H] residual stream (an f16 table's rows are widened to f32)
   const embedded = g.op("Gather", [embed, ids], { axis: 0 });
   let x = w.embed.dtype === "f16" ? g.op("Cast", [embedded], { to: f32 }) : embedded;
+  const norms = w.layers.map((lw, l) => ({
+    input: g.external(`layers.${l}.input_layernorm`, f32, [H], lw.inputNorm),
+    post: g.external(`layers.${l}.post_attention_layernorm`, f32, [H], lw.postNorm),
+  }));
+  let normed = rmsNorm(x, norms[0].input); // later layers get theirs from the previous layer's addAndNorm
   for (let l = 0; l < L; l++) {
     const lw = w.layers[l];
     const p = `layers.${l}`;
-    const inputNorm = g.external(`${p}.input_layernorm`, f32, [H], lw.inputNorm);
-    const postNorm = g.external(`${p}.post_attention_layernorm`, f32, [H], lw.postNorm);
 
-    // attention: q, k, v for the step's tokens
-    const qkv = linear(rmsNorm(x, inputNorm), `${p}.wqkv`, lw.wqkv, (nh + 2 * nkv) * hd, H);
+    // attention: q, k, v for the step's tokens, [T, 1, features] for RotaryEmbedding. The q rows of wqkv are
+    // pre-scaled by 1/sqrt(hd) at compile time, so scores need no scaling.
+    const qkv = g.op("Unsqueeze", [linear(normed, `${p}.wqkv`, lw.wqkv, (nh + 2 * nkv) * hd, H), g.ints([1])]);
     const [qRaw, kRaw, v] = g.node("Split", [qkv, g.ints([nh * hd, kvDim, kvDim])], { axis: -1 }, { numOutputs: 3 });
-    // scale queries once here instead of every score: q / sqrt(hd)
-    const q = g.op("Mul", [rope(qRaw, nh), g.float(1 / Math.sqrt(hd))]); // [T, nh*hd]
-    const k = rope(kRaw, nkv); // [T, kvDim]
+    const q = rope(qRaw, nh); // [T, 1, nh*hd]
+    const k = rope(kRaw, nkv); // [T, 1, kvDim]
     kvCache.write(l, k, v);
 
     // this step's keys/values head-major [nkv, T, hd], shared by both groups
@@ -306,10 +310,10 @@ export function buildLlamaGraph(cfg: LlamaConfig, w: PackedWeights, opts: GraphO
       return g.op("Reshape", [g.op("Transpose", [ctx5], { perm: [1, 3, 0, 2, 4] }), g.ints([-1, nh * hd])]);
     });
     const attn = g.op("Gather", [g.op("Concat", groupOutputs, { axis: 0 }), outputIndex], { axis: 0 }); // [T, nh*hd]
-    x = g.op("Add", [x, linear(attn, `${p}.wo`, lw.wo, H, nh * hd)]);
+    [normed, x] = addAndNorm(x, linear(attn, `${p}.wo`, lw.wo, H, nh * hd), norms[l].post);
 
     // SwiGLU feed-forward: down(silu(gate(h)) * up(h))
-    const gu = linear(rmsNorm(x, postNorm), `${p}.wgate_up`, lw.wgateUp, 2 * cfg.intermediateSize, H);
+    const gu = linear(normed, `${p}.wgate_up`, lw.wgateUp, 2 * cfg.intermediateSize, H);
     const [gate, up] = g.node(
       "Split",
       [gu, g.ints([cfg.intermediateSize, cfg.intermediateSize])],
@@ -319,7 +323,9 @@ export function buildLlamaGraph(cfg: LlamaConfig, w: PackedWeights, opts: GraphO
       },
     );
     const act = g.op("Mul", [g.op("Mul", [gate, g.op("Sigmoid", [gate])]), up]);
-    x = g.op("Add", [x, linear(act, `${p}.wdown`, lw.wdown, H, cfg.intermediateSize)]);
+    const down = linear(act, `${p}.wdown`, lw.wdown, H, cfg.intermediateSize);
+    if (l + 1 < L) [normed, x] = addAndNorm(x, down, norms[l + 1].input);
+    else x = g.op("Add", [x, down]); // the final norm runs on the sampled rows only
   }
 
   // Only the rows that are sampled go through the final norm and the (large) vocabulary projection.
@@ -355,7 +361,7 @@ export function buildLlamaGraph(cfg: LlamaConfig, w: PackedWeights, opts: GraphO
 
 /**
  * Rotary tables in Hugging Face's rotate-half layout, with Llama 3 frequency scaling when configured.
- * Returns cos and sin [maxPositions, headDim] (sin's first half negated, see PackedWeights.ropeSin).
+ * Returns cos and sin [maxPositions, headDim / 2]: RotaryEmbedding's caches.
  */
 export function ropeTables(cfg: LlamaConfig): { cos: Float32Array; sin: Float32Array } {
   const hd = cfg.headDim;
@@ -380,18 +386,16 @@ export function ropeTables(cfg: LlamaConfig): { cos: Float32Array; sin: Float32A
     }
   }
   const n = cfg.maxPositionEmbeddings;
-  const cos = new Float32Array(n * hd);
-  const sin = new Float32Array(n * hd);
+  const cos = new Float32Array(n * half);
+  const sin = new Float32Array(n * half);
   for (let p = 0; p < n; p++) {
     for (let i = 0; i < half; i++) {
       // transformers computes the angle in float32: position * inv_freq
       const angle = Math.fround(p * invFreq[i]);
       const c = Math.cos(angle);
       const s = Math.sin(angle);
-      cos[p * hd + i] = c;
-      cos[p * hd + half + i] = c;
-      sin[p * hd + i] = -s;
-      sin[p * hd + half + i] = s;
+      cos[p * half + i] = c;
+      sin[p * half + i] = s;
     }
   }
   return { cos, sin };
