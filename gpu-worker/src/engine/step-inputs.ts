@@ -40,7 +40,15 @@ export function slotOf(blockTable: readonly number[], pos: number, blockSize: nu
   return block * blockSize + (pos % blockSize);
 }
 
-export function buildStepInputs(seqs: readonly StepSequence[], blockSize: number): StepInputs {
+/**
+ * @param opts.padEmptyGroups run an empty attention group as one dummy row (query = key = token 0, masked, never
+ *   read back) instead of on empty tensors: WebGPU kernels refuse a dispatch of zero workgroups.
+ */
+export function buildStepInputs(
+  seqs: readonly StepSequence[],
+  blockSize: number,
+  opts: { padEmptyGroups?: boolean } = {},
+): StepInputs {
   let T = 0;
   for (const s of seqs) T += s.tokenIds.length;
   const inputIds = new BigInt64Array(T);
@@ -69,7 +77,7 @@ export function buildStepInputs(seqs: readonly StepSequence[], blockSize: number
     ["prefill", prefill],
   ] as const) {
     // An empty group has G = 0: its operators run on empty tensors and cost next to nothing.
-    const G = members.length;
+    const G = opts.padEmptyGroups ? Math.max(1, members.length) : members.length;
     let Q = 1;
     let P = 1; // at least one (masked) past slot keeps every tensor non-empty
     for (const i of members) {

@@ -132,7 +132,7 @@ export class WebGpuRunner {
   }
 
   async step(seqs: readonly StepSequence[], rows: SamplingRow[]): Promise<(SampledToken | SamplingFailure)[]> {
-    const inputs = buildStepInputs(seqs, this.opts.blockSize);
+    const inputs = buildStepInputs(seqs, this.opts.blockSize, { padEmptyGroups: true });
     const S = inputs.numRows;
     const V = this.cfg.vocabSize;
     // Each row's one uniform draw, taken now: the device draws with it and a host fallback reuses it.
