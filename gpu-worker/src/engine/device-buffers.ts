@@ -40,9 +40,9 @@ export class DeviceBuffers {
    * silently reads 0 and drops writes, which would corrupt generation rather than fail. The last row is left
    * holding PROBE_VALUE (a finite value: callers overwrite or mask it).
    *
-   * @throws DeviceError naming `what`.
+   * @throws DeviceError naming `what` and what to do (`remedy`).
    */
-  async expectAddressable(matrix: ort.Tensor, what: string): Promise<void> {
+  async expectAddressable(matrix: ort.Tensor, what: string, remedy: string): Promise<void> {
     const [rows, cols] = matrix.dims;
     const feeds = {
       matrix,
@@ -59,7 +59,7 @@ export class DeviceBuffers {
     if (!read?.every((x) => x === PROBE_VALUE)) {
       throw new DeviceError(
         `webgpu: the device cannot address ${what} (${mib(rows * cols * 4)}): it is over the adapter's ` +
-          "storage-buffer binding limit (lower --kv-cache-bytes or --max-num-seqs, or use a larger GPU)",
+          `storage-buffer binding limit (${remedy})`,
       );
     }
   }

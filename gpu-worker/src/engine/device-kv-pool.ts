@@ -44,7 +44,7 @@ export class DeviceKvPool {
     for (let l = 0; l < cfg.numHiddenLayers; l++) names.push(keyCacheName(l), valueCacheName(l));
     const arrays: ort.Tensor[] = [];
     for (const _ of names) arrays.push(await buffers.zeros(numSlots, kvDim));
-    await buffers.expectAddressable(arrays[0], "a KV array (one layer's keys)");
+    await buffers.expectAddressable(arrays[0], "a KV array (one layer's keys)", "lower --kv-cache-bytes");
     const copy = await ort.InferenceSession.create(copyGraph(names, kvDim), sessionOptions);
     return new DeviceKvPool(numSlots, names, arrays, copy);
   }

@@ -111,12 +111,12 @@ export class WebGpuRunner {
       const buffers = await DeviceBuffers.create(sessionOptions);
       const weightBytes = largestTensorBytes(model.weights);
       const probe = await buffers.zeros(Math.ceil(weightBytes / 4 / cfg.hiddenSize), cfg.hiddenSize);
-      await buffers.expectAddressable(probe, "the largest weight tensor");
+      await buffers.expectAddressable(probe, "the largest weight tensor", "use --quantization int8 or int4");
       probe.dispose();
       const numBlocks = typeof opts.numBlocks === "number" ? opts.numBlocks : opts.numBlocks();
       const pool = await DeviceKvPool.create(cfg, numBlocks * opts.blockSize, buffers, sessionOptions);
       const logitsBuffer = await buffers.zeros(opts.maxNumSeqs, cfg.vocabSize);
-      await buffers.expectAddressable(logitsBuffer, "the logits of --max-num-seqs rows");
+      await buffers.expectAddressable(logitsBuffer, "the logits of --max-num-seqs rows", "lower --max-num-seqs");
       const graph = buildLlamaGraph(cfg, model.weights, { kvCache: deviceKvCache(), fusedMatMul: false, probs: false });
       const session = await ort.InferenceSession.create(graph, sessionOptions);
       const head = await ort.InferenceSession.create(buildSamplingHead(cfg.vocabSize), sessionOptions);
