@@ -4,9 +4,6 @@
  * serving behaviours (batching, preemption, prefix cache, aborts) run on it too, in serving-engine.test.ts.
  */
 import { spawnSync } from "node:child_process";
-import { mkdtempSync, rmSync } from "node:fs";
-import { tmpdir } from "node:os";
-import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { DeviceError } from "../src/engine/device.ts";
