@@ -12,7 +12,7 @@ import type { Prompt, SamplingParams, Usage } from "@llama-edge/shared";
 import type { Context } from "hono";
 import type { RequestIdVariables } from "hono/request-id";
 import type { GatewayConfig } from "./config.ts";
-import type { Job, JobEvent, JobRunner, Limiter } from "./dispatch/job.ts";
+import type { Job, JobEvent, JobOutput, JobRunner, Limiter } from "./dispatch/job.ts";
 import { estimatePromptTokens, maxPromptTokens, planPools } from "./dispatch/routing.ts";
 import { ApiError, type ApiErrorInfo, errorBody, errors } from "./errors.ts";
 import type { AuthVars } from "./middleware/auth.ts";
@@ -34,6 +34,8 @@ export interface InferencePlan {
   prompts: Prompt[];
   n: number;
   sampling: SamplingParams;
+  /** response_format and tool calling, passed to the workers as they are. */
+  output?: JobOutput;
   /** Completion tokens allowed per choice; null = until the context is full. */
   maxTokens: number | null;
   /** The parameter that set maxTokens (chat has two names for it). */
@@ -117,6 +119,7 @@ export async function runInference(
     n: plan.n,
     // A budget with too little left for a request without max_tokens capped it (finish_reason "length" says so).
     sampling: admitted.maxTokens === undefined ? plan.sampling : { ...plan.sampling, max_tokens: admitted.maxTokens },
+    ...(plan.output ? { output: plan.output } : {}),
     deadline,
     queueTimeoutMs,
     estimatedPromptTokens: estimates.map((e) => e.tokens),

@@ -114,7 +114,6 @@ describe("chat completions", () => {
         logprobs: true,
         top_logprobs: 2,
         user: "u-1",
-        some_future_field: { ignored: true },
       }),
     );
     const req = backend.submissions[0]!.request;

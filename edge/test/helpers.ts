@@ -11,6 +11,7 @@ import {
   type DispatchEvent,
   type SubmitOptions,
   type SubmitRequest,
+  type ToolCallDelta,
   WorkerError,
 } from "@llama-edge/shared";
 import { createApp } from "../src/app.ts";
@@ -39,7 +40,9 @@ export const testConfig: GatewayConfig = parseGatewayConfig({
 export interface Reply {
   /** Text of each delta (one token each). */
   tokens: string[];
-  finish?: "stop" | "length";
+  /** Tool-call pieces sent with the delta of the same index. */
+  toolCalls?: (ToolCallDelta[] | undefined)[];
+  finish?: "stop" | "length" | "tool_calls";
   promptTokens?: number;
   cachedTokens?: number;
   /** Delay before each event, ms. */
@@ -110,7 +113,15 @@ export class ScriptedBackend implements SubmitBackend {
       for (let i = 0; i < r.tokens.length; i++) {
         if (r.error && (r.error.errorAfter ?? 0) === i) throw new WorkerError(r.error.code, r.error.message, id);
         await sleep(delay, signal, id);
-        yield { ...base, seq: seq++, type: "delta", text: r.tokens[i]!, token_ids: [100 + i] };
+        const toolCalls = r.toolCalls?.[i];
+        yield {
+          ...base,
+          seq: seq++,
+          type: "delta",
+          text: r.tokens[i]!,
+          token_ids: [100 + i],
+          ...(toolCalls ? { tool_calls: toolCalls } : {}),
+        };
       }
       if (r.error && (r.error.errorAfter ?? 0) >= r.tokens.length)
         throw new WorkerError(r.error.code, r.error.message, id);

@@ -1,9 +1,11 @@
 /**
- * `npm run bench:engine [-- --quick] [-- --json] [-- --device cpu|cuda|webgpu] [-- --only <section>]`: offline
- * engine benchmarks on the generated models.
+ * `npm run bench:engine [-- --quick] [-- --json] [-- --device cpu|cuda|webgpu] [-- --only <section>]`: offline engine
+ * benchmarks on the generated models (sections: throughput, weights, quality, ttft, sampling, structured, mixed, pool,
+ * kv, prefix, bandwidth, big).
  * Prints a table; with --json the last line is one JSON object holding every figure (names in the README).
  * Ratios are measured within one run, since absolute numbers move with whatever else the machine does.
  */
+
 import { existsSync } from "node:fs";
 import { cpus, totalmem } from "node:os";
 import { join } from "node:path";
@@ -17,6 +19,7 @@ import { loadLlamaConfig } from "../src/model/config.ts";
 import { cacheDir, ensureDefaultModel } from "../src/model/default-model.ts";
 import { writeRandomLlama } from "../src/model/random-model.ts";
 import { LlamaWeights } from "../src/model/weights.ts";
+
 import {
   backend,
   big,
@@ -33,6 +36,7 @@ import {
   results,
   threads,
 } from "./harness.ts";
+import { structuredOutput } from "./structured-output.ts";
 import { bigModelRows, qualityRows, weightFormatTable } from "./weight-formats.ts";
 
 async function throughputTable(shape: "default" | "bench", sizes: number[], tokens: number) {
@@ -447,28 +451,29 @@ results.device = device;
 results.threads = threads;
 results.mode = quick ? "quick" : "full";
 // quantization quality and the memory-bandwidth roofline are properties of the CPU provider
-const cpuOnly = (name: string, run: () => Promise<void>) => async () => {
+const cpuOnly = (name: string, run: () => Promise<unknown>) => async () => {
   if (device === "cpu") await run();
   else log(`\n(${name}: CPU provider only, skipped on ${device})`);
 };
 /** Sections in run order; `--only <name>` (repeatable) runs just those. */
-const SECTIONS: Record<string, () => Promise<void>> = {
-  "throughput-default": () => throughputTable("default", quick ? [1, 8, 32] : [1, 8, 32, 64], quick ? 24 : 64),
-  "throughput-bench": () => throughputTable("bench", quick ? [1, 32] : [1, 8, 32, 64], quick ? 16 : 48),
-  "weight-formats": weightFormatTable,
+const SECTIONS: Record<string, () => Promise<unknown>> = {
+  throughput: async () => {
+    await throughputTable("default", quick ? [1, 8, 32] : [1, 8, 32, 64], quick ? 24 : 64);
+    await throughputTable("bench", quick ? [1, 32] : [1, 8, 32, 64], quick ? 16 : 48);
+  },
+  weights: weightFormatTable,
   quality: cpuOnly("quantized quality", qualityRows),
-  "ttft-load": ttftUnderLoad,
+  ttft: ttftUnderLoad,
   sampling: samplingCost,
+  structured: structuredOutput,
   mixed: mixedWorkload,
   pool: poolSizeIndependence,
-  "kv-memory": kvMemory,
+  kv: kvMemory,
   prefix: prefixTtft,
   bandwidth: cpuOnly("decode vs memory bandwidth", bandwidthUtilisation),
-  big: cpuOnly("llama2-7b rows", async () => {
-    if (big) await bigModelRows();
-    else log("\n(llama2-7b rows skipped: run with --big; they generate a 13 GB random checkpoint once)");
-  }),
 };
-for (const name of only ?? []) if (!(name in SECTIONS)) throw new Error(`--only: no section "${name}"`);
 for (const [name, run] of Object.entries(SECTIONS)) if (!only || only.includes(name)) await run();
+if (device !== "cpu") log("\n(llama2-7b rows: CPU provider only)");
+else if (big && (!only || only.includes("big"))) await bigModelRows();
+else if (!only) log("\n(llama2-7b rows skipped: run with --big; they generate a 13 GB random checkpoint once)");
 if (json) log(JSON.stringify(results));

@@ -7,6 +7,7 @@
 import { availableParallelism } from "node:os";
 import { parseArgs } from "node:util";
 import { DEVICES, type Device, isDevice } from "../src/engine/device.ts";
+import type { GrammarSpec } from "../src/engine/grammar.ts";
 import type { LLMEngine } from "../src/engine/llm-engine.ts";
 import type { SamplingParams } from "../src/engine/types.ts";
 
@@ -23,6 +24,8 @@ const { values: args } = parseArgs({
 });
 export const quick = args.quick ?? false;
 export const json = args.json ?? false;
+/** `--only <section>` (repeatable): run just those sections of engine.ts. */
+export const only = args.only;
 /** `--big`: also the llama2-7b-shaped rows (generates a 13 GB random checkpoint on first use). */
 export const big = args.big ?? false;
 /** ONNX Runtime intra-op threads of every engine in the run: `--threads`, else LLAMA_THREADS, else every core. */
@@ -34,9 +37,6 @@ export const device = (args.device ?? "cpu") as Device;
 if (!isDevice(device)) throw new Error(`--device must be one of ${DEVICES.join(", ")}, got ${device}`);
 /** Options every engine of the run shares. */
 export const backend = { numThreads: threads, executionProvider: device } as const;
-
-/** `--only <section>` (repeatable): the sections to run (names in bench/engine.ts); all when absent. */
-export const only = args.only;
 
 export const results: Record<string, number | string> = {};
 export const log = (line: string) => process.stdout.write(`${line}\n`);
@@ -58,6 +58,7 @@ export async function decodeThroughput(
   n: number,
   tokens: number,
   sampling: Partial<SamplingParams> = {},
+  grammar?: GrammarSpec,
 ): Promise<number> {
   let started = 0;
   let tStart = 0;
@@ -69,6 +70,7 @@ export async function decodeThroughput(
         requestId: `tp-${n}-${i}-${Math.random()}`,
         prompt: promptOf(8, i),
         sampling: { ...decode(tokens), ...sampling },
+        ...(grammar ? { grammar } : {}),
       })) {
         if (e.type !== "delta") continue;
         if (first) {

@@ -139,6 +139,10 @@ describe("the KV cache stays on the device", () => {
     modelDir = gqaModel();
   });
 
+  /** One engine step as the engine takes it: run, then sample. */
+  const step = async (runner: WebGpuRunner, seqs: StepSequence[], rows: SamplingRow[]) =>
+    runner.sample(await runner.run(seqs), rows);
+
   const greedyRow = (): SamplingRow => ({
     params: validateSamplingParams({ temperature: 0 }, { vocabSize: 32000 }),
     rng: null,
@@ -159,7 +163,7 @@ describe("the KV cache stays on the device", () => {
     const transfers: number[][] = [];
     const tokens: number[][] = [];
     for (let s = 0; s <= steps; s++) {
-      const out = await runner.step(seqs, [greedyRow(), greedyRow()]);
+      const out = await step(runner, seqs, [greedyRow(), greedyRow()]);
       transfers.push([runner.lastStepTransfer.hostToDevice, runner.lastStepTransfer.deviceToHost]);
       tokens.push(out.map((t) => t.tokenId));
       for (const [i, q] of seqs.entries()) {
@@ -196,13 +200,15 @@ describe("the KV cache stays on the device", () => {
       maxNumSeqs: 2,
     });
     const prompt = PROMPT.slice(0, 10); // one partial block
-    const [first] = await runner.step(
+    const [first] = await step(
+      runner,
       [{ tokenIds: prompt, startPos: 0, blockTable: [2], needLogits: true }],
       [greedyRow()],
     );
     await runner.copyBlocks([[2, 11]]);
     const next = (table: number[]) =>
-      runner.step(
+      step(
+        runner,
         [{ tokenIds: [first.tokenId], startPos: prompt.length, blockTable: table, needLogits: true }],
         [greedyRow()],
       );
@@ -246,11 +252,11 @@ describe("a device that cannot be used", () => {
       onDeviceError: (e) => lost.push(e),
     });
     const runner = Reflect.get(engine, "runner") as WebGpuRunner;
-    const step = runner.step.bind(runner);
+    const run = runner.run.bind(runner);
     let calls = 0;
-    runner.step = async (seqs, rows) => {
+    runner.run = async (seqs) => {
       if (++calls === 3) throw new DeviceError("webgpu: the device was lost (injected)");
-      return step(seqs, rows);
+      return run(seqs);
     };
     const results = await Promise.all(
       [0, 1, 2].map(async (i) => {

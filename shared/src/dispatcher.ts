@@ -240,7 +240,7 @@ export class Dispatcher {
             break;
           case "error":
             finished = true;
-            throw new WorkerError(ev.code, ev.message, id);
+            throw new WorkerError(ev.code, ev.message, id, ev.param);
           case "final":
             finished = true;
             yield ev;

@@ -63,6 +63,8 @@ export class WorkerError extends DispatchError {
     readonly code: ErrorCode,
     message: string,
     requestId: string,
+    /** The request field at fault, when the worker named one. */
+    readonly param?: string,
   ) {
     super(message, requestId);
     this.status = WORKER_ERROR_STATUS[code];

@@ -171,6 +171,8 @@ export const ChatMessageSchema = z.object({
   tool_calls: z.array(ToolCallSchema).min(1).optional(),
   /** Tool messages: the call this is the result of. */
   tool_call_id: z.string().min(1).optional(),
+  /** The participant's name (OpenAI's `name`), for templates that use it. */
+  name: z.string().optional(),
 });
 export type ChatMessage = z.infer<typeof ChatMessageSchema>;
 

@@ -13,9 +13,11 @@ import type {
   DispatchEvent,
   Logprob,
   Prompt,
+  RequestMessageInput,
   SamplingParams,
   SubmitOptions,
   SubmitRequest,
+  ToolCallDelta,
   Usage,
 } from "@llama-edge/shared";
 import type { ApiErrorInfo } from "../errors.ts";
@@ -34,6 +36,8 @@ export interface Job {
   prompts: Prompt[];
   n: number;
   sampling: SamplingParams;
+  /** What the output must be (response_format) and which tool calls are wanted, as the protocol carries them. */
+  output?: JobOutput;
   /** Epoch ms: the gateway gives up on the job then, wherever it is. */
   deadline: number;
   /** Per candidate pool: how long a sub-request may wait there for a worker to start it (its pool's
@@ -47,10 +51,19 @@ export interface Job {
   reader?: { maxBufferedBytes: number; idleReaderMs: number };
 }
 
+export type JobOutput = Pick<RequestMessageInput, "response_format" | "tool_choice" | "parallel_tool_calls">;
+
 export type JobEvent =
   /** A worker started choice `index`. */
   | { type: "start"; index: number; worker_id: string; pool: string }
-  | { type: "delta"; index: number; text: string; num_tokens: number; logprobs?: Logprob[] }
+  | {
+      type: "delta";
+      index: number;
+      text: string;
+      num_tokens: number;
+      logprobs?: Logprob[];
+      tool_calls?: ToolCallDelta[];
+    }
   | { type: "final"; index: number; finish_reason: "stop" | "length" | "abort" | "tool_calls"; usage: Usage }
   /** Terminal: the job failed; nothing follows. */
   | { type: "error"; error: ApiErrorInfo }

@@ -145,6 +145,7 @@ async function runChoice(
       id: subRequestId(job, index, p),
       model: job.model,
       prompt: job.prompts[Math.floor(index / job.n)]!,
+      ...job.output,
       // Each choice of a seeded request gets its own seed: reproducible, yet the n choices differ.
       sampling: seed == null ? job.sampling : { ...job.sampling, seed: seed + choiceInPrompt },
       // The start-by time: the worker drops it (and the Dispatcher reports a queue timeout) once it has passed.
@@ -166,6 +167,7 @@ async function runChoice(
             text: ev.text,
             num_tokens: ev.token_ids.length,
             ...(ev.logprobs ? { logprobs: ev.logprobs } : {}),
+            ...(ev.tool_calls ? { tool_calls: ev.tool_calls } : {}),
           });
         } else if (ev.type === "final") {
           tally.final(index, ev.usage);
@@ -211,7 +213,7 @@ export function toErrorInfo(e: unknown, abortReason?: unknown): ApiErrorInfo {
       case "context_length_exceeded":
         return err(400, e.message, "context_length_exceeded", undefined, "messages");
       case "bad_request":
-        return err(400, e.message, "invalid_request");
+        return err(400, e.message, "invalid_request", undefined, e.param ?? null);
       case "too_large":
         return err(413, e.message, "request_too_large");
       case "model_not_found":

@@ -5,7 +5,7 @@
  *
  * @module
  */
-import type { Logprob, Usage } from "@llama-edge/shared";
+import type { Logprob, ToolCallDelta, Usage } from "@llama-edge/shared";
 import type {
   ChatCompletion,
   ChatCompletionChunk,
@@ -15,7 +15,7 @@ import type { Completion, CompletionChoice, CompletionUsage } from "openai/resou
 import type { JobEvent } from "../dispatch/job.ts";
 import { randomBase62 } from "../keys/api-key.ts";
 
-export type FinishReason = "stop" | "length";
+export type FinishReason = "stop" | "length" | "tool_calls";
 type DeltaEvent = Extract<JobEvent, { type: "delta" }>;
 type FinalEvent = Extract<JobEvent, { type: "final" }>;
 
@@ -33,7 +33,7 @@ export type CompletionChunk = Omit<Completion, "usage" | "choices"> & {
 };
 
 /** "abort" only happens once the client is gone, so no client ever sees it; "stop" if one ever does. */
-const finishReason = (r: FinalEvent["finish_reason"]): FinishReason => (r === "length" ? "length" : "stop");
+const finishReason = (r: FinalEvent["finish_reason"]): FinishReason => (r === "abort" ? "stop" : r);
 
 export const newCompletionId = (kind: "chat" | "completion"): string =>
   `${kind === "chat" ? "chatcmpl" : "cmpl"}-${randomBase62(24)}`;
@@ -68,6 +68,8 @@ interface ChoiceText {
   text: string;
   logprobs: Logprob[];
   finish: FinishReason | null;
+  /** Tool calls, assembled from their pieces (chat only). */
+  toolCalls: { id: string; name: string; arguments: string }[];
 }
 
 export interface FormatterOptions {
@@ -96,7 +98,12 @@ abstract class BaseFormatter<Chunk extends ChunkShape<ChunkChoice>, ChunkChoice,
 {
   protected readonly choices: ChoiceText[];
   constructor(protected readonly o: FormatterOptions) {
-    this.choices = Array.from({ length: o.numChoices }, () => ({ text: "", logprobs: [], finish: null }));
+    this.choices = Array.from({ length: o.numChoices }, () => ({
+      text: "",
+      logprobs: [],
+      finish: null,
+      toolCalls: [],
+    }));
   }
 
   protected choice(index: number): ChoiceText {
@@ -157,8 +164,27 @@ function chatLogprob(l: Logprob): ChatCompletionTokenLogprob {
   };
 }
 
+/** A tool-call piece as OpenAI streams it: id, type and name in the first piece of a call, then arguments. */
+function toolCallChunk(p: ToolCallDelta): ChatCompletionChunk.Choice.Delta.ToolCall {
+  return p.id !== undefined
+    ? { index: p.index, id: p.id, type: "function", function: { name: p.name, arguments: p.arguments } }
+    : { index: p.index, function: { arguments: p.arguments } };
+}
+
 export class ChatFormatter extends BaseFormatter<ChatCompletionChunk, ChatCompletionChunk.Choice, ChatCompletion> {
   protected readonly chunkObject = "chat.completion.chunk";
+
+  /** Adds tool-call pieces to their choice's calls; returns them as chunk parts (undefined if none). */
+  #toolCalls(ev: DeltaEvent): ChatCompletionChunk.Choice.Delta.ToolCall[] | undefined {
+    if (!ev.tool_calls?.length) return undefined;
+    const calls = this.choice(ev.index).toolCalls;
+    for (const p of ev.tool_calls) {
+      if (p.id !== undefined) calls[p.index] = { id: p.id, name: p.name ?? "", arguments: "" };
+      const call = calls[p.index];
+      if (call) call.arguments += p.arguments;
+    }
+    return ev.tool_calls.map(toolCallChunk);
+  }
 
   openingChunks(): ChatCompletionChunk[] {
     return this.choices.map((_, index) =>
@@ -170,12 +196,13 @@ export class ChatFormatter extends BaseFormatter<ChatCompletionChunk, ChatComple
 
   deltaChunk(ev: DeltaEvent): ChatCompletionChunk | null {
     const shown = this.accumulate(ev);
-    if (!shown) return null;
-    const lps = shown.logprobs;
+    const toolCalls = this.#toolCalls(ev);
+    if (!shown && !toolCalls) return null;
+    const lps = shown?.logprobs;
     return this.chunk([
       {
         index: ev.index,
-        delta: { content: ev.text },
+        delta: toolCalls ? { ...(ev.text ? { content: ev.text } : {}), tool_calls: toolCalls } : { content: ev.text },
         logprobs: lps ? { content: lps.map(chatLogprob), refusal: null } : null,
         finish_reason: null,
       },
@@ -195,7 +222,21 @@ export class ChatFormatter extends BaseFormatter<ChatCompletionChunk, ChatComple
       model,
       choices: this.choices.map((c, index) => ({
         index,
-        message: { role: "assistant", content: c.text, refusal: null },
+        message: {
+          role: "assistant",
+          // OpenAI: content is null when the turn is only tool calls
+          content: c.text === "" && c.toolCalls.length > 0 ? null : c.text,
+          refusal: null,
+          ...(c.toolCalls.length > 0
+            ? {
+                tool_calls: c.toolCalls.map((t) => ({
+                  id: t.id,
+                  type: "function" as const,
+                  function: { name: t.name, arguments: t.arguments },
+                })),
+              }
+            : {}),
+        },
         logprobs: this.o.logprobs ? { content: c.logprobs.map(chatLogprob), refusal: null } : null,
         finish_reason: c.finish ?? "stop",
       })),
@@ -206,6 +247,9 @@ export class ChatFormatter extends BaseFormatter<ChatCompletionChunk, ChatComple
 
 // ---------------------------------------------------------------------------------------------------------------
 // Completions
+
+/** Completions take no tools, so never end in tool calls. */
+const completionFinish = (f: FinishReason): CompletionChoice["finish_reason"] => (f === "tool_calls" ? "stop" : f);
 
 export class CompletionFormatter extends BaseFormatter<CompletionChunk, CompletionChunkChoice, Completion> {
   readonly #echo: (string | null)[];
@@ -262,7 +306,9 @@ export class CompletionFormatter extends BaseFormatter<CompletionChunk, Completi
   }
 
   finalChunk(ev: FinalEvent): CompletionChunk {
-    return this.chunk([{ text: "", index: ev.index, logprobs: null, finish_reason: this.finish(ev) }]);
+    return this.chunk([
+      { text: "", index: ev.index, logprobs: null, finish_reason: completionFinish(this.finish(ev)) },
+    ]);
   }
 
   response(usage: Usage): Completion {
@@ -280,7 +326,7 @@ export class CompletionFormatter extends BaseFormatter<CompletionChunk, Completi
         text: c.text,
         index,
         logprobs: this.o.logprobs ? this.#logprobs(index, c.logprobs) : null,
-        finish_reason: c.finish ?? "stop",
+        finish_reason: completionFinish(c.finish ?? "stop"),
       })),
       usage: openAIUsage(usage),
     };

@@ -1,7 +1,8 @@
 /**
- * Request bodies of the OpenAI API as the gateway accepts them. As OpenAI does: unknown fields are ignored
- * (z.object strips them), `null` means "not set", and a wrong type is a 400 naming the parameter. vLLM's sampling
- * extras (top_k, min_p, repetition_penalty, ignore_eos, stop_token_ids) are accepted the way vLLM accepts them.
+ * Request bodies of the OpenAI API as the gateway accepts them. As OpenAI does: an unknown field is a 400 naming it
+ * (`unknown_parameter`; objects are strict, nested ones too), `null` means "not set", and a wrong type is a 400
+ * naming the parameter. Nothing is dropped silently. vLLM's sampling extras (top_k, min_p, repetition_penalty,
+ * ignore_eos, stop_token_ids) are accepted the way vLLM accepts them.
  *
  * @module
  */
@@ -27,6 +28,26 @@ const tokenId = z.number().int().min(0);
 const stopString = z.string().max(MAX_STOP_LENGTH);
 const stop = nullish(z.union([stopString, z.array(stopString).max(MAX_STOP)]));
 
+/** A JSON Schema object; what it may contain is for the worker's grammar engine to judge. */
+const jsonSchema = z.record(z.string(), z.unknown());
+
+/** OpenAI's response_format; the output is constrained token by token on the worker. */
+const responseFormat = nullish(
+  z.discriminatedUnion("type", [
+    z.strictObject({ type: z.literal("text") }),
+    z.strictObject({ type: z.literal("json_object") }),
+    z.strictObject({
+      type: z.literal("json_schema"),
+      json_schema: z.strictObject({
+        name: z.string().regex(/^[a-zA-Z0-9_-]{1,64}$/, "must be 1 to 64 letters, digits, underscores or dashes"),
+        description: z.string().optional(),
+        schema: jsonSchema.optional(),
+        strict: nullish(z.boolean()),
+      }),
+    }),
+  ]),
+);
+
 const logitBias = z
   .record(z.string().regex(/^\d{1,10}$/, "keys must be token ids"), z.number().min(-100).max(100))
   .refine((o) => Object.keys(o).length <= MAX_LOGIT_BIAS, `at most ${MAX_LOGIT_BIAS} entries`);
@@ -47,7 +68,7 @@ const common = {
   logit_bias: nullish(logitBias),
   user: nullish(z.string()),
   stream: nullish(z.boolean()),
-  stream_options: nullish(z.object({ include_usage: nullish(z.boolean()) })),
+  stream_options: nullish(z.strictObject({ include_usage: nullish(z.boolean()) })),
   max_tokens: nullish(z.number().int().min(1)),
   // vLLM extras
   top_k: nullish(z.number().int().min(-1)),
@@ -55,37 +76,85 @@ const common = {
   repetition_penalty: nullish(z.number().min(0.01).max(2)),
   ignore_eos: nullish(z.boolean()),
   stop_token_ids: nullish(z.array(tokenId).max(64)),
+  response_format: responseFormat,
 };
 
-const textPart = z.object({ type: z.string(), text: z.string().optional() }).superRefine((part, ctx) => {
+/** A content part: text only. Another type (image_url, input_audio, file) is a 400 naming the part. */
+const textPart = z.looseObject({ type: z.string(), text: z.string().optional() }).superRefine((part, ctx) => {
   if (part.type !== "text") {
     ctx.addIssue({
       code: "custom",
       path: ["type"],
       message: `Unsupported content part type '${part.type}': this model accepts text only.`,
     });
-  } else if (part.text === undefined) {
+    return;
+  }
+  if (part.text === undefined) {
     ctx.addIssue({ code: "invalid_type", expected: "string", path: ["text"], message: "text is required" });
   }
+  const extra = Object.keys(part).filter((k) => k !== "type" && k !== "text");
+  if (extra.length > 0) ctx.addIssue({ code: "unrecognized_keys", keys: extra, path: [], message: "" });
 });
 
-const chatMessage = z.object({
-  // developer is OpenAI's newer name for system; tool calling is not supported by the engine.
-  role: z.enum(["system", "developer", "user", "assistant"]),
-  content: z.union([z.string(), z.array(textPart), z.null()]),
-  name: nullish(z.string()),
+const toolCall = z.strictObject({
+  id: z.string().min(1),
+  type: z.literal("function"),
+  function: z.strictObject({ name: z.string().min(1), arguments: z.string() }),
 });
 
-export const ChatCompletionRequestSchema = z.object({
+const chatMessage = z
+  .strictObject({
+    // developer is OpenAI's newer name for system
+    role: z.enum(["system", "developer", "user", "assistant", "tool"]),
+    content: z.union([z.string(), z.array(textPart), z.null()]).optional(),
+    name: nullish(z.string()),
+    /** assistant turns: the calls made (content may then be null) */
+    tool_calls: nullish(z.array(toolCall).min(1)),
+    /** tool turns: the call answered */
+    tool_call_id: nullish(z.string().min(1)),
+    /** echoed back with an assistant message taken from a response */
+    refusal: nullish(z.string()),
+  })
+  .superRefine((m, ctx) => {
+    const issue = (path: string, message: string) => ctx.addIssue({ code: "custom", path: [path], message });
+    if (m.tool_calls != null && m.role !== "assistant") issue("tool_calls", "only assistant messages carry tool_calls");
+    if (m.tool_call_id != null && m.role !== "tool") issue("tool_call_id", "only tool messages carry tool_call_id");
+    if (m.role === "tool" && m.tool_call_id == null) {
+      ctx.addIssue({ code: "invalid_type", expected: "string", path: ["tool_call_id"], message: "required" });
+    }
+    if (m.content == null && !(m.role === "assistant" && m.tool_calls != null)) {
+      ctx.addIssue({ code: "invalid_type", expected: "string", path: ["content"], message: "required" });
+    }
+  });
+
+const tool = z.strictObject({
+  type: z.literal("function"),
+  function: z.strictObject({
+    name: z.string().regex(/^[a-zA-Z0-9_-]{1,64}$/, "must be 1 to 64 letters, digits, underscores or dashes"),
+    description: z.string().optional(),
+    parameters: jsonSchema.optional(),
+    strict: nullish(z.boolean()),
+  }),
+});
+
+export const ChatCompletionRequestSchema = z.strictObject({
   ...common,
   messages: z.array(chatMessage).min(1),
   max_completion_tokens: nullish(z.number().int().min(1)),
   logprobs: nullish(z.boolean()),
   top_logprobs: nullish(z.number().int().min(0).max(20)),
+  tools: nullish(z.array(tool).min(1).max(128)),
+  tool_choice: nullish(
+    z.union([
+      z.enum(["none", "auto", "required"]),
+      z.strictObject({ type: z.literal("function"), function: z.strictObject({ name: z.string() }) }),
+    ]),
+  ),
+  parallel_tool_calls: nullish(z.boolean()),
 });
 export type ChatCompletionRequest = z.infer<typeof ChatCompletionRequestSchema>;
 
-export const CompletionRequestSchema = z.object({
+export const CompletionRequestSchema = z.strictObject({
   ...common,
   prompt: z.union([
     z.string(),
@@ -152,6 +221,10 @@ function deepestIssue(issue: z.core.$ZodIssue): z.core.$ZodIssue {
 /** The first issue, as OpenAI reports one: missing parameter, wrong type, or an invalid value, naming `param`. */
 export function toApiError(body: unknown, error: z.ZodError): ApiError {
   const issue = deepestIssue(error.issues[0]!);
+  if (issue.code === "unrecognized_keys") {
+    const param = paramName([...issue.path, issue.keys[0]!]);
+    return errors.invalidRequest(`Unknown parameter: '${param}'.`, param, "unknown_parameter");
+  }
   const param = paramName(issue.path);
   const value = valueAt(body, issue.path);
   if (issue.path.length > 0 && value === undefined) {
@@ -160,6 +233,10 @@ export function toApiError(body: unknown, error: z.ZodError): ApiError {
   if (typeof value === "number" && !Number.isFinite(value)) {
     // JSON numbers like 1e999 parse to Infinity
     return errors.invalidRequest(`Invalid '${param}': expected a finite number.`, param, "invalid_value");
+  }
+  if (issue.code === "invalid_union" && issue.errors.length === 0) {
+    // a discriminator (`type`) with no matching variant
+    return errors.invalidRequest(`Invalid value for '${param}': ${issue.message}.`, param, "invalid_value");
   }
   if (issue.code === "invalid_type" || issue.code === "invalid_union") {
     const expected = issue.code === "invalid_type" ? String(issue.expected) : "one of the documented types";

@@ -49,6 +49,7 @@ export function completionsRoute(deps: InferenceDeps) {
       prompts,
       n,
       sampling: samplingParams(req, maxTokens, { logprobs, topLogprobs: req.logprobs ?? 0 }),
+      ...(req.response_format ? { output: { response_format: req.response_format } } : {}),
       maxTokens,
       maxTokensParam: "max_tokens",
       stream: req.stream === true,

@@ -3,7 +3,7 @@
 import { beforeAll, describe, expect, it } from "vitest";
 import { ensureDefaultModel } from "../model/default-model.ts";
 import { LlamaTokenizer } from "../tokenizer/tokenizer.ts";
-import { GrammarCache, GrammarError, type GrammarSpec, type SequenceGrammar } from "./grammar.ts";
+import { GrammarCache, GrammarError, type GrammarSpec, grammarVocabulary, type SequenceGrammar } from "./grammar.ts";
 
 const EOS = 2;
 let tok: LlamaTokenizer;
@@ -11,7 +11,7 @@ let cache: GrammarCache;
 
 beforeAll(async () => {
   tok = LlamaTokenizer.fromDir(await ensureDefaultModel());
-  cache = GrammarCache.for(tok, 32000, [EOS]);
+  cache = GrammarCache.for(grammarVocabulary(tok, 32000, [EOS]));
   await cache.warmUp();
 }, 120_000);
 
@@ -83,6 +83,63 @@ describe("GrammarCache", () => {
     expect(m.accept(EOS) && m.isTerminated).toBe(true);
   });
 
+  it("keeps bounded numbers inside their bounds (XGrammar alone lets -2.3 into [-2, -1])", async () => {
+    const spec: GrammarSpec = {
+      type: "json_schema",
+      schema: {
+        type: "object",
+        properties: {
+          x: { type: "number", minimum: -2, maximum: -1 },
+          p: { type: "number", exclusiveMinimum: 0, maximum: 1 },
+        },
+        required: ["x", "p"],
+      },
+    };
+    const accepts = async (text: string) => {
+      const m = await cache.matcher(spec);
+      const ok = feed(m, text) && m.accept(EOS) && m.isTerminated;
+      m.dispose();
+      return ok;
+    };
+    expect(await accepts('{"x": -1.5, "p": 0.25}')).toBe(true);
+    expect(await accepts('{"x": -2, "p": 1}')).toBe(true);
+    expect(await accepts('{"x": -2.3, "p": 0.25}')).toBe(false);
+    expect(await accepts('{"x": -1.5, "p": 0}')).toBe(false);
+  });
+
+  it('keeps enum and const choices exact (XGrammar alone lets "coneone" into ["cone", "c"])', async () => {
+    for (const schema of [
+      { enum: ["cone", "c", "ups"] },
+      { anyOf: [{ const: "cone" }, { const: "c" }, { const: 12 }] },
+    ]) {
+      const accepts = async (text: string) => {
+        const m = await cache.matcher({ type: "json_schema", schema });
+        const ok = feed(m, text) && m.accept(EOS) && m.isTerminated;
+        m.dispose();
+        return ok;
+      };
+      expect(await accepts('"cone"')).toBe(true);
+      expect(await accepts('"c"')).toBe(true);
+      expect(await accepts('"coneone"')).toBe(false);
+      expect(await accepts('"co"')).toBe(false);
+    }
+  });
+
+  it("refuses keywords it cannot enforce, naming where they are", async () => {
+    const cases: [Record<string, unknown>, RegExp][] = [
+      [{ type: "array", items: { type: "integer" }, uniqueItems: true }, /the top level: 'uniqueItems'/],
+      [{ type: "object", properties: { n: { type: "integer", multipleOf: 3 } } }, /\/properties\/n: 'multipleOf'/],
+      [{ type: "object", properties: { a: { not: { const: 1 } } } }, /'not'/],
+      [{ type: "object", minProperties: 1 }, /'minProperties'/],
+      [{ pattern: "^a$", minimum: 1 }, /need a single matching 'type'/],
+    ];
+    for (const [schema, reason] of cases) {
+      const err = await cache.matcher({ type: "json_schema", schema }).catch((e) => e);
+      expect(err).toBeInstanceOf(GrammarError);
+      expect((err as Error).message).toMatch(reason);
+    }
+  });
+
   it("compiles a schema once per tokenizer", async () => {
     const spec: GrammarSpec = {
       type: "json_schema",
@@ -91,7 +148,7 @@ describe("GrammarCache", () => {
     const before = { hits: cache.hits, misses: cache.misses };
     await (await cache.matcher(spec)).dispose();
     await (await cache.matcher(spec)).dispose();
-    expect(GrammarCache.for(tok, 32000, [EOS])).toBe(cache);
+    expect(GrammarCache.for(grammarVocabulary(tok, 32000, [EOS]))).toBe(cache);
     expect(cache.misses - before.misses).toBe(1);
     expect(cache.hits - before.hits).toBe(1);
   });
@@ -99,8 +156,8 @@ describe("GrammarCache", () => {
   it("fails a schema XGrammar cannot handle with its reason, and keeps serving (many times over)", async () => {
     const bad: [unknown, RegExp][] = [
       [{ type: "string", pattern: "(?=a)b" }, /Lookahead is not supported/],
-      [{ type: "integer", minimum: 5, maximum: 1 }, /minimum greater than maximum/],
-      [{ type: "wizard" }, /Unsupported type "wizard"/],
+      [{ type: "integer", minimum: 5, maximum: 1 }, /no integer .* fits the bounds/],
+      [{ type: "wizard" }, /'type' must be a JSON type/],
       [{ $ref: "#/definitions/nope" }, /definitions/],
     ];
     for (let round = 0; round < 10; round++) {

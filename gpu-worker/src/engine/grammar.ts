@@ -6,7 +6,8 @@
  * JSON comes out compact, on one line, with `", "` and `": "` separators (what Python's json.dumps writes, and what
  * Llama 3.1's tool calls look like): with free whitespace a model can emit newlines forever inside valid JSON.
  * Schemas are compiled in XGrammar's strict mode, as vLLM does: properties and items the schema does not list are
- * not generated, so every output validates against the schema as given.
+ * not generated, so every output validates against the schema as given. Keywords XGrammar would not enforce are
+ * refused first (json-schema-support.ts).
  *
  * NOTE on failures: XGrammar's WebAssembly build aborts on a schema it cannot convert (an unsupported keyword, a
  * regex with lookahead, minimum > maximum) instead of throwing, and an aborted instance hangs after a few aborts.
@@ -18,6 +19,7 @@
  */
 import { createHash } from "node:crypto";
 import type { LlamaTokenizer } from "../tokenizer/tokenizer.ts";
+import { type PreparedSchema, prepareSchema, sanitizeStringClasses, splice } from "./json-schema-support.ts";
 import {
   type CompiledGrammar,
   type GrammarCompiler,
@@ -109,13 +111,35 @@ const converter = new SchemaConverter();
 // ---------------------------------------------------------------------------------------------------------------
 // Compiling and caching, per tokenizer
 
-/** The vocabulary as XGrammar needs it: each token's raw piece (special tokens as "", which it never allows). */
-function xgrammarVocab(tokenizer: LlamaTokenizer): string[] {
-  const vocab: string[] = [];
+/** What XGrammar needs of a tokenizer: plain data, so that it can cross to the grammar thread. */
+export interface GrammarVocabulary {
+  /** Each token's raw piece by id; special tokens as "" (XGrammar never allows those as text). */
+  pieces: string[];
+  decoding: LlamaTokenizer["decoding"];
+  /** The model's logits size (may exceed the tokenizer's: padded embeddings). */
+  vocabSize: number;
+  /** The tokens that end a sequence; a completed grammar allows only these. */
+  stopTokenIds: number[];
+}
+
+export function grammarVocabulary(
+  tokenizer: LlamaTokenizer,
+  vocabSize: number,
+  stopTokenIds: number[],
+): GrammarVocabulary {
+  const pieces: string[] = [];
   for (let id = 0; id < tokenizer.vocabSize; id++) {
-    vocab.push(tokenizer.isSpecial(id) ? "" : (tokenizer.idToToken(id) ?? ""));
+    pieces.push(tokenizer.isSpecial(id) ? "" : (tokenizer.idToToken(id) ?? ""));
   }
-  return vocab;
+  return { pieces, decoding: tokenizer.decoding, vocabSize, stopTokenIds: [...stopTokenIds] };
+}
+
+/** Identifies a vocabulary: its pieces, their decoding and the stop tokens. */
+export function vocabularyKey(v: GrammarVocabulary): string {
+  return createHash("sha256")
+    .update(JSON.stringify([v.decoding, v.vocabSize, v.stopTokenIds]))
+    .update(v.pieces.join("\u0000"))
+    .digest("hex");
 }
 
 /** Names the grammar's top rule so that `root` can repeat it with a separator. */
@@ -129,6 +153,18 @@ interface Compiled {
   grammar: CompiledGrammar;
 }
 
+/** A cached compilation. An evicted grammar is disposed once no matcher is being created from it. */
+interface CacheEntry {
+  compiled: Promise<Compiled>;
+  /** Matchers being created from it right now. */
+  users: number;
+  evicted: boolean;
+}
+
+function release(entry: CacheEntry): void {
+  if (entry.evicted && entry.users === 0) entry.compiled.then((c) => c.grammar.dispose()).catch(() => {});
+}
+
 /**
  * One tokenizer's compiler and its cache of compiled grammars. Shared by every engine of the process that uses the
  * same vocabulary (the key covers the vocabulary, its decoding and the stop tokens).
@@ -137,32 +173,24 @@ export class GrammarCache {
   static readonly #byTokenizer = new Map<string, GrammarCache>();
 
   /** Compiled grammars by spec (JSON text), least recently used first. */
-  readonly #compiled = new Map<string, Promise<Compiled>>();
+  readonly #compiled = new Map<string, CacheEntry>();
   #compiler: Promise<{ xg: XGrammarModule; compiler: GrammarCompiler }> | null = null;
   /** Compilations served from the cache, and compiled anew. */
   hits = 0;
   misses = 0;
 
-  private constructor(
-    private readonly vocab: string[],
-    private readonly decoding: LlamaTokenizer["decoding"],
-    private readonly vocabSize: number,
-    readonly stopTokenIds: number[],
-  ) {}
+  private constructor(private readonly vocab: GrammarVocabulary) {}
 
-  /**
-   * @param vocabSize the model's logits size (may exceed the tokenizer's: padded embeddings)
-   * @param stopTokenIds the tokens that end a sequence; a completed grammar allows only these
-   */
-  static for(tokenizer: LlamaTokenizer, vocabSize: number, stopTokenIds: number[]): GrammarCache {
-    const vocab = xgrammarVocab(tokenizer);
-    const key = createHash("sha256")
-      .update(JSON.stringify([tokenizer.decoding, vocabSize, stopTokenIds]))
-      .update(vocab.join("\u0000"))
-      .digest("hex");
+  get stopTokenIds(): number[] {
+    return this.vocab.stopTokenIds;
+  }
+
+  /** The cache of `vocab`'s grammars in this thread (one per vocabulary). */
+  static for(vocab: GrammarVocabulary): GrammarCache {
+    const key = vocabularyKey(vocab);
     let cache = GrammarCache.#byTokenizer.get(key);
     if (!cache) {
-      cache = new GrammarCache(vocab, tokenizer.decoding, vocabSize, [...stopTokenIds]);
+      cache = new GrammarCache(vocab);
       GrammarCache.#byTokenizer.set(key, cache);
     }
     return cache;
@@ -176,13 +204,13 @@ export class GrammarCache {
   #getCompiler(): Promise<{ xg: XGrammarModule; compiler: GrammarCompiler }> {
     this.#compiler ??= (async () => {
       const xg = loadXGrammar();
-      const { vocabType, addPrefixSpace } = this.decoding;
+      const { pieces, decoding, vocabSize, stopTokenIds } = this.vocab;
       const info = await xg.TokenizerInfo.createTokenizerInfo(
-        this.vocab,
-        vocabType,
-        addPrefixSpace,
-        this.vocabSize,
-        this.stopTokenIds,
+        pieces,
+        decoding.vocabType,
+        decoding.addPrefixSpace,
+        vocabSize,
+        stopTokenIds,
       );
       // XGrammar's own cache is off: ours is bounded and keyed the same way (spec text, this tokenizer).
       return { xg, compiler: await xg.GrammarCompiler.createGrammarCompiler(info, false) };
@@ -192,6 +220,10 @@ export class GrammarCache {
 
   /** The compiled grammar of `spec`, from the cache when it was compiled before. */
   compile(spec: GrammarSpec): Promise<Compiled> {
+    return this.#entry(spec).compiled;
+  }
+
+  #entry(spec: GrammarSpec): CacheEntry {
     const key = JSON.stringify(spec);
     const cached = this.#compiled.get(key);
     if (cached) {
@@ -201,25 +233,45 @@ export class GrammarCache {
       return cached;
     }
     this.misses++;
-    const compiled = this.#compileUncached(spec);
-    this.#compiled.set(key, compiled);
-    compiled.catch(() => this.#compiled.delete(key));
+    const entry: CacheEntry = { compiled: this.#compileUncached(spec), users: 0, evicted: false };
+    this.#compiled.set(key, entry);
+    entry.compiled.catch(() => {
+      if (this.#compiled.get(key) === entry) this.#compiled.delete(key);
+    });
     while (this.#compiled.size > MAX_CACHED_GRAMMARS) {
       const [oldest, evicted] = this.#compiled.entries().next().value!;
       this.#compiled.delete(oldest);
       // Matchers hold their own reference to the compiled grammar, so running sequences are unaffected.
-      evicted.then((c) => c.grammar.dispose()).catch(() => {});
+      evicted.evicted = true;
+      release(evicted);
     }
-    return compiled;
+    return entry;
   }
 
   async #compileUncached(spec: GrammarSpec): Promise<Compiled> {
+    // A compilation blocks the thread while it runs (tens to hundreds of ms): start each one in its own macrotask,
+    // so that engine steps run between the compilations of a burst of new schemas.
+    await new Promise((resolve) => setImmediate(resolve));
     const { xg, compiler } = await this.#getCompiler();
     if (spec.type === "json_object") {
       const grammar = await compiler.compileJSONSchema(JSON.stringify({ type: "object" }), false, -1, undefined, false);
       return { xg, grammar };
     }
-    let ebnf = await converter.toEbnf(JSON.stringify(spec.schema), true);
+    let prepared: PreparedSchema;
+    let ebnf: string;
+    const refuse = (e: unknown) =>
+      new GrammarError(`the JSON schema cannot be used for constrained decoding: ${(e as Error).message}`);
+    try {
+      prepared = prepareSchema(spec.schema);
+    } catch (e) {
+      throw refuse(e);
+    }
+    const converted = await converter.toEbnf(JSON.stringify(prepared.schema), true);
+    try {
+      ebnf = splice(sanitizeStringClasses(converted), prepared.splices);
+    } catch (e) {
+      throw refuse(e);
+    }
     if (spec.separator !== undefined) ebnf = repeated(ebnf, spec.separator);
     try {
       return { xg, grammar: await compiler.compileGrammar(ebnf) };
@@ -233,8 +285,15 @@ export class GrammarCache {
 
   /** A matcher for one sequence, at the grammar's start. */
   async matcher(spec: GrammarSpec): Promise<SequenceGrammar> {
-    const { xg, grammar } = await this.compile(spec);
-    return new SequenceGrammar(await xg.GrammarMatcher.createGrammarMatcher(grammar, this.stopTokenIds));
+    const entry = this.#entry(spec);
+    entry.users++;
+    try {
+      const { xg, grammar } = await entry.compiled;
+      return new SequenceGrammar(await xg.GrammarMatcher.createGrammarMatcher(grammar, this.stopTokenIds));
+    } finally {
+      entry.users--;
+      release(entry);
+    }
   }
 }
 

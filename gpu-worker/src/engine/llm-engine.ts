@@ -5,7 +5,8 @@ import type { Quantization } from "../model/quantize.ts";
 import { LlamaTokenizer } from "../tokenizer/tokenizer.ts";
 import { IncrementalDetokenizer } from "./detokenizer.ts";
 import { type Device, DeviceError } from "./device.ts";
-import { GrammarCache, type GrammarSpec, type SequenceGrammar } from "./grammar.ts";
+import { type GrammarSpec, grammarVocabulary } from "./grammar.ts";
+import { GrammarWorker } from "./grammar-worker.ts";
 import { KVCacheManager } from "./kv-cache-manager.ts";
 import { createModelBackend, defaultWeightFormat, kvBytesPerToken, type ModelBackend } from "./model-backend.ts";
 import { finishReasonOf, isFinished, Request, RequestStatus } from "./request.ts";
@@ -84,8 +85,8 @@ interface OutputState {
   detok: IncrementalDetokenizer;
   stops: StopStringChecker;
   abortRequested: boolean;
-  /** The request's grammar matcher (constrained decoding), advanced with every output token. */
-  grammar: SequenceGrammar | null;
+  /** The request's matcher in the grammar thread (constrained decoding), advanced with every output token. */
+  grammar: number | null;
 }
 
 /**
@@ -102,7 +103,9 @@ export class LLMEngine {
   /** Set when the device failed for good; every later submit throws it. */
   private deviceError: DeviceError | null = null;
   private onDeviceError: ((err: DeviceError) => void) | undefined;
-  #grammars: GrammarCache | null = null;
+  #grammars: GrammarWorker | null = null;
+  /** Tokens constrained sequences accepted this step, sent to the grammar thread at its end. */
+  #accepted: [matcher: number, token: number][] = [];
 
   private constructor(
     readonly cfg: LlamaConfig,
@@ -228,18 +231,18 @@ export class LLMEngine {
     return channel;
   }
 
-  /** Compiled grammars of this engine's tokenizer (created on first use). */
-  get grammars(): GrammarCache {
-    this.#grammars ??= GrammarCache.for(this.tokenizer, this.cfg.vocabSize, this.cfg.eosTokenIds);
+  /** The grammar thread of this engine's vocabulary (started on first use). */
+  get grammars(): GrammarWorker {
+    this.#grammars ??= GrammarWorker.for(grammarVocabulary(this.tokenizer, this.cfg.vocabSize, this.cfg.eosTokenIds));
     return this.#grammars;
   }
 
   /** Queues the request once its grammar is compiled (or found in the cache); a bad grammar fails its stream. */
   private queueWithGrammar(st: OutputState, spec: GrammarSpec): void {
-    this.grammars.matcher(spec).then(
+    this.grammars.open(spec).then(
       (matcher) => {
         if (isFinished(st.request.status)) {
-          matcher.dispose(); // aborted while compiling
+          this.grammars.close(matcher); // aborted while compiling
           return;
         }
         st.grammar = matcher;
@@ -317,71 +320,65 @@ export class LLMEngine {
     const plan = this.scheduler.schedule();
     if (plan.scheduled.length === 0) return;
     this.stepping = true;
-    let tokens: (SampledToken | SamplingFailure)[];
-    const sampled: OutputState[] = [];
-    const grammarFailures: [OutputState, unknown][] = [];
+    let ran: unknown;
     try {
       await this.runner.copyBlocks(plan.blockCopies);
-      const sampleRows: SamplingRow[] = [];
-      const seqs: StepSequence[] = [];
-      for (const { request, numNewTokens, blockTable } of plan.scheduled) {
+      const temperatures: number[] = [];
+      const seqs: StepSequence[] = plan.scheduled.map(({ request, numNewTokens, blockTable }) => {
         const start = request.numComputedTokens;
         const tokenIds: number[] = [];
         for (let i = start; i < start + numNewTokens; i++) tokenIds.push(request.tokenAt(i));
-        let needLogits = start + numNewTokens === request.numTokens;
-        if (needLogits) {
-          // The grammar's state changes only when a token is accepted, so the mask can be had before the run.
-          const st = this.states.get(request.requestId)!;
-          let allowedTokens: Int32Array | undefined;
-          try {
-            allowedTokens = await st.grammar?.nextTokenBitmask();
-            sampled.push(st);
-            sampleRows.push({
-              params: request.params,
-              rng: request.rng,
-              promptTokenIds: request.promptTokenIds,
-              outputTokenIds: request.outputTokenIds,
-              allowedTokens,
-            });
-          } catch (e) {
-            grammarFailures.push([st, e]); // the sequence still runs this step (its blocks are planned), unsampled
-            needLogits = false;
-          }
-        }
-        seqs.push({ tokenIds, startPos: start, blockTable, needLogits });
-      }
-      tokens = await this.runner.step(seqs, sampleRows);
-    } catch (e) {
-      // Not attributable to one sequence: the step's sequences end (their KV may be half written), nothing else.
-      const err = new EngineStepError(`the engine step failed: ${e instanceof Error ? e.message : String(e)}`, {
-        cause: e,
+        const needLogits = start + numNewTokens === request.numTokens;
+        if (needLogits) temperatures.push(request.params.temperature);
+        return { tokenIds, startPos: start, blockTable, needLogits };
       });
-      for (const { request } of plan.scheduled) {
-        const st = this.states.get(request.requestId);
-        if (st) this.fail(st, err);
-      }
-      if (e instanceof DeviceError && !this.deviceError) {
-        // The device will not come back: end what is queued too, and let the host take this worker out.
-        this.deviceError = e;
-        this.failAll(e);
-        this.onDeviceError?.(e);
-      }
+      ran = await this.runner.run(seqs, temperatures);
+    } catch (e) {
+      this.stepFailed(
+        plan.scheduled.flatMap(({ request }) => this.states.get(request.requestId) ?? []),
+        e,
+      );
       return;
     } finally {
       this.stepping = false;
     }
 
+    const sampled: OutputState[] = [];
     for (const { request, numNewTokens } of plan.scheduled) {
       request.numComputedTokens += numNewTokens;
       this.kv.cacheFullBlocks(request.requestId, request.tokenIds, request.numComputedTokens);
+      if (request.numComputedTokens === request.numTokens) sampled.push(this.states.get(request.requestId)!);
     }
-    for (const [st, e] of grammarFailures) {
-      const message = e instanceof Error ? e.message : String(e);
-      this.fail(st, new EngineSequenceError(`the grammar failed: ${message}`, { cause: e }));
+    // One row per sampled sequence, aligned with the model's rows; a sequence whose grammar failed is sampled
+    // unmasked, then ended (its token is dropped).
+    const masks = await this.grammarMasks(sampled);
+    const grammarFailed = new Map<OutputState, string>();
+    const sampleRows: SamplingRow[] = sampled.map((st) => {
+      const { request } = st;
+      let mask = st.grammar === null ? undefined : masks.get(st.grammar);
+      if (mask !== undefined && !(mask instanceof Int32Array)) {
+        grammarFailed.set(st, mask.failed);
+        mask = undefined;
+      }
+      return {
+        params: request.params,
+        rng: request.rng,
+        promptTokenIds: request.promptTokenIds,
+        outputTokenIds: request.outputTokenIds,
+        allowedTokens: mask,
+      };
+    });
+    let tokens: (SampledToken | SamplingFailure)[];
+    try {
+      tokens = await this.runner.sample(ran, sampleRows);
+    } catch (e) {
+      this.stepFailed(sampled, e);
+      return;
     }
+    for (const [st, failed] of grammarFailed) this.fail(st, new EngineSequenceError(`the grammar failed: ${failed}`));
     let generated = 0;
     sampled.forEach((st, i) => {
-      if (st.abortRequested) return;
+      if (st.abortRequested || grammarFailed.has(st)) return;
       const t = tokens[i];
       if (t.error !== undefined) {
         this.fail(st, new EngineSequenceError(t.error));
@@ -397,8 +394,25 @@ export class LLMEngine {
       generated++;
     });
     if (generated > 0) this.recentTokens.push({ t: performance.now(), n: generated });
+    // The grammar thread computes the next masks while the next step runs.
+    if (this.#accepted.length > 0) {
+      this.grammars.advance(this.#accepted);
+      this.#accepted = [];
+    }
     // Aborts that arrived during the step take effect now, before the next one.
     for (const st of [...this.states.values()]) if (st.abortRequested) this.finish(st, RequestStatus.FINISHED_ABORTED);
+  }
+
+  /** The grammar masks of the constrained sequences about to be sampled (aborts wait until the step ends). */
+  private async grammarMasks(states: OutputState[]): Promise<Map<number, Int32Array | { failed: string }>> {
+    const ids = states.flatMap((st) => (st.grammar === null ? [] : [st.grammar]));
+    if (ids.length === 0) return new Map();
+    this.stepping = true;
+    try {
+      return await this.grammars.masks(ids);
+    } finally {
+      this.stepping = false;
+    }
   }
 
   private appendToken(
@@ -410,14 +424,12 @@ export class LLMEngine {
     const req = st.request;
     const p = req.params;
     req.appendOutput(tokenId);
-    if (st.grammar && !st.grammar.accept(tokenId)) {
-      throw new Error(`token ${tokenId} was sampled outside the request's grammar`);
-    }
-    // A completed grammar ends the sequence with its stop token, ignore_eos or not.
+    // Under its mask a grammar allows a stop token only once complete: that token ends the sequence, ignore_eos or
+    // not; any other token advances the matcher (in the grammar thread, at the end of the step).
+    const grammarDone = st.grammar !== null && this.grammars.stopTokenIds.includes(tokenId);
+    if (st.grammar !== null && !grammarDone) this.#accepted.push([st.grammar, tokenId]);
     const isStopToken =
-      st.grammar?.isTerminated === true ||
-      (!p.ignoreEos && this.cfg.eosTokenIds.includes(tokenId)) ||
-      p.stopTokenIds.includes(tokenId);
+      grammarDone || (!p.ignoreEos && this.cfg.eosTokenIds.includes(tokenId)) || p.stopTokenIds.includes(tokenId);
     let text = "";
     let stopString = false;
     if (!isStopToken) {
@@ -464,7 +476,7 @@ export class LLMEngine {
     if (isFinished(req.status)) return;
     this.scheduler.finish(req, status);
     this.states.delete(req.requestId);
-    st.grammar?.dispose();
+    if (st.grammar !== null) this.grammars.close(st.grammar);
     st.channel.push({
       type: "final",
       finishReason: finishReasonOf(status),
@@ -483,8 +495,25 @@ export class LLMEngine {
     if (isFinished(st.request.status)) return;
     this.scheduler.finish(st.request, RequestStatus.FINISHED_ABORTED);
     this.states.delete(st.request.requestId);
-    st.grammar?.dispose();
+    if (st.grammar !== null) this.grammars.close(st.grammar);
     st.channel.fail(err);
+  }
+
+  /**
+   * A model run (or the device's sampling) that failed is not attributable to one sequence: the step's sequences
+   * end (their KV may be half written), nothing else. A device that failed for good ends everything.
+   */
+  private stepFailed(states: OutputState[], e: unknown): void {
+    const err = new EngineStepError(`the engine step failed: ${e instanceof Error ? e.message : String(e)}`, {
+      cause: e,
+    });
+    for (const st of states) this.fail(st, err);
+    if (e instanceof DeviceError && !this.deviceError) {
+      // The device will not come back: end what is queued too, and let the host take this worker out.
+      this.deviceError = e;
+      this.failAll(e);
+      this.onDeviceError?.(e);
+    }
   }
 
   /** A failure outside any step (a scheduler invariant broke): every request ends, retriably; the engine stays up. */

@@ -19,16 +19,22 @@ import type { SampledToken, SamplingFailure, SamplingRow } from "./sampler.ts";
 import type { StepSequence } from "./step-inputs.ts";
 import { WebGpuRunner } from "./webgpu-runner.ts";
 
-export interface ModelBackend {
+/**
+ * A step is run, then sampled: the engine asks the grammar thread for the step's masks in between, while the
+ * backend keeps what the run produced (`Ran`: host logits on the CPU, a device buffer on the GPU).
+ */
+export interface ModelBackend<Ran = unknown> {
   /** Blocks in the KV pool. */
   readonly numBlocks: number;
   /** Copy whole blocks (copy-on-write of a shared partial block) before a step writes into them. */
   copyBlocks(copies: readonly (readonly [number, number])[]): void | Promise<void>;
+  /** Run one step; `temperatures` has one entry per sequence with `needLogits`, in order. A failed run throws. */
+  run(seqs: readonly StepSequence[], temperatures: readonly number[]): Promise<Ran>;
   /**
-   * Run one step and sample the next token of every sequence with `needLogits`: `rows[i]` belongs to the i-th such
-   * sequence, in order. A row that cannot be sampled comes back as a SamplingFailure; a failed run throws.
+   * Sample the next token of every sequence with `needLogits`: `rows[i]` belongs to the i-th such sequence. A row
+   * that cannot be sampled comes back as a SamplingFailure.
    */
-  step(seqs: readonly StepSequence[], rows: SamplingRow[]): Promise<(SampledToken | SamplingFailure)[]>;
+  sample(ran: Ran, rows: SamplingRow[]): Promise<(SampledToken | SamplingFailure)[]>;
 }
 
 export interface BackendOptions {

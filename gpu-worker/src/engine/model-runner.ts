@@ -121,12 +121,13 @@ export class ModelRunner {
     }
   }
 
-  /** Run one step and sample on the host from its logits (the engine's entry point, see model-backend.ts). */
-  async step(seqs: readonly StepSequence[], rows: SamplingRow[]): Promise<(SampledToken | SamplingFailure)[]> {
-    const out = await this.execute(
-      seqs,
-      rows.map((r) => r.params.temperature),
-    );
+  /** The engine's run (see model-backend.ts). */
+  run(seqs: readonly StepSequence[], temperatures: readonly number[]): Promise<StepOutput> {
+    return this.execute(seqs, temperatures);
+  }
+
+  /** Sample on the host from the run's logits (see model-backend.ts). */
+  async sample(out: StepOutput, rows: SamplingRow[]): Promise<(SampledToken | SamplingFailure)[]> {
     return sampleBatch(out.logits, this.cfg.vocabSize, rows, out);
   }
 

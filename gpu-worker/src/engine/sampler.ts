@@ -174,13 +174,19 @@ function sampleRow(
   probs?: Float32Array,
   rowArgmax?: number,
 ): SampledToken {
+  const p = r.params;
   if (r.allowedTokens !== undefined) {
+    // Plain greedy needs no masked copy: the best allowed token, read straight through the bitmask.
+    const plain = p.temperature < GREEDY_EPS && !p.logprobs && p.topLogprobs === 0 && !hasEdits(r);
+    if (plain) {
+      if (r.rng !== null) r.rng.next(); // one draw per token, as for any row
+      return { tokenId: argmaxAllowed(row, r.allowedTokens) };
+    }
     // The model's probs and argmax describe the unmasked row: a masked row never takes those shortcuts.
     row = maskedCopy(row, r.allowedTokens, s.masked);
     probs = undefined;
     rowArgmax = undefined;
   }
-  const p = r.params;
   const raw = p.logprobs || p.topLogprobs > 0 ? rawLogprobs(row, p.topLogprobs) : null;
   let tokenId: number;
   try {
@@ -202,18 +208,48 @@ function sampleRow(
   return out;
 }
 
+/** Whether logit_bias or a penalty would edit the row. */
+function hasEdits(r: SamplingRow): boolean {
+  const p = r.params;
+  if (p.presencePenalty !== 0 || p.frequencyPenalty !== 0 || p.repetitionPenalty !== 1) return true;
+  for (const _ in p.logitBias) return true;
+  return false;
+}
+
+/** The best token the bitmask allows (lowest id on ties), without copying the row. */
+function argmaxAllowed(row: Float32Array, mask: Int32Array): number {
+  const V = row.length;
+  let best = -1;
+  let m = Number.NEGATIVE_INFINITY;
+  for (let w = 0, base = 0; base < V && w < mask.length; w++, base += 32) {
+    const bits = mask[w];
+    if (bits === 0) continue;
+    const end = Math.min(base + 32, V);
+    for (let id = base; id < end; id++) {
+      if (((bits >>> (id - base)) & 1) !== 0 && (best < 0 || row[id] > m)) {
+        m = row[id];
+        best = id;
+      }
+    }
+  }
+  if (best < 0) throw new RangeError("the grammar bitmask allows no token");
+  return best;
+}
+
 /** `row` with every token the bitmask disallows set to -Infinity, written into `out`. */
 function maskedCopy(row: Float32Array, mask: Int32Array, out: Float32Array): Float32Array {
   const V = row.length;
-  out.set(row);
   let any = 0;
   for (let w = 0, base = 0; base < V; w++, base += 32) {
     const bits = w < mask.length ? mask[w] : 0;
     any |= bits;
-    if (bits === -1) continue;
     const end = Math.min(base + 32, V);
-    if (bits === 0) out.fill(Number.NEGATIVE_INFINITY, base, end);
-    else for (let id = base; id < end; id++) if (((bits >>> (id - base)) & 1) === 0) out[id] = Number.NEGATIVE_INFINITY;
+    if (bits === -1) for (let id = base; id < end; id++) out[id] = row[id];
+    else if (bits === 0) for (let id = base; id < end; id++) out[id] = Number.NEGATIVE_INFINITY;
+    else {
+      for (let id = base; id < end; id++)
+        out[id] = ((bits >>> (id - base)) & 1) === 0 ? Number.NEGATIVE_INFINITY : row[id];
+    }
   }
   if (any === 0) throw new RangeError("the grammar bitmask allows no token");
   return out;

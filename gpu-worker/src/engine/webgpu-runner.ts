@@ -21,7 +21,7 @@ import { buildSamplingHead, NO_MIN_P } from "../model/sampling-head.ts";
 import { DeviceError } from "./device.ts";
 import { DeviceBuffers } from "./device-buffers.ts";
 import { DeviceKvPool } from "./device-kv-pool.ts";
-import { deviceOutputs, isPlainGreedy, sampleFromDevice } from "./device-sampler.ts";
+import { type DeviceSamplingOutputs, deviceOutputs, isPlainGreedy, sampleFromDevice } from "./device-sampler.ts";
 import { type SampledToken, type SamplingFailure, type SamplingRow, sampleBatch } from "./sampler.ts";
 import { buildStepInputs, type StepSequence } from "./step-inputs.ts";
 
@@ -29,6 +29,16 @@ import { buildStepInputs, type StepSequence } from "./step-inputs.ts";
 export interface StepTransfer {
   hostToDevice: number;
   deviceToHost: number;
+}
+
+/** What a run leaves for sampling. */
+export interface DeviceStep {
+  /** S: rows with logits. */
+  numRows: number;
+  /** [S, vocab], a view of the device logits buffer. */
+  logits: ort.Tensor;
+  argmax: BigInt64Array;
+  rowSums: Float32Array;
 }
 
 export interface WebGpuRunnerOptions {
@@ -131,53 +141,72 @@ export class WebGpuRunner {
     this.copiedBytes += await this.pool.copyBlocks(copies, this.opts.blockSize);
   }
 
-  async step(seqs: readonly StepSequence[], rows: SamplingRow[]): Promise<(SampledToken | SamplingFailure)[]> {
+  /** Run the model: its logits stay in the device buffer; the argmax and row sums come back. */
+  async run(seqs: readonly StepSequence[]): Promise<DeviceStep> {
     const inputs = buildStepInputs(seqs, this.opts.blockSize, { padEmptyGroups: true });
     const S = inputs.numRows;
-    const V = this.cfg.vocabSize;
-    // Each row's one uniform draw, taken now: the device draws with it and a host fallback reuses it.
-    const draws = rows.map((r) => (r.rng === null ? Math.random() : r.rng.next()));
     const feeds = inputs.feeds;
     feeds.new_slots = new ort.Tensor("int64", inputs.newSlots, [inputs.numTokens, 1]);
-    // The step's logits land in the device buffer (bound in place); only the argmax and row sums come back.
-    const logits = ort.Tensor.fromGpuBuffer(this.logitsBuffer.gpuBuffer, { dataType: "float32", dims: [S, V] });
+    const logits = ort.Tensor.fromGpuBuffer(this.logitsBuffer.gpuBuffer, {
+      dataType: "float32",
+      dims: [S, this.cfg.vocabSize],
+    });
     const fetches: Record<string, ort.Tensor | null> = { ...this.pool.fetches, argmax: null, logits_sum: null };
     if (S > 0) fetches.logits = logits; // (a step of prefill chunks alone has no row)
     let out: ort.InferenceSession.ReturnType;
-    let sampled: ort.InferenceSession.ReturnType | null = null;
-    const headFeeds: Record<string, ort.Tensor> = {};
     try {
       out = await this.session.run({ ...feeds, ...this.pool.feeds }, fetches);
-      if (S > 0 && !rows.every(isPlainGreedy)) {
-        const inv = new Float32Array(S).fill(1);
-        const minPOffset = new Float32Array(S).fill(NO_MIN_P);
-        rows.forEach(({ params: p }, i) => {
-          if (p.temperature > 0) inv[i] = 1 / p.temperature;
-          if (p.minP > 0 && p.temperature > 0) minPOffset[i] = p.temperature * Math.log(p.minP);
-        });
-        headFeeds.inv_temperature = new ort.Tensor("float32", inv, [S]);
-        headFeeds.uniform = new ort.Tensor(
-          "float32",
-          Float32Array.from(draws, (u) => Math.min(u, MAX_UNIFORM)),
-          [S],
-        );
-        headFeeds.min_p_offset = new ort.Tensor("float32", minPOffset, [S]);
-        sampled = await this.head.run({ ...headFeeds, logits });
-      }
     } catch (e) {
       throw asDeviceError(e);
     }
     for (const name of Object.keys(fetches)) if (fetches[name] !== null) out[name].dispose(); // our buffers' wrappers
-    const downloaded = [out.argmax, out.logits_sum, ...(sampled ? Object.values(sampled) : [])];
-    this.lastStepTransfer = {
-      hostToDevice: this.copiedBytes + hostBytes([...Object.values(feeds), ...Object.values(headFeeds)]),
-      deviceToHost: hostBytes(downloaded),
-    };
+    this.lastStepTransfer = { hostToDevice: 0, deviceToHost: 0 };
+    this.totalTransfer.steps++;
+    this.count(this.copiedBytes + hostBytes(Object.values(feeds)), hostBytes([out.argmax, out.logits_sum]));
     this.copiedBytes = 0;
+    return {
+      numRows: S,
+      logits,
+      argmax: out.argmax.data as BigInt64Array,
+      rowSums: out.logits_sum.data as Float32Array,
+    };
+  }
 
-    const argmax = out.argmax.data as BigInt64Array;
-    const rowSums = out.logits_sum.data as Float32Array;
-    const device = sampled === null ? null : deviceOutputs(sampled, argmax, V);
+  /**
+   * Sample every row: greedy rows take the argmax; any other runs the sampling head on the device buffer and is
+   * finished here from its candidates; rows those cannot settle get their logits gathered and sampled on the host.
+   */
+  async sample(ran: DeviceStep, rows: SamplingRow[]): Promise<(SampledToken | SamplingFailure)[]> {
+    const { numRows: S, logits, argmax, rowSums } = ran;
+    const V = this.cfg.vocabSize;
+    // Each row's one uniform draw: the device draws with it and a host fallback reuses it.
+    const draws = rows.map((r) => (r.rng === null ? Math.random() : r.rng.next()));
+    let device: DeviceSamplingOutputs | null = null;
+    if (S > 0 && !rows.every(isPlainGreedy)) {
+      const inv = new Float32Array(S).fill(1);
+      const minPOffset = new Float32Array(S).fill(NO_MIN_P);
+      rows.forEach(({ params: p }, i) => {
+        if (p.temperature > 0) inv[i] = 1 / p.temperature;
+        if (p.minP > 0 && p.temperature > 0) minPOffset[i] = p.temperature * Math.log(p.minP);
+      });
+      const feeds = {
+        inv_temperature: new ort.Tensor("float32", inv, [S]),
+        uniform: new ort.Tensor(
+          "float32",
+          Float32Array.from(draws, (u) => Math.min(u, MAX_UNIFORM)),
+          [S],
+        ),
+        min_p_offset: new ort.Tensor("float32", minPOffset, [S]),
+      };
+      let head: ort.InferenceSession.ReturnType;
+      try {
+        head = await this.head.run({ ...feeds, logits });
+      } catch (e) {
+        throw asDeviceError(e);
+      }
+      this.count(hostBytes(Object.values(feeds)), hostBytes(Object.values(head)));
+      device = deviceOutputs(head, argmax, V);
+    }
     const tokens: (SampledToken | SamplingFailure | null)[] = rows.map((r, i) => {
       if (!Number.isFinite(rowSums[i])) {
         return { tokenId: -1, error: "the model produced non-finite logits (NaN or infinity) for this sequence" };
@@ -192,8 +221,7 @@ export class WebGpuRunner {
         logits,
         rows: new ort.Tensor("int64", BigInt64Array.from(onHost, BigInt), [onHost.length]),
       });
-      this.lastStepTransfer.hostToDevice += onHost.length * 8;
-      this.lastStepTransfer.deviceToHost += hostBytes([picked.picked]);
+      this.count(onHost.length * 8, hostBytes([picked.picked]));
       const sampled = sampleBatch(
         picked.picked.data as Float32Array,
         V,
@@ -203,10 +231,15 @@ export class WebGpuRunner {
         tokens[i] = sampled[j];
       });
     }
-    this.totalTransfer.steps++;
-    this.totalTransfer.hostToDevice += this.lastStepTransfer.hostToDevice;
-    this.totalTransfer.deviceToHost += this.lastStepTransfer.deviceToHost;
     return tokens as (SampledToken | SamplingFailure)[];
+  }
+
+  /** Bytes moved for the current step (run() starts it), into the step's and the running totals. */
+  private count(up: number, down: number): void {
+    this.lastStepTransfer.hostToDevice += up;
+    this.lastStepTransfer.deviceToHost += down;
+    this.totalTransfer.hostToDevice += up;
+    this.totalTransfer.deviceToHost += down;
   }
 
   async release(): Promise<void> {

@@ -71,15 +71,17 @@ async function main(init: ThreadInit): Promise<void> {
     try {
       const { prompt, output, ...rest } = req;
       const chat = typeof prompt === "string" || Array.isArray(prompt) ? null : prompt;
+      // Rendered first: a template without tool support is the more basic refusal.
+      const promptIds = chat
+        ? engine.tokenizer.encodeChat(chat.messages, {
+            addGenerationPrompt: chat.addGenerationPrompt,
+            tools: chat.tools,
+          })
+        : (prompt as string | number[]);
       plan = planOutput(engine.tokenizer, output ?? {}, chat?.tools);
       const engineReq: EngineRequest = {
         ...rest,
-        prompt: chat
-          ? engine.tokenizer.encodeChat(chat.messages, {
-              addGenerationPrompt: chat.addGenerationPrompt,
-              tools: chat.tools,
-            })
-          : (prompt as string | number[]),
+        prompt: promptIds,
         ...(plan.grammar ? { grammar: plan.grammar } : {}),
       };
       const events = engine.submit(engineReq);

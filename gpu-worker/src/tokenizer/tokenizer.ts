@@ -25,6 +25,7 @@ export interface ChatMessage {
   content: string | null;
   tool_calls?: ChatToolCall[];
   tool_call_id?: string;
+  name?: string;
 }
 
 /** A function the model may call, as OpenAI and transformers' `apply_chat_template(tools=...)` describe it. */
@@ -365,6 +366,7 @@ export class LlamaTokenizer {
 function templateMessage(m: ChatMessage, i: number): Record<string, unknown> {
   const out: Record<string, unknown> = { role: m.role, content: m.content };
   if (m.tool_call_id !== undefined) out.tool_call_id = m.tool_call_id;
+  if (m.name !== undefined) out.name = m.name;
   if (m.tool_calls !== undefined) {
     out.tool_calls = m.tool_calls.map((c, j) => {
       let args: unknown;
