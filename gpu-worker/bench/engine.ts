@@ -1,26 +1,31 @@
 /**
- * `npm run bench:engine [-- --quick] [-- --json] [-- --only <section>]`: offline engine benchmarks on the generated
- * models (sections: throughput, weights, quality, ttft, sampling, structured, mixed, pool, kv, prefix, bandwidth, big).
+ * `npm run bench:engine [-- --quick] [-- --json] [-- --device cpu|cuda|webgpu] [-- --only <section>]`: offline engine
+ * benchmarks on the generated models (sections: throughput, weights, quality, ttft, sampling, structured, mixed, pool,
+ * kv, prefix, bandwidth, big).
  * Prints a table; with --json the last line is one JSON object holding every figure (names in the README).
  * Ratios are measured within one run, since absolute numbers move with whatever else the machine does.
  */
+
 import { existsSync } from "node:fs";
 import { cpus, totalmem } from "node:os";
 import { join } from "node:path";
 import onnxPkg from "onnx-proto";
 import * as ort from "onnxruntime-node";
 import { LLMEngine } from "../src/engine/llm-engine.ts";
-import { ModelRunner } from "../src/engine/model-runner.ts";
+import { kvBytesPerToken } from "../src/engine/model-backend.ts";
 import type { SamplingParams } from "../src/engine/types.ts";
+import type { WebGpuRunner } from "../src/engine/webgpu-runner.ts";
 import { loadLlamaConfig } from "../src/model/config.ts";
 import { cacheDir, ensureDefaultModel } from "../src/model/default-model.ts";
 import { writeRandomLlama } from "../src/model/random-model.ts";
 import { LlamaWeights } from "../src/model/weights.ts";
 
 import {
+  backend,
   big,
   decode,
   decodeThroughput,
+  device,
   json,
   log,
   only,
@@ -36,7 +41,7 @@ import { bigModelRows, qualityRows, weightFormatTable } from "./weight-formats.t
 
 async function throughputTable(shape: "default" | "bench", sizes: number[], tokens: number) {
   const dir = await ensureDefaultModel(shape, { quiet: true });
-  const engine = await LLMEngine.create({ numThreads: threads, modelDir: dir, maxNumSeqs: Math.max(...sizes) });
+  const engine = await LLMEngine.create({ ...backend, modelDir: dir, maxNumSeqs: Math.max(...sizes) });
   await decodeThroughput(engine, 2, 4); // warm-up
   const base = await decodeThroughput(engine, 1, tokens);
   log(`\n## Decode throughput, ${shape} model (${tokens} tokens per stream)`);
@@ -52,7 +57,7 @@ async function throughputTable(shape: "default" | "bench", sizes: number[], toke
 /** What sampling costs on top of greedy decoding: 32 streams on the default model (where it weighs most). */
 async function samplingCost() {
   const dir = await ensureDefaultModel("default", { quiet: true });
-  const engine = await LLMEngine.create({ numThreads: threads, modelDir: dir, maxNumSeqs: 32 });
+  const engine = await LLMEngine.create({ ...backend, modelDir: dir, maxNumSeqs: 32 });
   await decodeThroughput(engine, 4, 4);
   const tokens = quick ? 24 : 64;
   const modes: [string, string, Partial<SamplingParams>][] = [
@@ -83,7 +88,7 @@ async function mixedWorkload() {
   log("| max_num_batched_tokens | inter-token p50 | inter-token p99 | new prompts' TTFT p50 |\n|---:|---:|---:|---:|");
   for (const budget of [256, 1024]) {
     const engine = await LLMEngine.create({
-      numThreads: threads,
+      ...backend,
       modelDir: dir,
       maxNumSeqs: 16,
       maxNumBatchedTokens: budget,
@@ -138,7 +143,7 @@ async function mixedWorkload() {
  */
 async function ttftUnderLoad() {
   const dir = await ensureDefaultModel("bench", { quiet: true });
-  const engine = await LLMEngine.create({ numThreads: threads, modelDir: dir, maxNumSeqs: 32 });
+  const engine = await LLMEngine.create({ ...backend, modelDir: dir, maxNumSeqs: 32 });
   await decodeThroughput(engine, 4, 4);
   const stepMs = 1000 / ((await decodeThroughput(engine, 32, quick ? 16 : 32)) / 32);
   const chunkTimes: number[] = [];
@@ -184,31 +189,59 @@ async function ttftUnderLoad() {
   record("ttft_load_bound_ms", stepMs + chunkMs, 1);
 }
 
-/** Mean step time of the same 32-sequence decode batch with a pool 1× and 8× as large. */
+/**
+ * Mean step time of the same 32-sequence decode batch with a pool 1× and 8× as large; on webgpu also the bytes each
+ * step moved between host and device (the runner counts what it uploads and downloads).
+ */
 async function poolSizeIndependence() {
   const dir = await ensureDefaultModel("default", { quiet: true });
   const cfg = loadLlamaConfig(dir);
-  const perBlock = ModelRunner.kvBytesPerToken(cfg) * 16;
+  const perBlock = kvBytesPerToken(cfg, device) * 16;
   const time = async (numBlocks: number) => {
     const engine = await LLMEngine.create({
-      numThreads: threads,
+      ...backend,
       modelDir: dir,
       maxNumSeqs: 32,
       kvCacheBytes: numBlocks * perBlock,
     });
     await decodeThroughput(engine, 32, 4);
-    return 1000 / ((await decodeThroughput(engine, 32, quick ? 24 : 64)) / 32); // ms per step
+    const transfer = device === "webgpu" ? (Reflect.get(engine, "runner") as WebGpuRunner).totalTransfer : null;
+    const before = transfer ? { ...transfer } : null;
+    const ms = 1000 / ((await decodeThroughput(engine, 32, quick ? 24 : 64)) / 32); // ms per step
+    const perStep =
+      transfer && before
+        ? {
+            up: (transfer.hostToDevice - before.hostToDevice) / (transfer.steps - before.steps),
+            down: (transfer.deviceToHost - before.deviceToHost) / (transfer.steps - before.steps),
+          }
+        : null;
+    return { ms, perStep };
   };
   const small = await time(32 * 16);
   const large = await time(8 * 32 * 16);
-  log("\n## Step time vs pool size (default model, 32 decoding sequences)");
-  log(
-    `| pool | ms/step |\n|---:|---:|\n| 1× (${32 * 16} blocks) | ${small.toFixed(2)} |\n| 8× (${8 * 32 * 16} blocks) | ${large.toFixed(2)} |`,
-  );
-  log(`ratio 8×/1×: ${(large / small).toFixed(3)} (target ≤ 1.1)`);
-  record("pool_step_ms_1x", small);
-  record("pool_step_ms_8x", large);
-  record("pool_step_ratio_8x_vs_1x", large / small, 3);
+  const pool = (blocks: number) => `${blocks} blocks, ${((blocks * perBlock) / 2 ** 20).toFixed(0)} MiB`;
+  log(`\n## Step time vs pool size (default model, 32 decoding sequences, ${device})`);
+  if (device === "webgpu") {
+    log("| pool | ms/step | host→device B/step | device→host B/step |\n|---:|---:|---:|---:|");
+    for (const [label, r] of [
+      [`1× (${pool(32 * 16)})`, small],
+      [`8× (${pool(8 * 32 * 16)})`, large],
+    ] as const) {
+      log(`| ${label} | ${r.ms.toFixed(2)} | ${r.perStep?.up.toFixed(0)} | ${r.perStep?.down.toFixed(0)} |`);
+    }
+    record("pool_bytes_up_per_step_1x", small.perStep?.up ?? 0, 0);
+    record("pool_bytes_up_per_step_8x", large.perStep?.up ?? 0, 0);
+    record("pool_bytes_down_per_step_1x", small.perStep?.down ?? 0, 0);
+    record("pool_bytes_down_per_step_8x", large.perStep?.down ?? 0, 0);
+  } else {
+    log(
+      `| pool | ms/step |\n|---:|---:|\n| 1× (${pool(32 * 16)}) | ${small.ms.toFixed(2)} |\n| 8× (${pool(8 * 32 * 16)}) | ${large.ms.toFixed(2)} |`,
+    );
+  }
+  log(`ratio 8×/1×: ${(large.ms / small.ms).toFixed(3)} (target ≤ 1.1)`);
+  record("pool_step_ms_1x", small.ms);
+  record("pool_step_ms_8x", large.ms);
+  record("pool_step_ratio_8x_vs_1x", large.ms / small.ms, 3);
 }
 
 /**
@@ -234,11 +267,11 @@ async function kvMemory() {
     });
   }
   const cfg = loadLlamaConfig(dir);
-  const perBlock = ModelRunner.kvBytesPerToken(cfg) * 16;
+  const perBlock = kvBytesPerToken(cfg, device) * 16;
   const numBlocks = 1024;
   const maxLen = cfg.maxPositionEmbeddings;
   const engine = await LLMEngine.create({
-    numThreads: threads,
+    ...backend,
     modelDir: dir,
     maxNumSeqs: 64,
     maxNumBatchedTokens: 2048,
@@ -294,7 +327,7 @@ async function prefixTtft() {
   const prefix = promptOf(prefixLen, 1);
   const ttft = async (caching: boolean) => {
     const engine = await LLMEngine.create({
-      numThreads: threads,
+      ...backend,
       modelDir: dir,
       maxNumSeqs: 8,
       maxNumBatchedTokens: 2048,
@@ -391,7 +424,7 @@ async function bandwidthUtilisation() {
     if (t.name !== "model.embed_tokens.weight") params += t.shape.reduce((a, b) => a * b, 1);
   if (cfg.tieWordEmbeddings) params += cfg.vocabSize * cfg.hiddenSize;
   const bytesPerToken = params * 4;
-  const engine = await LLMEngine.create({ numThreads: threads, modelDir: dir, maxNumSeqs: 1 });
+  const engine = await LLMEngine.create({ ...backend, modelDir: dir, maxNumSeqs: 1 });
   await decodeThroughput(engine, 1, 4);
   const tps = await decodeThroughput(engine, 1, quick ? 32 : 128);
   const bw = await readBandwidth();
@@ -409,13 +442,19 @@ async function bandwidthUtilisation() {
   record("bw_utilisation_pct", frac * 100, 1);
 }
 
-log(`# llama-edge engine benchmark${quick ? " (quick)" : ""}`);
+log(`# llama-edge engine benchmark${quick ? " (quick)" : ""}, --device ${device}`);
 log(
   `machine: ${cpus().length} × ${cpus()[0]?.model ?? "cpu"}, ${(totalmem() / 2 ** 30).toFixed(0)} GiB, node ${process.version}, onnxruntime-node ${ort.env.versions.node}, ${threads} intra-op threads`,
 );
 results.machine = `${cpus().length}x ${cpus()[0]?.model ?? "cpu"}`;
+results.device = device;
 results.threads = threads;
 results.mode = quick ? "quick" : "full";
+// quantization quality and the memory-bandwidth roofline are properties of the CPU provider
+const cpuOnly = (name: string, run: () => Promise<unknown>) => async () => {
+  if (device === "cpu") await run();
+  else log(`\n(${name}: CPU provider only, skipped on ${device})`);
+};
 /** Sections in run order; `--only <name>` (repeatable) runs just those. */
 const SECTIONS: Record<string, () => Promise<unknown>> = {
   throughput: async () => {
@@ -423,7 +462,7 @@ const SECTIONS: Record<string, () => Promise<unknown>> = {
     await throughputTable("bench", quick ? [1, 32] : [1, 8, 32, 64], quick ? 16 : 48);
   },
   weights: weightFormatTable,
-  quality: qualityRows,
+  quality: cpuOnly("quantized quality", qualityRows),
   ttft: ttftUnderLoad,
   sampling: samplingCost,
   structured: structuredOutput,
@@ -431,9 +470,10 @@ const SECTIONS: Record<string, () => Promise<unknown>> = {
   pool: poolSizeIndependence,
   kv: kvMemory,
   prefix: prefixTtft,
-  bandwidth: bandwidthUtilisation,
+  bandwidth: cpuOnly("decode vs memory bandwidth", bandwidthUtilisation),
 };
 for (const [name, run] of Object.entries(SECTIONS)) if (!only || only.includes(name)) await run();
-if (big && (!only || only.includes("big"))) await bigModelRows();
+if (device !== "cpu") log("\n(llama2-7b rows: CPU provider only)");
+else if (big && (!only || only.includes("big"))) await bigModelRows();
 else if (!only) log("\n(llama2-7b rows skipped: run with --big; they generate a 13 GB random checkpoint once)");
 if (json) log(JSON.stringify(results));

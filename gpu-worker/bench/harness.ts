@@ -6,6 +6,7 @@
  */
 import { availableParallelism } from "node:os";
 import { parseArgs } from "node:util";
+import { DEVICES, type Device, isDevice } from "../src/engine/device.ts";
 import type { GrammarSpec } from "../src/engine/grammar.ts";
 import type { LLMEngine } from "../src/engine/llm-engine.ts";
 import type { SamplingParams } from "../src/engine/types.ts";
@@ -16,6 +17,7 @@ const { values: args } = parseArgs({
     json: { type: "boolean" },
     threads: { type: "string" },
     big: { type: "boolean" },
+    device: { type: "string" },
     only: { type: "string", multiple: true },
   },
   allowPositionals: true, // big-model-child.ts passes its own
@@ -29,6 +31,12 @@ export const big = args.big ?? false;
 /** ONNX Runtime intra-op threads of every engine in the run: `--threads`, else LLAMA_THREADS, else every core. */
 export const threads = Number(args.threads ?? process.env.LLAMA_THREADS ?? availableParallelism());
 if (!Number.isInteger(threads) || threads < 1) throw new Error(`--threads must be an integer >= 1, got ${threads}`);
+
+/** `--device cpu|cuda|webgpu` (default cpu): where every engine of the run executes. */
+export const device = (args.device ?? "cpu") as Device;
+if (!isDevice(device)) throw new Error(`--device must be one of ${DEVICES.join(", ")}, got ${device}`);
+/** Options every engine of the run shares. */
+export const backend = { numThreads: threads, executionProvider: device } as const;
 
 export const results: Record<string, number | string> = {};
 export const log = (line: string) => process.stdout.write(`${line}\n`);

@@ -7,7 +7,7 @@
 import type { GrammarSpec } from "../src/engine/grammar.ts";
 import { LLMEngine } from "../src/engine/llm-engine.ts";
 import { ensureDefaultModel } from "../src/model/default-model.ts";
-import { decodeThroughput, log, quick, record, threads } from "./harness.ts";
+import { backend, decodeThroughput, log, quick, record } from "./harness.ts";
 
 /** A typical structured-output schema: a record with bounded strings, numbers, an enum and a list. */
 const PERSON_SCHEMA = {
@@ -33,7 +33,7 @@ const PERSON_SCHEMA = {
  */
 export async function structuredOutput() {
   const dir = await ensureDefaultModel("default", { quiet: true });
-  const engine = await LLMEngine.create({ numThreads: threads, modelDir: dir, maxNumSeqs: 32 });
+  const engine = await LLMEngine.create({ ...backend, modelDir: dir, maxNumSeqs: 32 });
   let t = performance.now();
   await engine.grammars.warmUp();
   const initMs = performance.now() - t;

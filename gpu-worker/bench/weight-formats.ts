@@ -15,11 +15,12 @@ import type { Quantization } from "../src/model/quantize.ts";
 import { PUBLISHED_SHAPES, writeRandomLlama } from "../src/model/random-model.ts";
 import { ParamsProgress } from "../src/random-model-command.ts";
 import { allLogits, compare } from "../test/quantized-quality.ts";
-import { decodeThroughput, log, quick, record, threads } from "./harness.ts";
+import { backend, decodeThroughput, device, log, quick, record, threads } from "./harness.ts";
 
-const FORMATS: Quantization[] = ["none", "int8", "int4"];
+/** f16 weights are for devices that multiply in f16 (the CPU provider has no fast f16 kernel). */
+const FORMATS: Quantization[] = device === "cpu" ? ["none", "int8", "int4"] : ["none", "f16", "int8", "int4"];
 /** llama.cpp `llama-bench tg128` on this machine kind, 2 threads, same random bench-shape weights (issue 9). */
-const LLAMA_CPP_TPS: Record<Quantization, [string, number]> = {
+const LLAMA_CPP_TPS: Partial<Record<Quantization, [string, number]>> = {
   none: ["F32", 96],
   int8: ["Q8_0", 177],
   int4: ["Q4_0", 206],
@@ -33,11 +34,11 @@ export async function weightFormatTable(): Promise<void> {
   log("| weights | 1 stream | 32 streams | llama.cpp, 1 stream (issue 9's figure, same machine kind) |");
   log("|---|---:|---:|---:|");
   for (const q of FORMATS) {
-    const engine = await LLMEngine.create({ modelDir: dir, maxNumSeqs: 32, quantization: q, numThreads: threads });
+    const engine = await LLMEngine.create({ modelDir: dir, maxNumSeqs: 32, quantization: q, ...backend });
     await decodeThroughput(engine, 2, 4);
     const one = await decodeThroughput(engine, 1, quick ? 24 : 64);
     const many = await decodeThroughput(engine, 32, quick ? 16 : 48);
-    const [name, ref] = LLAMA_CPP_TPS[q];
+    const [name, ref] = LLAMA_CPP_TPS[q] ?? ["—", ""];
     log(`| ${q === "none" ? "f32" : q} | ${one.toFixed(1)} | ${many.toFixed(1)} | ${name} ${ref} |`);
     record(`format_${q}_tps_1`, one, 1);
     record(`format_${q}_tps_32`, many, 1);

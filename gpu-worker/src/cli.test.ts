@@ -87,7 +87,7 @@ describe("llama-worker generate", () => {
     }
     const bad = run("generate", "--quantization", "int3");
     expect(bad.status).toBe(1);
-    expect(bad.stderr).toMatch(/--quantization must be one of none, int8, int4, got "int3"/);
+    expect(bad.stderr).toMatch(/--quantization must be one of none, f16, int8, int4, got "int3"/);
     const threads = run("generate", "--threads", "0");
     expect(threads.status).toBe(1);
     expect(threads.stderr).toMatch(/--threads must be an integer >= 1/);

@@ -1,6 +1,7 @@
 import { readFileSync } from "node:fs";
 import { parseArgs } from "node:util";
 import cliProgress from "cli-progress";
+import { DEVICES, DeviceError, isDevice } from "./engine/device.ts";
 import { type EngineOptions, EngineRequestError, LLMEngine } from "./engine/llm-engine.ts";
 import { ExecutionProviderError } from "./engine/model-runner.ts";
 import { SamplingParamError } from "./engine/sampling-params.ts";
@@ -35,8 +36,9 @@ generate options:
                              {"prompt_token_ids","token_ids","text","finish_reason","cached_tokens"}
   --max-num-seqs <n>  --max-num-batched-tokens <n>  --block-size <n>  --kv-cache-bytes <n>
   --no-prefix-caching        Disable automatic prefix caching
-  --device <cpu|cuda>        ONNX Runtime execution provider (default cpu)
-  --quantization <q>         Weight format: none (f32), int8 or int4 (default none; env LLAMA_QUANTIZATION)
+  --device <cpu|cuda|webgpu> Where the model runs (default cpu; webgpu keeps weights and KV cache on the GPU)
+  --quantization <q>         Weights: none (f32), f16, int8 or int4 (default f16 on webgpu where
+                             the GPU runs it, else none; env LLAMA_QUANTIZATION)
   --threads <n>              ONNX Runtime intra-op threads (default: every core; env LLAMA_THREADS)
 `;
 
@@ -69,7 +71,8 @@ export async function main(argv: string[]): Promise<number> {
       e instanceof ModelLoadError ||
       e instanceof SamplingParamError ||
       e instanceof EngineRequestError ||
-      e instanceof ExecutionProviderError
+      e instanceof ExecutionProviderError ||
+      e instanceof DeviceError
     ) {
       process.stderr.write(`llama-worker: ${e.message}\n`);
       return 1;
@@ -164,8 +167,8 @@ async function generate(argv: string[]): Promise<number> {
   if (source.kind === "default" && !values.json)
     process.stderr.write("Using the generated default model: random weights, the output is meaningless.\n");
   const device = values.device ?? "cpu";
-  if (device !== "cpu" && device !== "cuda")
-    throw new SamplingParamError("device", `--device must be cpu or cuda, got "${device}"`);
+  if (!isDevice(device))
+    throw new SamplingParamError("device", `--device must be one of ${DEVICES.join(", ")}, got "${device}"`);
   const engineOpts: EngineOptions = {
     modelDir,
     maxNumSeqs: num("max-num-seqs", values["max-num-seqs"]),

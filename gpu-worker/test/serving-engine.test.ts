@@ -6,13 +6,15 @@ import { mkdtempSync, readdirSync, readFileSync, rmSync, symlinkSync, writeFileS
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import type { Device } from "../src/engine/device.ts";
 import { type EngineOptions, EngineRequestError, LLMEngine } from "../src/engine/llm-engine.ts";
-import { ModelRunner } from "../src/engine/model-runner.ts";
+import { kvBytesPerToken } from "../src/engine/model-backend.ts";
 import { SamplingParamError } from "../src/engine/sampling-params.ts";
 import type { EngineEvent, FinishReason, SamplingParams } from "../src/engine/types.ts";
 import { loadLlamaConfig } from "../src/model/config.ts";
 import { ensureDefaultModel } from "../src/model/default-model.ts";
 import { writeRandomLlama } from "../src/model/random-model.ts";
+import { writeGqaModel } from "./gqa-model.ts";
 
 interface Result {
   tokenIds: number[];
@@ -47,70 +49,137 @@ function prompts(n: number): number[][] {
   });
 }
 
-let modelDir: string;
-let kvBytesPerBlock: number;
-const engines: LLMEngine[] = [];
-async function engine(opts: Partial<EngineOptions> = {}): Promise<LLMEngine> {
-  const e = await LLMEngine.create({ modelDir, ...opts });
-  engines.push(e);
-  return e;
-}
+/**
+ * The backends the serving behaviours run on. WebGPU runs on whatever Vulkan driver the machine has (Mesa's lavapipe
+ * in CI, a CPU implementation where a step takes ~0.1 s), so it gets a small GQA model and fewer, shorter requests.
+ */
+const BACKENDS: { device: Device; numPrompts: number; maxTokens: number; model: () => Promise<string> }[] = [
+  { device: "cpu", numPrompts: 12, maxTokens: 24, model: () => ensureDefaultModel("default", { quiet: true }) },
+  { device: "webgpu", numPrompts: 4, maxTokens: 8, model: async () => smallGqaModel() },
+];
 
-beforeAll(async () => {
-  modelDir = await ensureDefaultModel("default", { quiet: true });
-  kvBytesPerBlock = ModelRunner.kvBytesPerToken(loadLlamaConfig(modelDir)) * 16;
+const removals: (() => void)[] = [];
+afterAll(() => {
+  for (const remove of removals) remove();
 });
 
-describe("continuous batching", () => {
-  let alone: Result[];
-  const ps = prompts(12);
+function smallGqaModel(): string {
+  const { dir, remove } = writeGqaModel();
+  removals.push(remove);
+  return dir;
+}
+
+/** The sampling tests below run on the CPU provider with the default model. */
+async function engine(opts: Partial<EngineOptions> = {}): Promise<LLMEngine> {
+  return LLMEngine.create({ modelDir: await ensureDefaultModel("default", { quiet: true }), ...opts });
+}
+
+describe.each(BACKENDS)("on $device", ({ device, numPrompts, maxTokens, model }) => {
+  let modelDir: string;
+  let kvBytesPerBlock: number;
+  async function engine(opts: Partial<EngineOptions> = {}): Promise<LLMEngine> {
+    return LLMEngine.create({ modelDir, executionProvider: device, ...opts });
+  }
   beforeAll(async () => {
-    const e = await engine({ maxNumSeqs: 1 });
-    alone = [];
-    for (const [i, p] of ps.entries())
-      alone.push(await collect(e.submit({ requestId: `a${i}`, prompt: p, sampling: greedy(24) })));
+    modelDir = await model();
+    kvBytesPerBlock = kvBytesPerToken(loadLlamaConfig(modelDir), device) * 16;
   });
 
-  it("N concurrent greedy requests produce exactly the tokens each produces alone", async () => {
-    const e = await engine({ maxNumSeqs: 16 });
-    const together = await Promise.all(
-      ps.map((p, i) => collect(e.submit({ requestId: `c${i}`, prompt: p, sampling: greedy(24) }))),
-    );
-    expect(together.map((r) => r.tokenIds)).toEqual(alone.map((r) => r.tokenIds));
-    expect(together.map((r) => r.text)).toEqual(alone.map((r) => r.text));
+  describe("continuous batching", () => {
+    let alone: Result[];
+    const ps = prompts(numPrompts);
+    beforeAll(async () => {
+      const e = await engine({ maxNumSeqs: 1 });
+      alone = [];
+      for (const [i, p] of ps.entries())
+        alone.push(await collect(e.submit({ requestId: `a${i}`, prompt: p, sampling: greedy(maxTokens) })));
+    });
+
+    it("N concurrent greedy requests produce exactly the tokens each produces alone", async () => {
+      const e = await engine({ maxNumSeqs: 16 });
+      const together = await Promise.all(
+        ps.map((p, i) => collect(e.submit({ requestId: `c${i}`, prompt: p, sampling: greedy(maxTokens) }))),
+      );
+      expect(together.map((r) => r.tokenIds)).toEqual(alone.map((r) => r.tokenIds));
+      expect(together.map((r) => r.text)).toEqual(alone.map((r) => r.text));
+    });
+
+    it("chunked prefill forced by a tiny token budget changes nothing", async () => {
+      const e = await engine({ maxNumSeqs: 16, maxNumBatchedTokens: 7 });
+      const together = await Promise.all(
+        ps.map((p, i) => collect(e.submit({ requestId: `k${i}`, prompt: p, sampling: greedy(maxTokens) }))),
+      );
+      expect(together.map((r) => r.tokenIds)).toEqual(alone.map((r) => r.tokenIds));
+    });
+
+    it("preemption forced by a tiny pool loses, duplicates and changes no token", async () => {
+      // a pool of one 16-token block per sequence, for sequences of up to 3 or 5 blocks: most must be preempted
+      const e = await engine({
+        maxNumSeqs: 16,
+        kvCacheBytes: numPrompts * kvBytesPerBlock,
+        enablePrefixCaching: false,
+      });
+      const together = await Promise.all(
+        ps.map((p, i) => collect(e.submit({ requestId: `p${i}`, prompt: p, sampling: greedy(maxTokens) }))),
+      );
+      expect(e.stats().preempted).toBeGreaterThan(0);
+      expect(together.map((r) => r.tokenIds)).toEqual(alone.map((r) => r.tokenIds));
+      expect(together.map((r) => r.text)).toEqual(alone.map((r) => r.text));
+      expect(e.stats().kvBlocksUsed).toBe(0);
+    });
+
+    it("a request joins a running batch between steps and leaves at once when done", async () => {
+      const e = await engine({ maxNumSeqs: 8 });
+      const long = collect(e.submit({ requestId: "long", prompt: ps[0], sampling: greedy(maxTokens + 16) }));
+      await new Promise((r) => setTimeout(r, 20));
+      const short = await collect(e.submit({ requestId: "short", prompt: ps[1], sampling: greedy(3) }));
+      expect(e.stats().running).toBe(1); // the short one left while the long one still runs
+      expect(short.tokenIds).toEqual(alone[1].tokenIds.slice(0, 3));
+      expect((await long).tokenIds).toEqual(
+        (
+          await collect(
+            (
+              await engine({ maxNumSeqs: 1 })
+            ).submit({ requestId: "l", prompt: ps[0], sampling: greedy(maxTokens + 16) }),
+          )
+        ).tokenIds,
+      );
+    });
   });
 
-  it("chunked prefill forced by a tiny token budget changes nothing", async () => {
-    const e = await engine({ maxNumSeqs: 16, maxNumBatchedTokens: 7 });
-    const together = await Promise.all(
-      ps.map((p, i) => collect(e.submit({ requestId: `k${i}`, prompt: p, sampling: greedy(24) }))),
-    );
-    expect(together.map((r) => r.tokenIds)).toEqual(alone.map((r) => r.tokenIds));
+  describe("prefix caching", () => {
+    it("a prefix-cache hit changes no output and skips the cached prefill", async () => {
+      const e = await engine({ maxNumSeqs: 4 });
+      const shared = [1, ...Array.from({ length: 70 }, (_, j) => 500 + j)];
+      const a = await collect(e.submit({ requestId: "x1", prompt: [...shared, 42, 43], sampling: greedy(10) }));
+      expect(a.cachedTokens).toBe(0);
+      const b = await collect(e.submit({ requestId: "x2", prompt: [...shared, 42, 43], sampling: greedy(10) }));
+      // 73 tokens: 4 full blocks (64 tokens) come from the cache; the last prompt token is always recomputed
+      expect(b.cachedTokens).toBe(64);
+      expect(b.tokenIds).toEqual(a.tokenIds);
+      const c = await collect(e.submit({ requestId: "x3", prompt: [...shared, 7], sampling: greedy(10) }));
+      expect(c.cachedTokens).toBe(64);
+      const fresh = await engine({ maxNumSeqs: 4, enablePrefixCaching: false });
+      const cAlone = await collect(fresh.submit({ requestId: "x4", prompt: [...shared, 7], sampling: greedy(10) }));
+      expect(cAlone.cachedTokens).toBe(0);
+      expect(c.tokenIds).toEqual(cAlone.tokenIds);
+      expect(e.stats().prefixCacheHitRate).toBeGreaterThan(0);
+    });
   });
 
-  it("preemption forced by a tiny pool loses, duplicates and changes no token", async () => {
-    // 12 blocks of 16 tokens for 12 sequences of up to 66 tokens: most must be preempted and recomputed.
-    const e = await engine({ maxNumSeqs: 16, kvCacheBytes: 12 * kvBytesPerBlock, enablePrefixCaching: false });
-    const together = await Promise.all(
-      ps.map((p, i) => collect(e.submit({ requestId: `p${i}`, prompt: p, sampling: greedy(24) }))),
-    );
-    expect(e.stats().preempted).toBeGreaterThan(0);
-    expect(together.map((r) => r.tokenIds)).toEqual(alone.map((r) => r.tokenIds));
-    expect(together.map((r) => r.text)).toEqual(alone.map((r) => r.text));
-    expect(e.stats().kvBlocksUsed).toBe(0);
-  });
-
-  it("a request joins a running batch between steps and leaves at once when done", async () => {
-    const e = await engine({ maxNumSeqs: 8 });
-    const long = collect(e.submit({ requestId: "long", prompt: ps[0], sampling: greedy(40) }));
-    await new Promise((r) => setTimeout(r, 20));
-    const short = await collect(e.submit({ requestId: "short", prompt: ps[1], sampling: greedy(3) }));
-    expect(e.stats().running).toBe(1); // the short one left while the long one still runs
-    expect(short.tokenIds).toEqual(alone[1].tokenIds.slice(0, 3));
-    expect((await long).tokenIds).toEqual(
-      (await collect((await engine({ maxNumSeqs: 1 })).submit({ requestId: "l", prompt: ps[0], sampling: greedy(40) })))
-        .tokenIds,
-    );
+  describe("aborts", () => {
+    it("abort mid-stream frees the sequence's blocks before the next step", async () => {
+      const e = await engine({ maxNumSeqs: 4 });
+      const it = e.submit({ requestId: "ab", prompt: prompts(1)[0], sampling: greedy(100) })[Symbol.asyncIterator]();
+      await it.next();
+      await it.next();
+      expect(e.stats().kvBlocksUsed).toBeGreaterThan(0);
+      e.abort("ab");
+      expect(e.stats().kvBlocksUsed).toBe(0);
+      const rest: EngineEvent[] = [];
+      for (let r = await it.next(); !r.done; r = await it.next()) rest.push(r.value);
+      expect(rest.at(-1)).toMatchObject({ type: "final", finishReason: "abort" });
+    });
   });
 });
 
@@ -118,32 +187,13 @@ describe("KV pool size", () => {
   it("a pool larger than one typed array can hold (17 GiB, > 2^32 floats) serves the same tokens", async () => {
     // Pages are only touched where blocks are written, so this allocates virtual memory, not 17 GiB.
     const big = await engine({ maxNumSeqs: 2, kvCacheBytes: 17 * 1024 ** 3 });
+    const kvBytesPerBlock = kvBytesPerToken(big.cfg, "cpu") * 16;
     expect(big.config.numBlocks * kvBytesPerBlock).toBeGreaterThan(4 * 2 ** 32);
     const small = await engine({ maxNumSeqs: 2 });
     const p = prompts(2)[1];
     const a = await collect(big.submit({ requestId: "big", prompt: p, sampling: greedy(8) }));
     const b = await collect(small.submit({ requestId: "small", prompt: p, sampling: greedy(8) }));
     expect(a.tokenIds).toEqual(b.tokenIds);
-  });
-});
-
-describe("prefix caching", () => {
-  it("a prefix-cache hit changes no output and skips the cached prefill", async () => {
-    const e = await engine({ maxNumSeqs: 4 });
-    const shared = [1, ...Array.from({ length: 70 }, (_, j) => 500 + j)];
-    const a = await collect(e.submit({ requestId: "x1", prompt: [...shared, 42, 43], sampling: greedy(10) }));
-    expect(a.cachedTokens).toBe(0);
-    const b = await collect(e.submit({ requestId: "x2", prompt: [...shared, 42, 43], sampling: greedy(10) }));
-    // 73 tokens: 4 full blocks (64 tokens) come from the cache; the last prompt token is always recomputed
-    expect(b.cachedTokens).toBe(64);
-    expect(b.tokenIds).toEqual(a.tokenIds);
-    const c = await collect(e.submit({ requestId: "x3", prompt: [...shared, 7], sampling: greedy(10) }));
-    expect(c.cachedTokens).toBe(64);
-    const fresh = await engine({ maxNumSeqs: 4, enablePrefixCaching: false });
-    const cAlone = await collect(fresh.submit({ requestId: "x4", prompt: [...shared, 7], sampling: greedy(10) }));
-    expect(cAlone.cachedTokens).toBe(0);
-    expect(c.tokenIds).toEqual(cAlone.tokenIds);
-    expect(e.stats().prefixCacheHitRate).toBeGreaterThan(0);
   });
 });
 
@@ -166,21 +216,8 @@ describe("aborts and leaks", () => {
   });
   afterAll(() => rmSync(tinyDir, { recursive: true, force: true }));
 
-  it("abort mid-stream frees the sequence's blocks before the next step", async () => {
-    const e = await engine({ maxNumSeqs: 4 });
-    const it = e.submit({ requestId: "ab", prompt: prompts(1)[0], sampling: greedy(100) })[Symbol.asyncIterator]();
-    await it.next();
-    await it.next();
-    expect(e.stats().kvBlocksUsed).toBeGreaterThan(0);
-    e.abort("ab");
-    expect(e.stats().kvBlocksUsed).toBe(0);
-    const rest: EngineEvent[] = [];
-    for (let r = await it.next(); !r.done; r = await it.next()) rest.push(r.value);
-    expect(rest.at(-1)).toMatchObject({ type: "final", finishReason: "abort" });
-  });
-
   it("1000 randomized requests with random aborts: no leaked block, no hung request", async () => {
-    const perBlock = ModelRunner.kvBytesPerToken(loadLlamaConfig(tinyDir)) * 16;
+    const perBlock = kvBytesPerToken(loadLlamaConfig(tinyDir), "cpu") * 16;
     // 24 blocks for up to 32 sequences of up to 90 tokens: admission waits, preemption and aborts all happen
     const e = await LLMEngine.create({
       modelDir: tinyDir,
@@ -298,6 +335,7 @@ describe("sampling", () => {
     const before = base.deltas.slice(0, k).join("");
     // a stop string that begins with the text's last character, so the checker holds that character back
     const stop = `${before.slice(-1)}\u0007never`;
+    const modelDir = await ensureDefaultModel("default", { quiet: true });
     const eosDir = mkdtempSync(join(tmpdir(), "llama-eos-"));
     try {
       for (const f of readdirSync(modelDir)) {

@@ -1,7 +1,8 @@
 /**
  * No Docker engine runs here, so the worker images are checked by reading their Dockerfiles: what they copy exists
- * and gets past the ignore file, the entry point is the worker's command line, and the CUDA image installs the
- * CUDA execution provider the way onnxruntime-node's install script actually works.
+ * and gets past the ignore file, the entry point is the worker's command line, the CUDA image installs the CUDA
+ * execution provider the way onnxruntime-node's install script actually works, and the WebGPU image has what Dawn
+ * needs to find an NVIDIA GPU through Vulkan.
  */
 import { spawnSync } from "node:child_process";
 import { existsSync, readdirSync, readFileSync, statSync } from "node:fs";
@@ -11,7 +12,7 @@ import { describe, expect, it } from "vitest";
 import { infraDir, repoRoot } from "./k8s.ts";
 
 const dockerDir = join(infraDir, "docker");
-const IMAGES = ["worker.Dockerfile", "worker-cuda.Dockerfile"];
+const IMAGES = ["worker.Dockerfile", "worker-cuda.Dockerfile", "worker-webgpu.Dockerfile"];
 
 interface Instruction {
   op: string;
@@ -193,5 +194,27 @@ describe("the CUDA image", () => {
         .map((i) => i.args)
         .join(" "),
     ).toContain("LLAMA_DEVICE=cuda");
+  });
+});
+
+describe("the WebGPU image", () => {
+  const ins = instructions("worker-webgpu.Dockerfile");
+  const env = ins
+    .filter((i) => i.op === "ENV")
+    .map((i) => i.args)
+    .join(" ");
+
+  it("carries the Vulkan loader and no CUDA", () => {
+    const runs = ins.filter((i) => i.op === "RUN").map((i) => i.args);
+    expect(runs.some((r) => /apt-get install .*\blibvulkan1\b/.test(r))).toBe(true);
+    expect(runs.join(" ")).not.toContain("script/install.js");
+    expect(last(ins, "FROM")?.args).toBe(`\${NODE_IMAGE}`);
+  });
+
+  it("asks the NVIDIA container toolkit for the graphics capability (the driver's Vulkan ICD) and runs webgpu", () => {
+    const caps = /NVIDIA_DRIVER_CAPABILITIES=(\S+)/.exec(env)?.[1].split(",") ?? [];
+    expect(caps).toContain("graphics");
+    expect(caps).toContain("compute");
+    expect(env).toContain("LLAMA_DEVICE=webgpu");
   });
 });

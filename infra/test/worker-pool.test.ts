@@ -142,8 +142,9 @@ async function checkPool(pool: Pool): Promise<void> {
   expect(res?.limits?.memory, `${where}: limits.memory`).toBeDefined();
   expect(Number(res?.limits?.["nvidia.com/gpu"]), `${where}: nvidia.com/gpu limit`).toBeGreaterThanOrEqual(1);
   expect(res.requests["nvidia.com/gpu"] ?? res.limits["nvidia.com/gpu"]).toBe(res.limits["nvidia.com/gpu"]);
-  // The engine keeps its KV pool in host memory: the memory limit must hold it, with room for the process.
-  if (pool.env.LLAMA_KV_CACHE_BYTES) {
+  // With cpu or cuda the engine keeps its KV pool in host memory: the memory limit must hold it, with room for the
+  // process. With webgpu it is in GPU memory.
+  if (pool.env.LLAMA_KV_CACHE_BYTES && pool.env.LLAMA_DEVICE !== "webgpu") {
     expect(bytes(res.limits.memory), `${where}: memory limit vs LLAMA_KV_CACHE_BYTES`).toBeGreaterThan(
       Number(pool.env.LLAMA_KV_CACHE_BYTES) + 8 * 1024 ** 3,
     );
@@ -161,8 +162,9 @@ async function checkPool(pool: Pool): Promise<void> {
   // Environment: every variable is one `llama-worker serve` reads, the pod's name is its worker id.
   const known = serveEnvVars();
   const envNames = [...Object.keys(pool.env), ...(c.env as { name: string }[]).map((e) => e.name)];
-  // LLAMA_EDGE_CACHE_DIR is read by gpu-worker/src/model/default-model.ts (where compiled weights go).
-  const notServeFlags = new Set(["LLAMA_EDGE_CACHE_DIR"]);
+  // LLAMA_EDGE_CACHE_DIR is read by gpu-worker/src/model/default-model.ts (where compiled weights go);
+  // NVIDIA_DRIVER_CAPABILITIES by the NVIDIA container toolkit.
+  const notServeFlags = new Set(["LLAMA_EDGE_CACHE_DIR", "NVIDIA_DRIVER_CAPABILITIES"]);
   for (const v of envNames)
     if (!notServeFlags.has(v)) expect(known, `${where}: ${v} is not read by llama-worker serve`).toContain(v);
   const workerId = (c.env as Container[]).find((e) => e.name === "LLAMA_WORKER_ID");
@@ -177,7 +179,10 @@ async function checkPool(pool: Pool): Promise<void> {
   ]) {
     expect(pool.env[v], `${where}: ${v}`).toBeTruthy();
   }
-  expect(pool.env.LLAMA_DEVICE).toBe("cuda");
+  // The WebGPU backend keeps the KV cache on the GPU; Vulkan reaches an NVIDIA GPU only with the graphics capability.
+  expect(pool.env.LLAMA_DEVICE).toBe("webgpu");
+  const caps = (c.env as { name: string; value?: string }[]).find((e) => e.name === "NVIDIA_DRIVER_CAPABILITIES");
+  expect(caps?.value?.split(","), `${where}: NVIDIA_DRIVER_CAPABILITIES`).toContain("graphics");
   expect(pool.env.NATS_URL).toBe(`nats://nats.nats.svc.cluster.local:${values.config.nats?.port ?? 4222}`);
 
   // Volumes: the model directory is on a read-only mount; everything written (compiled weights, /tmp) is on one.

@@ -27,7 +27,7 @@ import { QUANTIZATIONS, type Quantization } from "../model/quantize.ts";
 import type { CompileThreadInit, CompileThreadMessage } from "./compile-thread.ts";
 
 export const COMPILE_USAGE = `Usage: llama-worker compile --model <dir|org/name[@revision]> --out <dir>
-                            [--quantization none|int8|int4] [--force]
+                            [--quantization none|f16|int8|int4] [--force]
 
 Compiles a checkpoint into <dir>: the packed weights (weights.bin), the config and tokenizer files, and
 compiled.json, written last. Serve it with --model <dir> (a read-only mount will do): workers then skip compiling.
@@ -35,8 +35,8 @@ Running it again for the same checkpoint and compiler does nothing.
 
   --model <m>   LLAMA_MODEL        checkpoint directory, or a Hugging Face repo id (HF_ENDPOINT, HF_TOKEN, HF_HOME)
   --out <dir>   LLAMA_COMPILE_OUT  the compiled directory (created if absent)
-  --quantization <q>  LLAMA_QUANTIZATION  weights: none (f32, exact; default), int8 or int4 (block-wise, every
-                                     linear layer; the embedding in f16)
+  --quantization <q>  LLAMA_QUANTIZATION  weights: none (f32, exact; default), f16 (for --device webgpu), int8
+                                     or int4 (block-wise, every linear layer; the embedding in f16)
   --force                          compile even if <dir> already holds this checkpoint
 `;
 

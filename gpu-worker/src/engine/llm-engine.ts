@@ -4,15 +4,17 @@ import { type LlamaConfig, loadLlamaConfig } from "../model/config.ts";
 import type { Quantization } from "../model/quantize.ts";
 import { LlamaTokenizer } from "../tokenizer/tokenizer.ts";
 import { IncrementalDetokenizer } from "./detokenizer.ts";
+import { type Device, DeviceError } from "./device.ts";
 import { type GrammarSpec, grammarVocabulary } from "./grammar.ts";
 import { GrammarWorker } from "./grammar-worker.ts";
 import { KVCacheManager } from "./kv-cache-manager.ts";
-import { ModelRunner, type StepOutput, type StepSequence } from "./model-runner.ts";
+import { createModelBackend, defaultWeightFormat, kvBytesPerToken, type ModelBackend } from "./model-backend.ts";
 import { finishReasonOf, isFinished, Request, RequestStatus } from "./request.ts";
-import { type SamplingRow, sampleBatch } from "./sampler.ts";
+import type { SampledToken, SamplingFailure, SamplingRow } from "./sampler.ts";
 import { validateSamplingParams } from "./sampling-params.ts";
 import { Scheduler } from "./scheduler.ts";
 import { SeededRng } from "./seeded-rng.ts";
+import type { StepSequence } from "./step-inputs.ts";
 import { StopStringChecker } from "./stop-checker.ts";
 import type { EngineEvent, EngineRequest, EngineStats, TokenLogprob } from "./types.ts";
 
@@ -33,14 +35,17 @@ export interface EngineOptions {
   enablePrefixCaching?: boolean;
   /** Context length; default and maximum: the model's max_position_embeddings. */
   maxModelLen?: number;
-  executionProvider?: "cpu" | "cuda";
-  /** Weight format the checkpoint is compiled to; default "none" (f32). */
+  /** Where the model runs (see model-backend.ts). Default cpu. */
+  executionProvider?: Device;
+  /** Weight format the checkpoint is compiled to; default: f16 on webgpu where the adapter runs shader-f16, else f32. */
   quantization?: Quantization;
   /** ONNX Runtime intra-op threads; default every core (its own default picks one core on some VMs). */
   numThreads?: number;
   /** ONNX Runtime thread spinning between operators; default on (see ModelRunnerOptions.allowSpinning). */
   allowSpinning?: boolean;
   onProgress?: (stage: string, done: number, total: number) => void;
+  /** Called once if the device fails for good (lost, out of memory): the engine then refuses every request. */
+  onDeviceError?: (err: DeviceError) => void;
 }
 
 /** A request the engine refuses up front (the worker maps these to error events, the edge to HTTP 400). */
@@ -95,6 +100,9 @@ export class LLMEngine {
   private stepping = false;
   private loopRunning = false;
   private readonly recentTokens: { t: number; n: number }[] = [];
+  /** Set when the device failed for good; every later submit throws it. */
+  private deviceError: DeviceError | null = null;
+  private onDeviceError: ((err: DeviceError) => void) | undefined;
   #grammars: GrammarWorker | null = null;
   /** Tokens constrained sequences accepted this step, sent to the grammar thread at its end. */
   #accepted: [matcher: number, token: number][] = [];
@@ -102,7 +110,7 @@ export class LLMEngine {
   private constructor(
     readonly cfg: LlamaConfig,
     readonly tokenizer: LlamaTokenizer,
-    private readonly runner: ModelRunner,
+    private readonly runner: ModelBackend,
     readonly kv: KVCacheManager,
     readonly scheduler: Scheduler,
     readonly config: {
@@ -120,9 +128,11 @@ export class LLMEngine {
     const maxModelLen = Math.min(opts.maxModelLen ?? cfg.maxPositionEmbeddings, cfg.maxPositionEmbeddings);
     const maxNumSeqs = opts.maxNumSeqs ?? 64;
     const blockSize = opts.blockSize ?? 16;
-    const bytesPerBlock = ModelRunner.kvBytesPerToken(cfg) * blockSize;
+    const device = opts.executionProvider ?? "cpu";
+    const bytesPerBlock = kvBytesPerToken(cfg, device) * blockSize;
     const compiled = compileModel(opts.modelDir, cfg, {
       quantization: opts.quantization,
+      defaultQuantization: await defaultWeightFormat(device),
       onProgress: opts.onProgress && ((d, t) => opts.onProgress?.("compile", d, t)),
     });
     // The pool is sized once the weights are in memory, from what is left then.
@@ -139,10 +149,11 @@ export class LLMEngine {
       if (n < 1) throw new Error(`KV cache budget of ${kvBytes} bytes holds no block of ${bytesPerBlock} bytes`);
       return n;
     };
-    const runner = await ModelRunner.create(compiled, cfg, {
+    const runner = await createModelBackend(compiled, cfg, {
+      device,
       numBlocks: sizePool,
       blockSize,
-      executionProvider: opts.executionProvider,
+      maxNumSeqs,
       numThreads: opts.numThreads ?? availableParallelism(),
       allowSpinning: opts.allowSpinning,
     });
@@ -150,13 +161,15 @@ export class LLMEngine {
     const kv = new KVCacheManager({ numBlocks, blockSize, enablePrefixCaching: opts.enablePrefixCaching ?? true });
     const scheduler = new Scheduler({ maxNumSeqs, maxNumBatchedTokens: opts.maxNumBatchedTokens ?? 512 }, kv);
     const modelName = opts.modelDir.replace(/\/+$/, "").split("/").pop() ?? "model";
-    return new LLMEngine(cfg, tokenizer, runner, kv, scheduler, {
+    const engine = new LLMEngine(cfg, tokenizer, runner, kv, scheduler, {
       modelName,
       maxModelLen,
       maxNumSeqs,
       blockSize,
       numBlocks,
     });
+    engine.onDeviceError = opts.onDeviceError;
+    return engine;
   }
 
   /**
@@ -164,6 +177,7 @@ export class LLMEngine {
    * SamplingParamError); otherwise events arrive on the returned stream until a `final` event.
    */
   submit(req: EngineRequest): AsyncIterable<EngineEvent> {
+    if (this.deviceError) throw this.deviceError;
     if (this.states.has(req.requestId)) {
       throw new EngineRequestError("duplicate_request_id", `request id ${req.requestId} is already running`);
     }
@@ -306,9 +320,9 @@ export class LLMEngine {
     const plan = this.scheduler.schedule();
     if (plan.scheduled.length === 0) return;
     this.stepping = true;
-    let out: StepOutput;
+    let ran: unknown;
     try {
-      this.runner.copyBlocks(plan.blockCopies);
+      await this.runner.copyBlocks(plan.blockCopies);
       const temperatures: number[] = [];
       const seqs: StepSequence[] = plan.scheduled.map(({ request, numNewTokens, blockTable }) => {
         const start = request.numComputedTokens;
@@ -318,50 +332,53 @@ export class LLMEngine {
         if (needLogits) temperatures.push(request.params.temperature);
         return { tokenIds, startPos: start, blockTable, needLogits };
       });
-      out = await this.runner.execute(seqs, temperatures);
+      ran = await this.runner.run(seqs, temperatures);
     } catch (e) {
-      // Not attributable to one sequence: the step's sequences end (their KV may be half written), nothing else.
-      const err = new EngineStepError(`the engine step failed: ${e instanceof Error ? e.message : String(e)}`, {
-        cause: e,
-      });
-      for (const { request } of plan.scheduled) {
-        const st = this.states.get(request.requestId);
-        if (st) this.fail(st, err);
-      }
+      this.stepFailed(
+        plan.scheduled.flatMap(({ request }) => this.states.get(request.requestId) ?? []),
+        e,
+      );
       return;
     } finally {
       this.stepping = false;
     }
 
-    const toSample: OutputState[] = [];
+    const sampled: OutputState[] = [];
     for (const { request, numNewTokens } of plan.scheduled) {
       request.numComputedTokens += numNewTokens;
       this.kv.cacheFullBlocks(request.requestId, request.tokenIds, request.numComputedTokens);
-      if (request.numComputedTokens === request.numTokens) toSample.push(this.states.get(request.requestId)!);
+      if (request.numComputedTokens === request.numTokens) sampled.push(this.states.get(request.requestId)!);
     }
-    const masks = await this.grammarMasks(toSample);
-    const sampleRows: SamplingRow[] = [];
-    const sampled: OutputState[] = [];
-    for (const st of toSample) {
-      const mask = st.grammar === null ? undefined : masks.get(st.grammar);
-      if (mask !== undefined && !(mask instanceof Int32Array)) {
-        this.fail(st, new EngineSequenceError(`the grammar failed: ${mask.failed}`));
-        continue;
-      }
+    // One row per sampled sequence, aligned with the model's rows; a sequence whose grammar failed is sampled
+    // unmasked, then ended (its token is dropped).
+    const masks = await this.grammarMasks(sampled);
+    const grammarFailed = new Map<OutputState, string>();
+    const sampleRows: SamplingRow[] = sampled.map((st) => {
       const { request } = st;
-      sampled.push(st);
-      sampleRows.push({
+      let mask = st.grammar === null ? undefined : masks.get(st.grammar);
+      if (mask !== undefined && !(mask instanceof Int32Array)) {
+        grammarFailed.set(st, mask.failed);
+        mask = undefined;
+      }
+      return {
         params: request.params,
         rng: request.rng,
         promptTokenIds: request.promptTokenIds,
         outputTokenIds: request.outputTokenIds,
         allowedTokens: mask,
-      });
+      };
+    });
+    let tokens: (SampledToken | SamplingFailure)[];
+    try {
+      tokens = await this.runner.sample(ran, sampleRows);
+    } catch (e) {
+      this.stepFailed(sampled, e);
+      return;
     }
-    const tokens = sampleBatch(out.logits, this.cfg.vocabSize, sampleRows, out);
+    for (const [st, failed] of grammarFailed) this.fail(st, new EngineSequenceError(`the grammar failed: ${failed}`));
     let generated = 0;
     sampled.forEach((st, i) => {
-      if (st.abortRequested) return;
+      if (st.abortRequested || grammarFailed.has(st)) return;
       const t = tokens[i];
       if (t.error !== undefined) {
         this.fail(st, new EngineSequenceError(t.error));
@@ -480,6 +497,23 @@ export class LLMEngine {
     this.states.delete(st.request.requestId);
     if (st.grammar !== null) this.grammars.close(st.grammar);
     st.channel.fail(err);
+  }
+
+  /**
+   * A model run (or the device's sampling) that failed is not attributable to one sequence: the step's sequences
+   * end (their KV may be half written), nothing else. A device that failed for good ends everything.
+   */
+  private stepFailed(states: OutputState[], e: unknown): void {
+    const err = new EngineStepError(`the engine step failed: ${e instanceof Error ? e.message : String(e)}`, {
+      cause: e,
+    });
+    for (const st of states) this.fail(st, err);
+    if (e instanceof DeviceError && !this.deviceError) {
+      // The device will not come back: end what is queued too, and let the host take this worker out.
+      this.deviceError = e;
+      this.failAll(e);
+      this.onDeviceError?.(e);
+    }
   }
 
   /** A failure outside any step (a scheduler invariant broke): every request ends, retriably; the engine stays up. */

@@ -1,18 +1,10 @@
 import * as ort from "onnxruntime-node";
 import type { CompiledModel } from "../model/compiled-model.ts";
 import type { LlamaConfig } from "../model/config.ts";
+import { type SampledToken, type SamplingFailure, type SamplingRow, sampleBatch } from "./sampler.ts";
+import { buildStepInputs, type StepSequence, slotOf } from "./step-inputs.ts";
 
-/** One sequence's share of a step: the tokens it computes now and where its KV lives. */
-export interface StepSequence {
-  /** Tokens computed in this step: a prefill chunk, or the one token appended last step (decode). */
-  tokenIds: readonly number[];
-  /** Position of tokenIds[0]; equals the number of tokens whose KV is already in the cache. */
-  startPos: number;
-  /** Physical blocks covering positions [0, startPos + tokenIds.length). */
-  blockTable: readonly number[];
-  /** Whether to return next-token logits after this chunk (false for a prefill chunk that is not the last). */
-  needLogits: boolean;
-}
+export type { StepSequence } from "./step-inputs.ts";
 
 export interface StepOutput {
   /** [rows, vocab] raw next-token logits. */
@@ -44,9 +36,6 @@ export interface ModelRunnerOptions {
 export class ExecutionProviderError extends Error {
   override name = "ExecutionProviderError";
 }
-
-/** -1e9 rather than -Infinity: a fully masked (padding) row then softmaxes to finite garbage, never NaN. */
-const MASKED = -1e9;
 
 /**
  * Runs the model for one step over a ragged batch and owns the paged KV pool. The pool is one Float32Array per
@@ -132,12 +121,25 @@ export class ModelRunner {
     }
   }
 
+  /** The engine's run (see model-backend.ts). */
+  run(seqs: readonly StepSequence[], temperatures: readonly number[]): Promise<StepOutput> {
+    return this.execute(seqs, temperatures);
+  }
+
+  /** Sample on the host from the run's logits (see model-backend.ts). */
+  async sample(out: StepOutput, rows: SamplingRow[]): Promise<(SampledToken | SamplingFailure)[]> {
+    return sampleBatch(out.logits, this.cfg.vocabSize, rows, out);
+  }
+
   /**
    * Run one step. Returns logits [rows, vocab] for the sequences with needLogits, in input order, and
    * softmax(logits / temperature) with `temperatures[row]` (1 where omitted).
    */
   async execute(seqs: readonly StepSequence[], temperatures?: readonly number[]): Promise<StepOutput> {
-    const feeds = this.prepareInputs(seqs);
+    const { feeds } = buildStepInputs(seqs, this.opts.blockSize);
+    this.kvTensors.forEach((t, l) => {
+      feeds[`kv_cache.${l}`] = t;
+    });
     const rows = feeds.logits_index.dims[0];
     const inv = new Float32Array(rows).fill(1);
     if (temperatures) for (let i = 0; i < rows; i++) if (temperatures[i] > 0) inv[i] = 1 / temperatures[i];
@@ -156,88 +158,6 @@ export class ModelRunner {
     };
   }
 
-  private slot(blockTable: readonly number[], pos: number): number {
-    const bs = this.opts.blockSize;
-    const block = blockTable[Math.floor(pos / bs)];
-    if (block === undefined) throw new Error(`block table too short for position ${pos}`);
-    return block * bs + (pos % bs);
-  }
-
-  private prepareInputs(seqs: readonly StepSequence[]): Record<string, ort.Tensor> {
-    let T = 0;
-    for (const s of seqs) T += s.tokenIds.length;
-    const inputIds = new BigInt64Array(T);
-    const positions = new BigInt64Array(T);
-    const tokenRow: number[] = []; // first token row of each sequence
-    let row = 0;
-    for (const s of seqs) {
-      tokenRow.push(row);
-      for (let i = 0; i < s.tokenIds.length; i++) {
-        inputIds[row + i] = BigInt(s.tokenIds[i]);
-        positions[row + i] = BigInt(s.startPos + i);
-      }
-      row += s.tokenIds.length;
-    }
-
-    const decode: number[] = [];
-    const prefill: number[] = [];
-    for (const [i, s] of seqs.entries()) (s.tokenIds.length === 1 ? decode : prefill).push(i);
-    const outputIndex = new BigInt64Array(T);
-    const feeds: Record<string, ort.Tensor> = {};
-    let outBase = 0;
-    for (const [name, members] of [
-      ["decode", decode],
-      ["prefill", prefill],
-    ] as const) {
-      // An empty group has G = 0: its operators run on empty tensors and cost next to nothing.
-      const G = members.length;
-      let Q = 1;
-      let P = 1; // at least one (masked) past slot keeps every tensor non-empty
-      for (const i of members) {
-        Q = Math.max(Q, seqs[i].tokenIds.length);
-        P = Math.max(P, seqs[i].startPos);
-      }
-      const K = P + Q;
-      const queryIndex = new BigInt64Array(G * Q);
-      const pastSlots = new BigInt64Array(G * P);
-      const mask = new Float32Array(G * Q * K).fill(MASKED);
-      members.forEach((i, gi) => {
-        const s = seqs[i];
-        const n = s.tokenIds.length;
-        for (let q = 0; q < n; q++) {
-          queryIndex[gi * Q + q] = BigInt(tokenRow[i] + q);
-          outputIndex[tokenRow[i] + q] = BigInt(outBase + gi * Q + q);
-        }
-        for (let p = 0; p < s.startPos; p++) pastSlots[gi * P + p] = BigInt(this.slot(s.blockTable, p));
-        // query q sees every cached position and the fresh tokens up to itself (causal)
-        for (let q = 0; q < n; q++) {
-          const m = (gi * Q + q) * K;
-          mask.fill(0, m, m + s.startPos);
-          mask.fill(0, m + P, m + P + q + 1);
-        }
-      });
-      outBase += G * Q;
-      feeds[`${name}_query_index`] = new ort.Tensor("int64", queryIndex, [G, Q]);
-      feeds[`${name}_past_slots`] = new ort.Tensor("int64", pastSlots, [G, P]);
-      // the keys a sequence adds this step are its own query tokens
-      feeds[`${name}_new_index`] = new ort.Tensor("int64", queryIndex, [G, Q]);
-      feeds[`${name}_mask`] = new ort.Tensor("float32", mask, [G, Q, K]);
-    }
-
-    const logitRows: bigint[] = [];
-    seqs.forEach((s, i) => {
-      if (s.needLogits) logitRows.push(BigInt(tokenRow[i] + s.tokenIds.length - 1));
-    });
-    feeds.input_ids = new ort.Tensor("int64", inputIds, [T]);
-    feeds.positions = new ort.Tensor("int64", positions, [T]);
-    this.kvTensors.forEach((t, l) => {
-      feeds[`kv_cache.${l}`] = t;
-    });
-    feeds.output_index = new ort.Tensor("int64", outputIndex, [T]);
-    feeds.logits_index = new ort.Tensor("int64", BigInt64Array.from(logitRows), [logitRows.length]);
-    return feeds;
-  }
-
   private writeNewKv(seqs: readonly StepSequence[], newKv: Float32Array): void {
     const hd = this.headDim;
     const nkv = this.numKvHeads;
@@ -245,7 +165,7 @@ export class ModelRunner {
     let row = 0;
     for (const s of seqs) {
       for (let i = 0; i < s.tokenIds.length; i++, row++) {
-        const slot = this.slot(s.blockTable, s.startPos + i);
+        const slot = slotOf(s.blockTable, s.startPos + i, this.opts.blockSize);
         for (let j = 0; j < 2 * L; j++) {
           // new_kv [T, 2L, nkv*hd], j = 2l + kv -> layer l's rows ((kv * nkv + h) * slots + slot)
           const layer = this.kvLayers[j >> 1];

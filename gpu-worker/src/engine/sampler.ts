@@ -21,6 +21,8 @@ export interface SamplingRow {
   params: SamplingParams;
   /** per-request generator; advanced exactly once per sampled token (null: Math.random, for tests and greedy) */
   rng: SeededRng | null;
+  /** This token's uniform draw when the caller already took it from `rng` (the device backend draws first). */
+  u?: number;
   promptTokenIds: readonly number[];
   outputTokenIds: readonly number[];
   /** Grammar bitmask: bit `id % 32` of word `id >> 5` set iff token `id` may be sampled (greedy included). */
@@ -56,7 +58,7 @@ export interface ModelSideOutputs {
 }
 
 /** vLLM treats temperatures below this as greedy. */
-const GREEDY_EPS = 1e-5;
+export const GREEDY_EPS = 1e-5;
 
 // exp(z) for z <= 0 from a table of exp(-i/32) and a degree-5 Taylor step (relative error ~1e-12): about twice
 // as fast as Math.exp, which dominates sampling time at 128k vocab. Below -104, exp underflows float32 anyway.
@@ -194,7 +196,7 @@ function sampleRow(
   let tokenId: number;
   try {
     applyBiasAndPenalties(row, r, s);
-    const u = r.rng === null ? Math.random() : r.rng.next();
+    const u = r.u ?? (r.rng === null ? Math.random() : r.rng.next());
     // the model's probs and argmax match the row only while nothing edited it (no logit_bias, no penalty)
     const unedited = s.savedIds.length === 0;
     const rowProbs = unedited ? probs : undefined;

@@ -42,6 +42,8 @@ export interface CompiledModel {
   weightsDir: string;
   /** Bytes of `weights.bin` (what the weights take in memory once loaded). */
   weightBytes: number;
+  /** Where each packed tensor sits in weights.bin, for backends that build their own variant of the graph. */
+  weights: PackedWeights;
   /** Bytes one decode step reads: every layer's weights and the lm_head, not the embedding table (one row). */
   decodeBytesPerToken: number;
 }
@@ -49,6 +51,8 @@ export interface CompiledModel {
 export interface CompileOptions {
   /** Weight format; default "none" (f32, exact). */
   quantization?: Quantization;
+  /** The format when `quantization` is not given and the source is a checkpoint (a compiled directory keeps its own). */
+  defaultQuantization?: Quantization;
   /** Called as parameters are converted: (parameters done, parameters in all). */
   onProgress?: (done: number, total: number) => void;
   /** Write the packed weights here instead of the cache (`llama-worker compile --out`). */
@@ -80,9 +84,10 @@ export function compileModel(modelDir: string, cfg: LlamaConfig, opts: CompileOp
       weightsDir: modelDir,
       weightBytes: layout.bytes,
       decodeBytesPerToken: layout.decodeBytes,
+      weights: layout.refs,
     };
   }
-  const quantization = opts.quantization ?? "none";
+  const quantization = opts.quantization ?? opts.defaultQuantization ?? "none";
   const weights = LlamaWeights.open(modelDir, cfg);
   const outDir = opts.outDir ?? join(cacheDir(), "compiled", cacheKey(cfg, weights, quantization));
   const layout = packedLayout(cfg, quantization);
@@ -106,6 +111,7 @@ export function compileModel(modelDir: string, cfg: LlamaConfig, opts: CompileOp
     graph: buildLlamaGraph(cfg, layout.refs),
     weightsDir: outDir,
     weightBytes: layout.bytes,
+    weights: layout.refs,
     decodeBytesPerToken: layout.decodeBytes,
   };
 }
@@ -156,6 +162,7 @@ function packedLayout(cfg: LlamaConfig, quantization: Quantization) {
   };
   /** A linear layer [n, k] from the concatenation of `names` along n. */
   const linear = (names: string[], n: number, k: number): LinearWeight => {
+    if (quantization === "f16") return { kind: "f16", weight: floatTensor(names, n * k, "f16") };
     if (bits === null) return { kind: "f32", weight: floatTensor(names, n * k) };
     const row = quantizedRowBytes(k, bits, QUANT_BLOCK_SIZE);
     const data = region(n * row.data);
@@ -170,7 +177,7 @@ function packedLayout(cfg: LlamaConfig, quantization: Quantization) {
   };
 
   const embed: EmbeddingWeight =
-    bits === null
+    quantization === "none"
       ? { dtype: "f32", weight: floatTensor(["model.embed_tokens.weight"], cfg.vocabSize * H) }
       : { dtype: "f16", weight: floatTensor(["model.embed_tokens.weight"], cfg.vocabSize * H, "f16") };
   const layers: PackedWeights["layers"] = [];
@@ -192,11 +199,11 @@ function packedLayout(cfg: LlamaConfig, quantization: Quantization) {
     });
   }
   const finalNorm = floatTensor(["model.norm.weight"], H);
-  // Tied f32 models share the embedding's bytes; a quantized lm_head is its own copy (the embedding is f16).
+  // Tied f32 and f16 models share the embedding's bytes; a quantized lm_head is its own copy (the embedding is f16).
   const headName = cfg.tieWordEmbeddings ? "model.embed_tokens.weight" : "lm_head.weight";
   const lmHead: LinearWeight =
     bits === null && cfg.tieWordEmbeddings
-      ? { kind: "f32", weight: embed.weight }
+      ? { kind: embed.dtype, weight: embed.weight }
       : linear([headName], cfg.vocabSize, H);
   const rope = (table: "cos" | "sin") => {
     const ref = region(cfg.maxPositionEmbeddings * (hd / 2) * 4);
@@ -208,7 +215,7 @@ function packedLayout(cfg: LlamaConfig, quantization: Quantization) {
   const notRead = new Set([embed.weight, ropeCos, ropeSin]);
   let decodeBytes = 0;
   for (const e of entries) for (const r of e.refs) if (!notRead.has(r)) decodeBytes += r.length;
-  if (lmHead.kind === "f32" && lmHead.weight === embed.weight) decodeBytes += embed.weight.length; // tied: read whole
+  if (lmHead.kind !== "nbits" && lmHead.weight === embed.weight) decodeBytes += embed.weight.length; // tied: read whole
   return {
     refs: { embed, layers, finalNorm, lmHead, ropeCos, ropeSin } satisfies PackedWeights,
     entries,

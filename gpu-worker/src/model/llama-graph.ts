@@ -4,6 +4,8 @@ import { DType, type ExternalRef, GraphBuilder } from "./onnx-builder.ts";
 /** A linear layer's weight [out, in]: f32 for Gemm(transB=1), or block-quantized for MatMulNBits. */
 export type LinearWeight =
   | { kind: "f32"; weight: ExternalRef }
+  /** [out, in] f16: multiplied in f16 (activations cast in and out), half the bytes of f32 */
+  | { kind: "f16"; weight: ExternalRef }
   | {
       kind: "nbits";
       bits: 4 | 8;
@@ -65,15 +67,79 @@ export const ATTENTION_GROUPS = ["decode", "prefill"] as const;
 export type AttentionGroup = (typeof ATTENTION_GROUPS)[number];
 
 /**
+ * The graph's side of the KV cache: where attention reads past keys/values and where this step's go. The host pool
+ * (below) is the default; engine/webgpu-runner.ts keeps the cache on the device instead.
+ */
+export interface KvCacheGraph {
+  /** Past keys (kv 0) or values (kv 1) of `layer` at the slots `pastSlots` [G, P], head-major [nkv, G, P, hd]. */
+  readPast(layer: number, kv: 0 | 1, pastSlots: string): string;
+  /** This step's keys (after rope) and values of `layer`, each [T, 1, nkv * hd]. */
+  write(layer: number, k: string, v: string): void;
+  /** After the last layer: declare whatever outputs the cache needs. */
+  finish(): void;
+}
+
+export interface GraphOptions {
+  /** Default: hostKvCache. */
+  kvCache?: (g: GraphBuilder, cfg: LlamaConfig) => KvCacheGraph;
+  /** Use com.microsoft FusedMatMul for q·kᵀ (default true; the WebGPU provider lacks it). */
+  fusedMatMul?: boolean;
+  /**
+   * Compute `probs` (and take `inv_temperature`); default true. ONNX Runtime runs every node of the graph whatever
+   * the run fetches, so a backend that samples elsewhere (model/sampling-head.ts) leaves it out.
+   */
+  probs?: boolean;
+}
+
+/**
+ * The KV pool in host memory: inputs `kv_cache.{l}` [2 * kvHeads * slots, headDim] for each layer l, one array per
+ * layer (so no single array outgrows a typed array's limit), read-only here (ONNX Runtime wraps the caller's buffer
+ * without copying). Row (kv * kvHeads + h) * slots + slot holds head h's key (kv = 0) or value (kv = 1) at that
+ * slot; slot = block * blockSize + offset. Head-major rows make a gather land directly in the [kvHeads, G, P,
+ * headDim] layout attention multiplies, with no transpose. Output `new_kv` [2 * layers, T, kvHeads * headDim] holds
+ * the step's keys and values, which the caller writes into the pool.
+ */
+export function hostKvCache(g: GraphBuilder, cfg: LlamaConfig): KvCacheGraph {
+  const nkv = cfg.numKeyValueHeads;
+  const L = cfg.numHiddenLayers;
+  const kvCaches = Array.from({ length: L }, (_, l) => g.input(`kv_cache.${l}`, DType.float, ["kv_rows", cfg.headDim]));
+  // slots = kv_rows / (2 * kvHeads): the pool size is a runtime property, not baked into the graph.
+  const kvRows = g.op("Gather", [g.op("Shape", [kvCaches[0]]), g.ints([0], true)], { axis: 0 });
+  const numSlots = g.op("Div", [kvRows, g.ints([2 * nkv], true)]);
+  const valueRowOffset = g.op("Mul", [numSlots, g.ints([nkv], true)]); // values follow the keys
+  // row offset of head h within a layer's keys or values: h * slots, as [nkv, 1, 1] to broadcast over [G, P]
+  const headOffsets = g.op("Mul", [g.ints(Array.from({ length: nkv }, (_, h) => h)), numSlots]);
+  const headOffsets3 = g.op("Reshape", [headOffsets, g.ints([nkv, 1, 1])]);
+  // rows of the past keys and values in every layer's array, head-major [nkv, G, P], per group
+  const pastRows = new Map<string, [string, string]>();
+  const newKv: string[] = [];
+  return {
+    readPast(layer, kv, pastSlots) {
+      let rows = pastRows.get(pastSlots);
+      if (rows === undefined) {
+        const keyRows = g.op("Add", [headOffsets3, pastSlots]);
+        rows = [keyRows, g.op("Add", [keyRows, valueRowOffset])];
+        pastRows.set(pastSlots, rows);
+      }
+      return g.op("Gather", [kvCaches[layer], rows[kv]], { axis: 0 });
+    },
+    write(_layer, k, v) {
+      newKv.push(k, v);
+    },
+    finish() {
+      // new_kv [T, 2L, kvDim]: layer l's keys at 2l, values at 2l+1 (each already [T, 1, kvDim])
+      g.op("Concat", newKv, { axis: 1 }, "new_kv");
+      g.output("new_kv", DType.float, ["T", 2 * L, nkv * cfg.headDim]);
+    },
+  };
+}
+
+/**
  * Build the LLaMA forward pass for one engine step over a ragged batch that reads a paged KV cache.
  *
  * Inputs (T = tokens in the step, across all sequences):
  * - `input_ids`, `positions` [T] int64
- * - `kv_cache.{l}` [2 * kvHeads * slots, headDim] for each layer l: the paged pool, one array per layer (so no
- *   single array outgrows a typed array's limit), read-only here (ONNX Runtime wraps the caller's buffer without
- *   copying). Row (kv * kvHeads + h) * slots + slot holds head h's key (kv = 0) or value (kv = 1) at that slot;
- *   slot = block * blockSize + offset. Head-major rows make a gather land directly in the [kvHeads, G, P, headDim]
- *   layout attention multiplies, with no transpose.
+ * - the KV cache's inputs (`kv_cache` by default: see hostKvCache and GraphOptions.kvCache)
  * - per attention group g (decode, prefill), G sequences padded to Q queries, P cached and N new keys:
  *   `g_query_index` [G, Q] (token rows), `g_past_slots` [G, P], `g_new_index` [G, N] (token rows whose fresh keys
  *   the sequence attends to), `g_mask` [G, Q, P + N] additive (P ≥ 1; pad with a masked slot) (0 or -1e9: padding and causality).
@@ -82,11 +148,10 @@ export type AttentionGroup = (typeof ATTENTION_GROUPS)[number];
  * - `inv_temperature` [S]: 1 / temperature of each sampled row (1 for greedy rows).
  *
  * Outputs: `logits` [S, vocab]; `argmax` [S] (the greedy token of each row); `logits_sum` [S]; `probs` [S, vocab] = softmax(logits * inv_temperature), which the sampler
- * draws from without an exp per vocabulary entry in JavaScript; `new_kv` [T, 2 * layers, kvHeads * headDim], the step's keys (after rope) and
- * values, which the caller writes into the pool at the tokens' slots. Nothing here scales with the pool size:
- * attention gathers only the slots of the sequences in the step.
+ * draws from without an exp per vocabulary entry in JavaScript; and the KV cache's outputs (`new_kv` by default).
+ * Nothing here scales with the pool size: attention gathers only the slots of the sequences in the step.
  */
-export function buildLlamaGraph(cfg: LlamaConfig, w: PackedWeights): Uint8Array {
+export function buildLlamaGraph(cfg: LlamaConfig, w: PackedWeights, opts: GraphOptions = {}): Uint8Array {
   const g = new GraphBuilder();
   const H = cfg.hiddenSize;
   const nh = cfg.numAttentionHeads;
@@ -101,14 +166,12 @@ export function buildLlamaGraph(cfg: LlamaConfig, w: PackedWeights): Uint8Array 
 
   const ids = g.input("input_ids", i64, ["T"]);
   const positions = g.input("positions", i64, ["T"]);
-  const kvCaches = Array.from({ length: L }, (_, l) => g.input(`kv_cache.${l}`, f32, ["kv_rows", hd]));
-  // slots = kv_rows / (2 * kvHeads): the pool size is a runtime property, not baked into the graph.
-  const kvRows = g.op("Gather", [g.op("Shape", [kvCaches[0]]), g.ints([0], true)], { axis: 0 });
-  const numSlots = g.op("Div", [kvRows, g.ints([2 * nkv], true)]);
-  const valueRowOffset = g.op("Mul", [numSlots, g.ints([nkv], true)]); // values follow the keys
-  // row offset of head h within a layer's keys or values: h * slots, as [nkv, 1, 1] to broadcast over [G, P]
-  const headOffsets = g.op("Mul", [g.ints(Array.from({ length: nkv }, (_, h) => h)), numSlots]);
-  const headOffsets3 = g.op("Reshape", [headOffsets, g.ints([nkv, 1, 1])]);
+  const kvCache = (opts.kvCache ?? hostKvCache)(g, cfg);
+  // q·kᵀ: FusedMatMul is a CPU/CUDA contrib op; elsewhere MatMul on an explicit transpose
+  const matMulTransB = (a: string, b: string): string =>
+    opts.fusedMatMul === false
+      ? g.op("MatMul", [a, g.op("Transpose", [b], { perm: [0, 1, 3, 2] })])
+      : g.op("FusedMatMul", [a, b], { transB: 1 }, undefined, "com.microsoft");
   const groups = ATTENTION_GROUPS.map((name) => {
     const mask = g.input(`${name}_mask`, f32, [`${name}_G`, `${name}_Q`, `${name}_K`]);
     const pastSlots = g.input(`${name}_past_slots`, i64, [`${name}_G`, `${name}_P`]);
@@ -122,14 +185,11 @@ export function buildLlamaGraph(cfg: LlamaConfig, w: PackedWeights): Uint8Array 
     const dimRepQ = g.op("Mul", [dimQ, g.ints([rep])]);
     const dimP = g.op("Slice", [g.op("Shape", [pastSlots]), g.ints([1]), g.ints([2])]);
     const dimN = g.op("Slice", [g.op("Shape", [newIndex]), g.ints([1]), g.ints([2])]);
-    const keyRows = g.op("Add", [headOffsets3, pastSlots]);
     return {
       name,
       queryIndex: g.input(`${name}_query_index`, i64, [`${name}_G`, `${name}_Q`]),
       newIndex,
-      // rows of the past keys and values in every layer's array, head-major [nkv, G, P]
-      keyRows,
-      valueRows: g.op("Add", [keyRows, valueRowOffset]),
+      pastSlots,
       mask: g.op("Unsqueeze", [mask, g.ints([0, 2])]), // [1, G, 1, Q, K]
       // Explicit shapes (no -1): a group with no sequence this step has G = 0, and its operators then do nothing.
       queryShape: g.op("Concat", [g.ints([nkv]), dimG, dimRepQ, g.ints([hd])], { axis: 0 }),
@@ -141,7 +201,6 @@ export function buildLlamaGraph(cfg: LlamaConfig, w: PackedWeights): Uint8Array 
   });
   const outputIndex = g.input("output_index", i64, ["T"]);
   const logitsIndex = g.input("logits_index", i64, ["S"]);
-  const invTemperature = g.input("inv_temperature", f32, ["S"]);
 
   // Weights
   const embed = g.external(
@@ -169,10 +228,25 @@ export function buildLlamaGraph(cfg: LlamaConfig, w: PackedWeights): Uint8Array 
     );
     return [normed, sum];
   };
-  /** x [rows, inFeatures] times the weight's transpose: [rows, outFeatures]. */
-  const linear = (x: string, name: string, lw: LinearWeight, out: number, inFeatures: number, output?: string) => {
+  /** x [rows, inFeatures] times the weight's transpose: [rows, outFeatures]. `initializer`: an existing one. */
+  const linear = (
+    x: string,
+    name: string,
+    lw: LinearWeight,
+    out: number,
+    inFeatures: number,
+    output?: string,
+    initializer?: string,
+  ) => {
     if (lw.kind === "f32") {
-      return g.op("Gemm", [x, g.external(name, f32, [out, inFeatures], lw.weight)], { transB: 1 }, output);
+      const weight = initializer ?? g.external(name, f32, [out, inFeatures], lw.weight);
+      return g.op("Gemm", [x, weight], { transB: 1 }, output);
+    }
+    if (lw.kind === "f16") {
+      // the transpose of an initializer is folded once at load; the product runs in f16
+      const weight = initializer ?? g.external(name, DType.float16, [out, inFeatures], lw.weight);
+      const x16 = g.op("Cast", [x], { to: DType.float16 });
+      return g.op("Cast", [g.op("MatMul", [x16, g.op("Transpose", [weight])])], { to: f32 }, output);
     }
     const blocks = Math.ceil(inFeatures / lw.blockSize);
     const inputs = [
@@ -190,7 +264,6 @@ export function buildLlamaGraph(cfg: LlamaConfig, w: PackedWeights): Uint8Array 
   // x: [T, H] residual stream (an f16 table's rows are widened to f32)
   const embedded = g.op("Gather", [embed, ids], { axis: 0 });
   let x = w.embed.dtype === "f16" ? g.op("Cast", [embedded], { to: f32 }) : embedded;
-  const newKv: string[] = [];
   const norms = w.layers.map((lw, l) => ({
     input: g.external(`layers.${l}.input_layernorm`, f32, [H], lw.inputNorm),
     post: g.external(`layers.${l}.post_attention_layernorm`, f32, [H], lw.postNorm),
@@ -206,7 +279,7 @@ export function buildLlamaGraph(cfg: LlamaConfig, w: PackedWeights): Uint8Array 
     const [qRaw, kRaw, v] = g.node("Split", [qkv, g.ints([nh * hd, kvDim, kvDim])], { axis: -1 }, { numOutputs: 3 });
     const q = rope(qRaw, nh); // [T, 1, nh*hd]
     const k = rope(kRaw, nkv); // [T, 1, kvDim]
-    newKv.push(k, v);
+    kvCache.write(l, k, v);
 
     // this step's keys/values head-major [nkv, T, hd], shared by both groups
     const kFresh = g.op("Transpose", [g.op("Reshape", [k, g.ints([-1, nkv, hd])])], { perm: [1, 0, 2] });
@@ -215,20 +288,13 @@ export function buildLlamaGraph(cfg: LlamaConfig, w: PackedWeights): Uint8Array 
       // queries [G, Q, nh*hd] -> [nkv, G, rep*Q, hd]
       const qg = g.op("Reshape", [g.op("Gather", [q, grp.queryIndex], { axis: 0 }), g.ints([0, 0, nkv, rep, hd])]);
       const qh = g.op("Reshape", [g.op("Transpose", [qg], { perm: [2, 0, 3, 1, 4] }), grp.queryShape]);
-      // past keys/values gathered from the pool [nkv, G, P, hd]; fresh ones from this step [nkv, G, N, hd]
-      const kPast = g.op("Gather", [kvCaches[l], grp.keyRows], { axis: 0 });
-      const vPast = g.op("Gather", [kvCaches[l], grp.valueRows], { axis: 0 });
+      // past keys/values from the cache [nkv, G, P, hd]; fresh ones from this step [nkv, G, N, hd]
+      const kPast = kvCache.readPast(l, 0, grp.pastSlots);
+      const vPast = kvCache.readPast(l, 1, grp.pastSlots);
       const kNew = g.op("Gather", [kFresh, grp.newIndex], { axis: 1 });
       const vNew = g.op("Gather", [vFresh, grp.newIndex], { axis: 1 });
       // scores q·kᵀ for past and fresh keys side by side: only scores are concatenated, never keys
-      const scores = g.op(
-        "Concat",
-        [
-          g.op("FusedMatMul", [qh, kPast], { transB: 1 }, undefined, "com.microsoft"),
-          g.op("FusedMatMul", [qh, kNew], { transB: 1 }, undefined, "com.microsoft"),
-        ],
-        { axis: -1 },
-      ); // [nkv, G, rep*Q, P+N]
+      const scores = g.op("Concat", [matMulTransB(qh, kPast), matMulTransB(qh, kNew)], { axis: -1 }); // [nkv, G, rep*Q, P+N]
       const probs5 = g.op("Softmax", [g.op("Add", [g.op("Reshape", [scores, grp.scoreShape5]), grp.mask])], {
         axis: -1,
       });
@@ -265,24 +331,31 @@ export function buildLlamaGraph(cfg: LlamaConfig, w: PackedWeights): Uint8Array 
   // Only the rows that are sampled go through the final norm and the (large) vocabulary projection.
   const finalNorm = g.external("norm", f32, [H], w.finalNorm);
   const last = g.op("Gather", [x, logitsIndex], { axis: 0 });
-  // A tied f32 head reads the embedding's initializer itself (one copy of the table in memory).
-  const tiedF32 = w.lmHead.kind === "f32" && w.lmHead.weight === w.embed.weight;
-  const logits = tiedF32
-    ? g.op("Gemm", [rmsNorm(last, finalNorm), embed], { transB: 1 }, "logits")
-    : linear(rmsNorm(last, finalNorm), "lm_head", w.lmHead, cfg.vocabSize, H, "logits");
+  // A tied f32 or f16 head reads the embedding's initializer itself (one copy of the table in memory).
+  const tied = w.lmHead.kind !== "nbits" && w.lmHead.weight === w.embed.weight;
+  const logits = linear(
+    rmsNorm(last, finalNorm),
+    "lm_head",
+    w.lmHead,
+    cfg.vocabSize,
+    H,
+    "logits",
+    tied ? embed : undefined,
+  );
   g.output("logits", f32, ["S", cfg.vocabSize]);
   g.op("ArgMax", [logits], { axis: 1, keepdims: 0 }, "argmax"); // greedy tokens (first index on ties)
   g.output("argmax", DType.int64, ["S"]);
   // not finite iff the row holds a NaN or an infinity: lets the sampler fail just that row without scanning it
   g.op("ReduceSum", [logits, g.ints([1])], { keepdims: 0 }, "logits_sum");
   g.output("logits_sum", f32, ["S"]);
-  const scaled = g.op("Mul", [logits, g.op("Unsqueeze", [invTemperature, g.ints([1])])]);
-  g.op("Softmax", [scaled], { axis: -1 }, "probs");
-  g.output("probs", f32, ["S", cfg.vocabSize]);
+  if (opts.probs !== false) {
+    const invTemperature = g.input("inv_temperature", f32, ["S"]);
+    const scaled = g.op("Mul", [logits, g.op("Unsqueeze", [invTemperature, g.ints([1])])]);
+    g.op("Softmax", [scaled], { axis: -1 }, "probs");
+    g.output("probs", f32, ["S", cfg.vocabSize]);
+  }
 
-  // new_kv [T, 2L, kvDim]: layer l's keys at 2l, values at 2l+1 (each already [T, 1, kvDim])
-  g.op("Concat", newKv, { axis: 1 }, "new_kv");
-  g.output("new_kv", f32, ["T", 2 * L, kvDim]);
+  kvCache.finish();
   return g.build("llama");
 }
 

@@ -15,12 +15,16 @@
  * @module
  */
 
-export type Quantization = "none" | "int8" | "int4";
-export const QUANTIZATIONS: readonly Quantization[] = ["none", "int8", "int4"];
+/** Weight formats: f32 ("none"), f16 (halves the bytes; the WebGPU backend's default where shader-f16 runs), int8, int4. */
+export type Quantization = "none" | "f16" | "int8" | "int4";
+export const QUANTIZATIONS: readonly Quantization[] = ["none", "f16", "int8", "int4"];
 
-/** `--quantization`'s value, checked; `what` names the flag or variable in the error. */
-export function parseQuantization(value: string | undefined, what = "--quantization"): Quantization {
-  if (value === undefined || value === "") return "none";
+/**
+ * `--quantization`'s value, checked; `what` names the flag or variable in the error. Unset gives undefined: the
+ * device's default (f16 on webgpu where the adapter runs shader-f16, f32 elsewhere).
+ */
+export function parseQuantization(value: string | undefined, what = "--quantization"): Quantization | undefined {
+  if (value === undefined || value === "") return undefined;
   if (!(QUANTIZATIONS as readonly string[]).includes(value)) {
     throw new RangeError(`${what} must be one of ${QUANTIZATIONS.join(", ")}, got "${value}"`);
   }

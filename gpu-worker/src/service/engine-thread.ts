@@ -37,6 +37,12 @@ async function main(init: ThreadInit): Promise<void> {
     const mod = (await import(init.engineModule)) as { LLMEngine: typeof LLMEngine };
     engine = await mod.LLMEngine.create({
       ...init.engineOptions,
+      // A failed device does not come back: end this thread with its one-line reason, so the host stops taking
+      // requests and the process exits (other workers keep serving; Kubernetes restarts this one).
+      onDeviceError: (err) =>
+        setImmediate(() => {
+          throw err;
+        }),
       onProgress: (stage, done, total) => {
         if (stage === "compile") compiledAt = performance.now();
         send({ type: "progress", stage, done, total });

@@ -12,6 +12,7 @@ import { parseArgs } from "node:util";
 import { isValidPoolName } from "@llama-edge/shared";
 import { type ConnectionOptions, credsAuthenticator } from "@nats-io/nats-core";
 import { pino } from "pino";
+import { DEVICES, isDevice } from "../engine/device.ts";
 import { removeCompileTemps } from "../model/compiled-dir.ts";
 import { cacheDir } from "../model/default-model.ts";
 import { resolveModel } from "../model/model-source.ts";
@@ -42,8 +43,10 @@ shown; the flag wins.
   --block-size <n>              LLAMA_BLOCK_SIZE
   --kv-cache-bytes <n>          LLAMA_KV_CACHE_BYTES
   --no-prefix-caching           LLAMA_NO_PREFIX_CACHING=1
-  --device <cpu|cuda>           LLAMA_DEVICE            ONNX Runtime execution provider (default cpu)
-  --quantization <q>            LLAMA_QUANTIZATION      Weight format: none (f32), int8 or int4 (default none)
+  --device <cpu|cuda|webgpu>    LLAMA_DEVICE            Where the model runs (default cpu). On GPU hosts use
+                                                        webgpu: weights and KV cache stay on the GPU (Vulkan)
+  --quantization <q>            LLAMA_QUANTIZATION      Weights: none (f32), f16, int8 or int4 (default:
+                                                        f16 on webgpu where the GPU runs it, else none)
   --threads <n>                 LLAMA_THREADS           ONNX Runtime intra-op threads (default: every core,
                                                         os.availableParallelism())
   --kv-free-watermark <f>       LLAMA_KV_FREE_WATERMARK Pull only while this fraction of KV blocks is free
@@ -114,8 +117,8 @@ function readOptions(argv: string[]) {
   const pool = str("pool") ?? "default";
   if (!isValidPoolName(pool)) throw new UsageError(`--pool: "${pool}" is not a valid pool name ([a-z0-9-]+)`);
   const device = str("device") ?? "cpu";
-  if (device !== "cpu" && device !== "cuda") throw new UsageError(`--device must be cpu or cuda, got "${device}"`);
-  let quantization: Quantization;
+  if (!isDevice(device)) throw new UsageError(`--device must be one of ${DEVICES.join(", ")}, got "${device}"`);
+  let quantization: Quantization | undefined;
   try {
     quantization = parseQuantization(str("quantization"));
   } catch (e) {
@@ -137,7 +140,7 @@ function readOptions(argv: string[]) {
     blockSize: num("block-size", Number.isInteger),
     kvCacheBytes: num("kv-cache-bytes"),
     enablePrefixCaching: !flag("no-prefix-caching"),
-    device: device as "cpu" | "cuda",
+    device,
     quantization,
     numThreads: num("threads", (n) => Number.isInteger(n) && n >= 1),
     kvFreeWatermark: num("kv-free-watermark", (n) => n >= 0 && n < 1),
@@ -315,7 +318,8 @@ export async function serveCommand(argv: string[]): Promise<number> {
     await worker.drain(o.drainTimeoutS * 1000);
     return 0;
   } catch (e) {
-    logger.fatal({ err: e }, "worker failed");
+    // A device that cannot be used says which in the line itself (no adapter, out of memory, too small).
+    logger.fatal({ err: e }, e instanceof Error && e.name === "DeviceError" ? e.message : "worker failed");
     return 1;
   } finally {
     process.off("SIGTERM", onSignal);
