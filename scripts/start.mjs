@@ -232,7 +232,8 @@ try {
       natsUrl,
       model: modelDir,
       maxNumSeqs,
-      extra: ["--log-level", "warn", "--health-port", String(healthPort)],
+      // Quiet unless asked: LLAMA_LOG_LEVEL=info npm start shows the workers' request logs.
+      extra: ["--log-level", process.env.LLAMA_LOG_LEVEL ?? "warn", "--health-port", String(healthPort)],
     });
   let workersReady;
   if (args.autoscale) {

@@ -13,6 +13,7 @@ import { exited } from "../scripts/supervisor.mjs";
 import {
   isAlive,
   type LocalStack,
+  logOffset,
   pidOf,
   readLog,
   secrets,
@@ -77,7 +78,7 @@ describe("npm start", () => {
     const victim = "default-0";
     const survivor = pidOf(stack, "worker default-1");
     expect(streams.some((s) => s.worker === victim)).toBe(true);
-    const logOffset = readLog(stack).length;
+    const offset = logOffset(stack);
     const victimPid = pidOf(stack, `worker ${victim}`);
     const killedAt = Date.now();
     process.kill(victimPid, "SIGKILL");
@@ -93,8 +94,8 @@ describe("npm start", () => {
       }
     }
     // The replacement starts after the back-off and serves; nothing else was restarted.
-    await waitForLog(stack, /worker default-0 exited \(killed by SIGKILL\); restarting in 1 s/, logOffset);
-    await waitForLog(stack, /worker default-0: ready/, logOffset, 120_000);
+    await waitForLog(stack, /worker default-0 exited \(killed by SIGKILL\); restarting in 1 s/, offset);
+    await waitForLog(stack, /worker default-0: ready/, offset, 120_000);
     expect(pidOf(stack, "worker default-0")).not.toBe(victimPid);
     expect([pidOf(stack, "nats-server"), pidOf(stack, "gateway"), pidOf(stack, "worker default-1")]).toEqual([
       before.nats,
@@ -125,7 +126,7 @@ describe("npm start", () => {
 
   it("stops every child on SIGTERM, also a worker waiting out its restart back-off", async () => {
     const children = childPids(stack);
-    const offset = readLog(stack).length;
+    const offset = logOffset(stack);
     process.kill(pidOf(stack, "worker default-1"), "SIGKILL");
     await waitForLog(stack, /worker default-1 exited \(killed by SIGKILL\); restarting/, offset);
     expect(await stack.stop("SIGTERM")).toBe(0);

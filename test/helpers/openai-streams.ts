@@ -7,6 +7,8 @@
 import OpenAI from "openai";
 
 export interface StreamOutcome {
+  /** The completion's id (`chatcmpl-…`); the worker's request id starts with it. */
+  id?: string;
   text: string;
   finishReason?: string | null;
   usage?: OpenAI.CompletionUsage;
@@ -17,6 +19,8 @@ export interface StreamOutcome {
 }
 
 export interface WatchedStream {
+  /** The completion's id (`x-request-id`). */
+  id: string | null;
   /** `x-llama-edge-worker` (the gateway must run with expose_worker_id). */
   worker: string | null;
   /** Resolves at the first content token. */
@@ -59,6 +63,7 @@ export async function watchStream(
     const out: StreamOutcome = { text: "", endedAt: 0 };
     try {
       for await (const chunk of stream) {
+        out.id = chunk.id;
         const choice = chunk.choices[0];
         if (choice?.delta?.content) {
           out.text += choice.delta.content;
@@ -74,7 +79,13 @@ export async function watchStream(
     onFirst();
     return out;
   })();
-  return { worker: response.headers.get("x-llama-edge-worker"), firstToken, outcome, abort: () => controller.abort() };
+  return {
+    id: response.headers.get("x-request-id"),
+    worker: response.headers.get("x-llama-edge-worker"),
+    firstToken,
+    outcome,
+    abort: () => controller.abort(),
+  };
 }
 
 /** A short non-streaming chat: the outcome, never a throw. */
@@ -89,6 +100,7 @@ export async function chatOnce(
       .create({ messages: [{ role: "user", content: "Hi" }], ...params })
       .withResponse();
     return {
+      id: data.id,
       text: data.choices[0]?.message.content ?? "",
       finishReason: data.choices[0]?.finish_reason,
       usage: data.usage,
