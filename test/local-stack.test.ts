@@ -5,7 +5,6 @@
  */
 import { spawn } from "node:child_process";
 import { readFileSync } from "node:fs";
-import { request } from "node:http";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { ensureNatsServer } from "../scripts/nats.mjs";
 import { freePort } from "../scripts/ports.mjs";
@@ -22,6 +21,7 @@ import {
   waitForLog,
 } from "./helpers/local-stack.ts";
 import { chatOnce, client, watchStream } from "./helpers/openai-streams.ts";
+import { sendRaw } from "./helpers/raw-http.ts";
 
 const MODEL = "stories15m-random";
 const LONG = { model: MODEL, messages: [{ role: "user" as const, content: "Tell me a story" }], max_tokens: 240 };
@@ -115,9 +115,13 @@ describe("npm start", () => {
     const { key } = secrets(stack);
     const big = Buffer.alloc(2 * 1024 * 1024, "a");
     for (const chunked of [true, false]) {
-      const res = await post(`${stack.url}/v1/chat/completions`, key, big, chunked);
+      const res = await sendRaw(`${stack.url}/v1/chat/completions`, {
+        headers: { authorization: `Bearer ${key}`, "content-type": "application/json" },
+        body: big,
+        chunks: chunked ? 32 : 0,
+      });
       expect(res.status).toBe(413);
-      expect(JSON.parse(res.body)).toMatchObject({ error: { code: "request_too_large" } });
+      expect(JSON.parse(res.text)).toMatchObject({ error: { code: "request_too_large" } });
       // The next request, on a new connection as from another client, is served normally.
       const next = await chatOnce(client(stack.url, key), { model: MODEL, max_tokens: 2 });
       expect(next.error).toBeUndefined();
@@ -148,31 +152,3 @@ describe("Ctrl-C while starting", () => {
     }
   }, 180_000);
 });
-
-/** POSTs `body` with or without Content-Length; resolves with the status and body text. */
-function post(url: string, key: string, body: Buffer, chunked: boolean): Promise<{ status: number; body: string }> {
-  return new Promise((resolve, reject) => {
-    const req = request(url, {
-      method: "POST",
-      agent: false,
-      headers: {
-        authorization: `Bearer ${key}`,
-        "content-type": "application/json",
-        ...(chunked ? {} : { "content-length": String(body.length) }),
-      },
-    });
-    req.on("response", (res) => {
-      let text = "";
-      res.setEncoding("utf8");
-      res.on("data", (d: string) => {
-        text += d;
-      });
-      res.on("end", () => resolve({ status: res.statusCode ?? 0, body: text }));
-    });
-    // The server may answer and close before the whole body is sent: that is the point.
-    req.on("error", (e) => ((e as NodeJS.ErrnoException).code === "EPIPE" ? undefined : reject(e)));
-    const chunk = 64 * 1024;
-    for (let i = 0; i < body.length; i += chunk) req.write(body.subarray(i, i + chunk));
-    req.end();
-  });
-}

@@ -7,12 +7,11 @@
  *
  * Unknown fields may be accepted or refused (a 400), never a 5xx.
  */
-import { Readable } from "node:stream";
 import fc from "fast-check";
-import { request } from "undici";
 import { expect, inject, it } from "vitest";
 import { secrets } from "../helpers/local-stack.ts";
 import { chatOnce, client } from "../helpers/openai-streams.ts";
+import { type RawResponse, sendRaw } from "../helpers/raw-http.ts";
 
 const stack = inject("stack");
 const { key } = secrets(stack);
@@ -270,22 +269,13 @@ const fuzzRequest: fc.Arbitrary<FuzzRequest> = fc
 // ---------------------------------------------------------------------------------------------------------------
 // Sending and judging
 
-async function send(r: FuzzRequest): Promise<{ status: number; contentType: string; text: string }> {
-  const pieces = (): AsyncIterable<Buffer> =>
-    (async function* () {
-      const size = Math.ceil(r.body.length / r.chunks) || 1;
-      for (let i = 0; i < r.body.length; i += size) yield r.body.subarray(i, i + size);
-    })();
-  const res = await request(`${stack.url}${r.path}`, {
-    method: r.method as "POST",
+function send(r: FuzzRequest): Promise<RawResponse> {
+  return sendRaw(`${stack.url}${r.path}`, {
+    method: r.method,
     headers: { authorization: `Bearer ${key}`, ...(r.contentType ? { "content-type": r.contentType } : {}) },
-    body: r.chunks === 0 ? r.body : Readable.from(pieces()),
+    body: r.body,
+    chunks: r.chunks,
   });
-  return {
-    status: res.statusCode,
-    contentType: String(res.headers["content-type"] ?? ""),
-    text: await res.body.text(),
-  };
 }
 
 /** OpenAI's error body: {"error": {"message", "type", "param", "code"}}, param and code a string or null. */
@@ -302,9 +292,13 @@ function isOpenAIError(body: unknown): boolean {
   );
 }
 
+const describe = (r: FuzzRequest) =>
+  `${r.method} ${r.path} ${r.contentType ?? "(no content-type)"} ${r.chunks ? `chunked (${r.chunks})` : "length"} ` +
+  `${r.body.length} bytes: ${r.body.subarray(0, 600).toString()}`;
+
 /** Throws (with the request) unless the response is a well-formed success or an OpenAI-shaped 4xx. */
-function judge(r: FuzzRequest, res: { status: number; contentType: string; text: string }): void {
-  const where = `${r.method} ${r.path} ${r.contentType ?? "(no content-type)"} ${r.chunks ? "chunked" : "length"}: ${r.body.subarray(0, 600).toString()}`;
+function judge(r: FuzzRequest, res: RawResponse): void {
+  const where = describe(r);
   expect(res.status, where).toBeLessThan(500);
   if (res.status >= 400) {
     expect(res.contentType, where).toContain("application/json");
@@ -332,7 +326,9 @@ it(`answers ${RUNS * BATCH} fuzzed requests without a 5xx, every error in OpenAI
   const statuses = new Map<number, number>();
   await fc.assert(
     fc.asyncProperty(fc.array(fuzzRequest, { minLength: BATCH, maxLength: BATCH }), async (batch) => {
-      const results = await Promise.all(batch.map(send));
+      const results = await Promise.all(
+        batch.map((r) => send(r).catch((e: Error) => Promise.reject(new Error(`${describe(r)}: ${e.message}`)))),
+      );
       batch.forEach((r, i) => {
         sent++;
         statuses.set(results[i]!.status, (statuses.get(results[i]!.status) ?? 0) + 1);
