@@ -1,7 +1,8 @@
 #!/usr/bin/env node
 // `npm start`: the whole stack on one machine. nats-server (JetStream + a loopback WebSocket listener for the
 // edge), GPU/CPU workers on the default model (or --model), and the gateway on workerd (Miniflare: see
-// edge/dev/gateway.mjs for why not `wrangler dev`). Prints the base URL, a development API key and a curl to paste.
+// edge/dev/gateway.mjs for why not `wrangler dev`). Prints the console URL, the OpenAI base URL, a development API
+// key and a curl to paste.
 //
 // It supervises what it started as Kubernetes would (scripts/supervisor.mjs): a process that dies is restarted
 // with back-off while the rest keeps running; requests in flight on a dead worker end with the protocol's
@@ -286,6 +287,7 @@ try {
   console.log(`
 llama-edge is up.
 
+  Web console       ${gw.url}/        (Playground, Usage, Admin: paste the key or the admin secret there)
   OpenAI base URL   ${gw.url}/v1
   API key           ${key}        (development key, kept in ${join(stateDir, "edge", "dev-key")})
   Admin secret      in ${join(stateDir, "edge", "admin-secret")}

@@ -8,7 +8,9 @@ import {
   CancelledError,
   type DispatchEvent,
   Dispatcher,
+  directSubject,
   encodeMessage,
+  MAX_REQUEST_BYTES,
   NoWorkersError,
   PROTOCOL_VERSION,
   ProtocolError,
@@ -18,6 +20,7 @@ import {
   poolNames,
   QueueTimeoutError,
   type RequestMessage,
+  RequestTooLargeError,
   WorkerError,
   WorkerLostError,
 } from "@llama-edge/shared";
@@ -257,6 +260,96 @@ describe("dispatcher", () => {
       finish_reason: "abort",
       usage: { prompt_tokens: 7, completion_tokens: 3 },
     });
+  });
+
+  test("a request larger than a worker takes fails with RequestTooLargeError before it is sent", async () => {
+    const pool = await newPool();
+    const big = { ...req("big"), prompt: { type: "text" as const, text: "x".repeat(MAX_REQUEST_BYTES) } };
+    const r = await collect(new Dispatcher(nc).submit(pool, big));
+    expect(r.error).toBeInstanceOf(RequestTooLargeError);
+    expect((r.error as RequestTooLargeError).status).toBe(413);
+  });
+
+  test("an offer to one worker (SubmitOptions.worker) runs there when it accepts", async () => {
+    const pool = await newPool();
+    const subject = directSubject(pool, "w1");
+    const sub = nc.subscribe(subject, {
+      max: 1,
+      callback: (_, msg) => {
+        const r = parseRequestMessage(msg.data);
+        if (!r.ok) throw new Error(r.message);
+        msg.respond(JSON.stringify({ v: PROTOCOL_VERSION, id: r.value.id, accepted: true }));
+        const send = (ev: object) =>
+          nc.publish(r.value.reply_to, JSON.stringify({ v: PROTOCOL_VERSION, id: r.value.id, ...ev }));
+        send(start());
+        send(delta(1, "direct"));
+        send(final(2));
+      },
+    });
+    const r = await collect(new Dispatcher(nc).submit(pool, req("offered"), { worker: subject }));
+    expect(r.error).toBeUndefined();
+    expect(r.events.map((e) => e.type)).toEqual(["start", "delta", "final"]);
+    expect(r.events.every((e) => e.id === "offered")).toBe(true);
+    await sub.closed;
+  });
+
+  test("a refused or unanswered offer is queued under <id>-q, and the refused id is cancelled", async () => {
+    const pool = await newPool();
+    const subject = directSubject(pool, "w2");
+    nc.subscribe(subject, {
+      max: 1,
+      callback: (_, msg) => {
+        const r = parseRequestMessage(msg.data);
+        if (r.ok) msg.respond(JSON.stringify({ v: PROTOCOL_VERSION, id: r.value.id, accepted: false }));
+      },
+    });
+    const cancels = nc.subscribe(poolNames(pool).cancel, { max: 1 });
+    const d = new Dispatcher(nc);
+    const refused = collect(d.submit(pool, req("refused"), { worker: subject }));
+    const w = await pull(pool);
+    expect(w.req.id).toBe("refused-q");
+    w.send(start());
+    w.send(final(1));
+    expect((await refused).events.map((e) => e.type)).toEqual(["start", "final"]);
+    for await (const m of cancels) expect(parseCancelMessage(m.data)).toMatchObject({ value: { id: "refused" } });
+
+    // Nobody listens on the subject (the worker is gone): queued as well.
+    const gone = collect(d.submit(pool, req("gone"), { worker: directSubject(pool, "nobody") }));
+    const w2 = await pull(pool);
+    expect(w2.req.id).toBe("gone-q");
+    w2.send(start());
+    w2.send(final(1));
+    expect((await gone).error).toBeUndefined();
+  });
+
+  test("cancelling an accepted offer cancels it at that worker, whose final abort event is delivered", async () => {
+    const pool = await newPool();
+    const subject = directSubject(pool, "w3");
+    const cancels = nc.subscribe(poolNames(pool).cancel, { max: 1 });
+    let send: (ev: object) => void = () => {};
+    nc.subscribe(subject, {
+      max: 1,
+      callback: (_, msg) => {
+        const r = parseRequestMessage(msg.data);
+        if (!r.ok) return;
+        msg.respond(JSON.stringify({ v: PROTOCOL_VERSION, id: r.value.id, accepted: true }));
+        send = (ev) => nc.publish(r.value.reply_to, JSON.stringify({ v: PROTOCOL_VERSION, id: r.value.id, ...ev }));
+        send(start());
+        send(delta(1, "x"));
+      },
+    });
+    let lateFinal: DispatchEvent | undefined;
+    const opts = { worker: subject, onCancelledFinal: (f: DispatchEvent) => (lateFinal = f) };
+    const p = (async () => {
+      for await (const ev of new Dispatcher(nc).submit(pool, req("direct-cut"), opts)) if (ev.type === "delta") break;
+    })();
+    for await (const m of cancels) {
+      expect(parseCancelMessage(m.data)).toMatchObject({ value: { id: "direct-cut" } });
+      const usage = { prompt_tokens: 4, completion_tokens: 1, cached_tokens: 0 };
+      send({ seq: 2, type: "final", finish_reason: "abort", usage });
+    }
+    await p;
+    expect(lateFinal).toMatchObject({ finish_reason: "abort", usage: { completion_tokens: 1 } });
   });
 
   test("works over WebSocket (the edge's transport)", async () => {

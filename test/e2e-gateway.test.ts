@@ -2,45 +2,32 @@
  * End to end: the official `openai` client against the gateway under workerd (`wrangler dev`), talking over NATS
  * (WebSocket) to a real `llama-worker serve` running the generated default model. Nothing is mocked.
  */
-import { mkdtempSync, rmSync } from "node:fs";
-import { tmpdir } from "node:os";
-import { join } from "node:path";
 import { connect } from "@nats-io/transport-node";
 import OpenAI from "openai";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { admin, type Gateway, startGateway } from "../edge/dev/gateway.mjs";
-import { startTestNats, type TestNats } from "./helpers/nats-server.ts";
+import { admin, type Gateway } from "../edge/dev/gateway.mjs";
+import type { TestNats } from "./helpers/nats-server.ts";
+import { startStack, type TestStack } from "./helpers/stack.ts";
 import { startWorkerProcess, type WorkerProcess } from "./helpers/worker-process.ts";
 
 const MODEL = "stories15m-random";
 /** The default model's context (max_position_embeddings). */
 const CONTEXT = 256;
 
+let stack: TestStack;
 let nats: TestNats;
 let worker: WorkerProcess;
 let gw: Gateway;
-let stateDir: string;
 
 beforeAll(async () => {
-  nats = await startTestNats();
-  stateDir = mkdtempSync(join(tmpdir(), "llama-edge-gw-"));
-  [worker, gw] = await Promise.all([
-    startWorkerProcess({ natsUrl: nats.url, pool: "default", workerId: "e2e-w1" }),
-    startGateway({
-      natsWsUrl: nats.wsUrl,
-      persistTo: stateDir,
-      config: { pools: { default: { max_context: CONTEXT, models: [MODEL] } }, expose_worker_id: true },
-    }),
-  ]);
+  stack = await startStack({
+    workerId: "e2e-w1",
+    config: { pools: { default: { max_context: CONTEXT, models: [MODEL] } }, expose_worker_id: true },
+  });
+  ({ nats, worker, gw } = stack);
 }, 180_000);
 
-afterAll(async () => {
-  await gw?.stop();
-  worker?.kill("SIGTERM");
-  await worker?.exited;
-  await nats?.stop();
-  if (stateDir) rmSync(stateDir, { recursive: true, force: true });
-});
+afterAll(() => stack?.stop());
 
 async function newKey(limits: Record<string, unknown> = {}): Promise<{ key: string; id: string }> {
   const created = await admin(gw, "POST", "/keys", { name: "e2e", limits });

@@ -9,13 +9,15 @@
  * @module
  */
 import { Hono } from "hono";
-import { cors } from "hono/cors";
 import { HTTPException } from "hono/http-exception";
+import { type RequestIdVariables, requestId } from "hono/request-id";
 import type { GatewayConfig } from "./config.ts";
-import type { JobRunner } from "./dispatch/job.ts";
+import type { JobRunner, Limiter } from "./dispatch/job.ts";
 import { apiError, errors } from "./errors.ts";
-import type { KeyStore, Limiter } from "./keys/key-store.ts";
+import { randomBase62 } from "./keys/api-key.ts";
+import type { KeyStore } from "./keys/key-store.ts";
 import { apiKeyAuth, authBeforeErrors } from "./middleware/auth.ts";
+import { apiCors } from "./middleware/cors.ts";
 import { jsonBody } from "./middleware/json-body.ts";
 import { adminRoutes } from "./routes/admin.ts";
 import { chatCompletionsRoute } from "./routes/chat-completions.ts";
@@ -33,17 +35,25 @@ export interface AppDeps {
   adminSecret?: string;
 }
 
-export function createApp(deps: AppDeps): Hono {
+/** The app's Hono environment: variables every route may read. */
+export type AppEnv = { Variables: RequestIdVariables };
+
+export function createApp(deps: AppDeps): Hono<AppEnv> {
   const { keyStore, config } = deps;
-  const app = new Hono();
+  const app = new Hono<AppEnv>();
   const body = jsonBody({ maxBytes: config.max_body_bytes });
   const inference = { limiter: deps.limiter, dispatcher: deps.dispatcher, config };
 
-  // Browsers may call the API directly (as with OpenAI's); keys travel in the Authorization header, never cookies.
-  app.use("/v1/*", cors({ origin: "*", allowHeaders: ["authorization", "content-type"], maxAge: 86_400 }));
+  // x-request-id on every answer, as OpenAI's (a client's own id, if it sent a sane one, is kept for tracing).
+  app.use(requestId({ generator: () => `req_${randomBase62(24)}` }));
+  app.use(async function requestIdOnEveryAnswer(c, next) {
+    await next();
+    c.header("x-request-id", c.get("requestId")); // also on responses that replaced the one it was set on
+  });
+  app.use("/v1/*", apiCors({ origins: config.cors_origins }));
   app.get("/health", (c) => c.json({ ok: true }));
 
-  app.use("/v1/*", apiKeyAuth());
+  app.use("/v1/*", apiKeyAuth({ acceptLegacyKeys: config.accept_legacy_keys }));
   app.use("/v1/chat/completions", authBeforeErrors({ keyStore }), body);
   app.use("/v1/completions", authBeforeErrors({ keyStore }), body);
   app.route("/v1/chat/completions", chatCompletionsRoute(inference));

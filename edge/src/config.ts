@@ -35,6 +35,12 @@ export const GatewayConfigSchema = z.object({
   /** Name the serving worker(s) in an `x-llama-edge-worker` response header (development: worker ids are host
    *  names, not for the public). */
   expose_worker_id: z.boolean().default(false),
+  /** Accept keys issued before keys carried a checksum (`sk-` + 48 characters): each such key, and each random
+   *  string of that shape, costs a Durable Object lookup. Turn off once every old key has been replaced. */
+  accept_legacy_keys: z.boolean().default(true),
+  /** Origins whose pages may call the API from a browser (CORS): exact origins such as
+   *  `https://app.example.com`, or `*` for any (keys are bearer tokens, never cookies). */
+  cors_origins: z.array(z.union([z.literal("*"), z.url({ protocol: /^https?$/ })])).default(["*"]),
   /** `created` of every model in /v1/models (epoch seconds). */
   models_created: z.number().int().default(1_704_067_200),
 });

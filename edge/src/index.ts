@@ -5,19 +5,19 @@
  * @module
  */
 import type { Hono } from "hono";
-import { createApp } from "./app.ts";
+import { type AppEnv, createApp } from "./app.ts";
 import { parseGatewayConfig } from "./config.ts";
 import { ShardedJobRunner } from "./durable/dispatch-shard.ts";
+import { DurableKeyStore } from "./durable/durable-key-store.ts";
 import type { Env } from "./env.ts";
-import { DurableKeyStore } from "./keys/key-store.ts";
 
 export { DispatchShard } from "./durable/dispatch-shard.ts";
 export { KeyDirectory, KeyState } from "./durable/key-state.ts";
 
-let cached: { env: Env; app: Hono } | undefined;
+let cached: { env: Env; app: Hono<AppEnv> } | undefined;
 
 /** The app for `env`; rebuilt only if the environment object changes (a new deployment or test setup). */
-export function appFor(env: Env): Hono {
+export function appFor(env: Env): Hono<AppEnv> {
   if (cached?.env === env) return cached.app;
   const keys = new DurableKeyStore(env.KEYS, env.KEY_DIRECTORY);
   const shards = Number(env.DISPATCH_SHARDS ?? "4");

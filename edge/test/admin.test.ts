@@ -1,8 +1,23 @@
 import { abortAllDurableObjects, runInDurableObject } from "cloudflare:test";
 import { env } from "cloudflare:workers";
-import { describe, expect, it } from "vitest";
+import { describe, expect, it, vi } from "vitest";
+import { createApp } from "../src/app.ts";
+import { LocalJobRunner } from "../src/dispatch/run-job.ts";
+import { DurableKeyStore } from "../src/durable/durable-key-store.ts";
 import { hashApiKey } from "../src/keys/api-key.ts";
-import { ADMIN_SECRET, bearer, MODEL, makeApp, post } from "./helpers.ts";
+import {
+  ADMIN_SECRET,
+  bearer,
+  chat,
+  instrumented,
+  keyStore,
+  MODEL,
+  makeApp,
+  newKey,
+  post,
+  ScriptedBackend,
+  testConfig,
+} from "./helpers.ts";
 
 const admin = (method: string, path: string, body?: unknown, secret = ADMIN_SECRET) =>
   new Request(`http://gateway/admin${path}`, {
@@ -17,7 +32,7 @@ describe("admin API", () => {
     const created = await app.request(admin("POST", "/keys", { name: "ci", limits: { rpm: 10, models: [MODEL] } }));
     expect(created.status).toBe(201);
     const info = (await created.json()) as { id: string; key: string; hint: string; limits: Record<string, unknown> };
-    expect(info.key).toMatch(/^sk-[0-9A-Za-z]{48}$/);
+    expect(info.key).toMatch(/^sk-le-[0-9A-Za-z]{48}$/);
     expect(info.hint).toBe(`sk-...${info.key.slice(-4)}`);
     expect(info.limits).toEqual({ rpm: 10, tpm: null, max_concurrent: null, budget: null, models: [MODEL] });
 
@@ -74,10 +89,64 @@ describe("admin API", () => {
     const bad = await app.request(admin("POST", "/keys", { limits: { rpm: "many" } }));
     expect(bad.status).toBe(400);
     expect(await bad.json()).toMatchObject({ error: { param: "limits.rpm", code: "invalid_type" } });
+    // RPM sizes the key's window in memory: bounded.
+    const huge = await app.request(admin("POST", "/keys", { limits: { rpm: 1_000_000 } }));
+    expect(huge.status).toBe(400);
+    expect(await huge.json()).toMatchObject({ error: { param: "limits.rpm", code: "invalid_value" } });
     expect((await app.request(admin("GET", "/keys/key_nope"))).status).toBe(404);
     expect((await app.request(admin("PATCH", "/keys/key_nope", { name: "x" }))).status).toBe(404);
     expect((await app.request(admin("DELETE", "/keys/key_nope"))).status).toBe(404);
   });
+});
+
+describe("key creation is atomic", () => {
+  const listed = async (app: ReturnType<typeof makeApp>["app"]) =>
+    ((await (await app.request(admin("GET", "/keys"))).json()) as { data: { id: string }[] }).data.map((k) => k.id);
+
+  it.each([
+    ["the key's object", "KEYS"],
+    ["the directory", "KEY_DIRECTORY"],
+  ])("leaves no key behind when writing %s fails", async (_, binding) => {
+    const keys = instrumented(env.KEYS, binding === "KEYS" ? "create" : undefined);
+    const dir = instrumented(env.KEY_DIRECTORY, binding === "KEY_DIRECTORY" ? "put" : undefined);
+    const store = new DurableKeyStore(keys.ns, dir.ns);
+    const app = createApp({
+      keyStore: store,
+      limiter: store,
+      dispatcher: new LocalJobRunner({ backend: new ScriptedBackend(), limiter: store }),
+      config: testConfig,
+      adminSecret: ADMIN_SECRET,
+    });
+    const before = await listed(makeApp().app);
+    const res = await app.request(admin("POST", "/keys", { name: "doomed" }));
+    expect(res.status).toBe(500);
+    expect(JSON.stringify(await res.json())).not.toMatch(/sk-le-/); // no key handed out
+    expect(await listed(makeApp().app)).toEqual(before);
+  });
+});
+
+describe("ADMIN_SECRET", () => {
+  it.each([undefined, "short-secret"])(
+    "missing or too short (%s) disables only the admin API, with an error logged",
+    async (secret) => {
+      const errorLog = vi.spyOn(console, "error").mockImplementation(() => {});
+      const keys = keyStore();
+      const app = createApp({
+        keyStore: keys,
+        limiter: keys,
+        dispatcher: new LocalJobRunner({ backend: new ScriptedBackend(), limiter: keys }),
+        config: testConfig,
+        adminSecret: secret,
+      });
+      expect(errorLog.mock.calls.flat().join(" ")).toMatch(/admin API disabled: ADMIN_SECRET/);
+      errorLog.mockRestore();
+      const off = await app.request(admin("GET", "/keys", undefined, secret ?? "anything-at-all-1234"));
+      expect(off.status).toBe(401);
+      expect(await off.json()).toMatchObject({ error: { code: "admin_disabled" } });
+      const { key } = await newKey();
+      expect((await app.request(post("/v1/chat/completions", key, chat()))).status).toBe(200);
+    },
+  );
 });
 
 describe("key state storage", () => {

@@ -29,7 +29,10 @@ describe("chat completions", () => {
       usage: { prompt_tokens: 7, completion_tokens: 3, total_tokens: 10, prompt_tokens_details: { cached_tokens: 0 } },
     });
     expect(String(body.id)).toMatch(/^chatcmpl-/);
-    expect(res.headers.get("x-request-id")).toBe(body.id);
+    expect(res.headers.get("x-request-id")).toMatch(/^req_[0-9A-Za-z]{24}$/);
+    // A client's own request id (a proxy's trace id) is kept.
+    const traced = await app.request(post("/v1/chat/completions", key, chat(), { "x-request-id": "trace-42" }));
+    expect(traced.headers.get("x-request-id")).toBe("trace-42");
   });
 
   it("streams chunks exactly as OpenAI does, with the usage chunk and [DONE]", async () => {
@@ -221,7 +224,7 @@ describe("routing", () => {
         ? {
             tokens: [],
             error: {
-              code: "bad_request",
+              code: "context_length_exceeded",
               message: "This model's maximum context length is 256 tokens; the prompt has 300 tokens.",
             },
           }

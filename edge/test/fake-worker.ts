@@ -1,7 +1,7 @@
 /**
  * A NATS worker in the test process (inside workerd, over WebSocket): speaks the dispatch protocol like
  * gpu-worker's NatsWorker (pulls from the pool's JetStream consumer, streams events, honours cancels, publishes
- * load reports) and also the addressed-request addition of src/dispatch/direct.ts, which the real worker lacks.
+ * load reports) and addressed requests (PoolNames.direct).
  * Its "prefix cache" remembers the first message (or 16 characters) of every prompt it ran: a later prompt with
  * the same one reports cached_tokens, so affinity shows up in usage as it would on a real engine.
  */
@@ -133,7 +133,7 @@ export class FakeWorker {
         encodeMessage({ v: PROTOCOL_VERSION, id: req.id, seq: seq++, ...body } as TokenEvent),
       );
     const prefix =
-      req.prompt.type === "chat" ? req.prompt.messages[0]!.content : JSON.stringify(req.prompt).slice(0, 16);
+      req.prompt.type === "chat" ? (req.prompt.messages[0]!.content ?? "") : JSON.stringify(req.prompt).slice(0, 16);
     const cached = this.#prefixes.has(prefix) ? CACHED_TOKENS : 0;
     this.#prefixes.add(prefix);
     emit({ type: "start", worker_id: this.o.workerId, queue_ms: 0 });

@@ -1,11 +1,13 @@
 // Starts a nats-server (JetStream + WebSocket listener on free loopback ports) for the workerd tests, and hands
-// its WebSocket URL to them through vitest's provide/inject.
+// its WebSocket URL to them through vitest's provide/inject. Builds the console first: wrangler.jsonc serves it as
+// static assets, and the workerd pool refuses a config whose assets directory is missing.
 
 import { mkdtempSync, rmSync } from "node:fs";
 import { createServer } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import type { TestProject } from "vitest/node";
+import { buildConsole } from "../../console/build.mjs";
 import { startNats } from "../../scripts/nats.mjs";
 
 export async function freePort(): Promise<number> {
@@ -27,6 +29,7 @@ declare module "vitest" {
 }
 
 export default async function setup(project: TestProject) {
+  await buildConsole();
   const dir = mkdtempSync(join(tmpdir(), "llama-edge-nats-"));
   const nats = await startNats({ dir, port: await freePort(), wsPort: await freePort(), httpPort: await freePort() });
   project.provide("natsWsUrl", nats.wsUrl);

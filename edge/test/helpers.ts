@@ -15,8 +15,9 @@ import {
 } from "@llama-edge/shared";
 import { createApp } from "../src/app.ts";
 import { type GatewayConfig, parseGatewayConfig } from "../src/config.ts";
-import { LocalJobRunner, type SubmitBackend } from "../src/dispatch/run-job.ts";
-import { DurableKeyStore } from "../src/keys/key-store.ts";
+import type { SubmitBackend } from "../src/dispatch/job.ts";
+import { LocalJobRunner } from "../src/dispatch/run-job.ts";
+import { DurableKeyStore } from "../src/durable/durable-key-store.ts";
 import type { Limits } from "../src/keys/types.ts";
 
 export const ADMIN_SECRET = "test-admin-secret-0123456789";
@@ -123,6 +124,27 @@ export class ScriptedBackend implements SubmitBackend {
 
 export function keyStore(): DurableKeyStore {
   return new DurableKeyStore(env.KEYS, env.KEY_DIRECTORY);
+}
+
+/**
+ * A Durable Object namespace forwarding to the real `ns` that counts the stubs taken, and makes the stubs'
+ * method `fail` (if given) reject: fault injection in front of real objects.
+ */
+export function instrumented<T extends Rpc.DurableObjectBranded>(ns: DurableObjectNamespace<T>, fail?: string) {
+  const counter = { gets: 0 };
+  const wrapped = {
+    idFromName: (name: string) => ns.idFromName(name),
+    get: (id: DurableObjectId) => {
+      counter.gets++;
+      const stub = ns.get(id);
+      if (fail === undefined) return stub;
+      return new Proxy(stub, {
+        get: (target, prop) =>
+          prop === fail ? () => Promise.reject(new Error(`injected ${fail} failure`)) : Reflect.get(target, prop),
+      });
+    },
+  };
+  return { ns: wrapped as unknown as DurableObjectNamespace<T>, counter };
 }
 
 export function makeApp(backend = new ScriptedBackend(), config = testConfig) {

@@ -1,12 +1,12 @@
 // The dispatch path against a real nats-server (started by global-setup.ts): the shared Dispatcher's queue,
 // addressed requests, prefix affinity, and the dispatch shard Durable Object behind the real Workers entry.
 import { env, exports } from "cloudflare:workers";
-import { afterEach, describe, expect, inject, it } from "vitest";
+import { afterEach, describe, expect, inject, it, vi } from "vitest";
 import { createApp } from "../src/app.ts";
 import { parseGatewayConfig } from "../src/config.ts";
 import { PrefixRouter, WorkerTable } from "../src/dispatch/affinity.ts";
 import { NatsBackend } from "../src/dispatch/nats-backend.ts";
-import { NatsLink } from "../src/dispatch/nats-link.ts";
+import { NatsLink, plaintextCredentialsProblem } from "../src/dispatch/nats-link.ts";
 import { ShardedJobRunner } from "../src/durable/dispatch-shard.ts";
 import { CACHED_TOKENS, FakeWorker } from "./fake-worker.ts";
 import { bearer, eventually, keyStore, newKey, openReservations, post, sseEvents } from "./helpers.ts";
@@ -92,6 +92,27 @@ describe("NatsBackend", () => {
       { id: "ref-2-q", via: "queue" },
     ]);
     expect(w.cancelled.has("ref-2")).toBe(true); // in case its acceptance had arrived late
+  });
+});
+
+describe("NatsLink", () => {
+  it("refuses to send credentials over plaintext ws:// to anything but loopback", async () => {
+    const errorLog = vi.spyOn(console, "error").mockImplementation(() => {});
+    for (const remote of ["ws://nats.example.com:4223", "ws://10.0.0.7:4223", "ws://[2001:db8::1]:4223"]) {
+      const link = new NatsLink({ url: remote, token: "s3cret", onLoadReport: () => {} });
+      await expect(link.get()).rejects.toThrow(/plaintext ws:\/\/.*wss:\/\//);
+    }
+    expect(errorLog).toHaveBeenCalledTimes(3);
+    errorLog.mockRestore();
+    expect(plaintextCredentialsProblem("wss://nats.example.com", true)).toBeUndefined();
+    expect(plaintextCredentialsProblem("ws://nats.example.com", false)).toBeUndefined();
+    for (const local of ["ws://127.0.0.1:4223", "ws://localhost:4223", "ws://[::1]:4223"]) {
+      expect(plaintextCredentialsProblem(local, true)).toBeUndefined();
+    }
+    // Loopback with credentials connects (this server ignores them).
+    const link = new NatsLink({ url, user: "gateway", pass: "pw", onLoadReport: () => {} });
+    links.push(link);
+    await expect(link.get()).resolves.toBeDefined();
   });
 });
 

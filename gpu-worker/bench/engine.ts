@@ -6,7 +6,6 @@
 import { existsSync } from "node:fs";
 import { cpus, totalmem } from "node:os";
 import { join } from "node:path";
-import { parseArgs } from "node:util";
 import onnxPkg from "onnx-proto";
 import * as ort from "onnxruntime-node";
 import { LLMEngine } from "../src/engine/llm-engine.ts";
@@ -16,55 +15,24 @@ import { loadLlamaConfig } from "../src/model/config.ts";
 import { cacheDir, ensureDefaultModel } from "../src/model/default-model.ts";
 import { writeRandomLlama } from "../src/model/random-model.ts";
 import { LlamaWeights } from "../src/model/weights.ts";
-
-const { values: args } = parseArgs({ options: { quick: { type: "boolean" }, json: { type: "boolean" } } });
-const quick = args.quick ?? false;
-const results: Record<string, number | string> = {};
-const log = (line: string) => process.stdout.write(`${line}\n`);
-
-function record(name: string, value: number, digits = 2): number {
-  results[name] = Number(value.toFixed(digits));
-  return value;
-}
-
-const decode = (maxTokens: number): Partial<SamplingParams> => ({ temperature: 0, maxTokens, ignoreEos: true });
-
-function promptOf(len: number, salt: number): number[] {
-  return [1, ...Array.from({ length: len - 1 }, (_, j) => 100 + ((salt * 7919 + j * 31) % 30000))];
-}
-
-/** Aggregate decode throughput of `n` concurrent streams, counted once every stream has its first token. */
-async function decodeThroughput(
-  engine: LLMEngine,
-  n: number,
-  tokens: number,
-  sampling: Partial<SamplingParams> = {},
-): Promise<number> {
-  let started = 0;
-  let tStart = 0;
-  let counted = 0;
-  await Promise.all(
-    Array.from({ length: n }, async (_, i) => {
-      let first = true;
-      for await (const e of engine.submit({
-        requestId: `tp-${n}-${i}-${Math.random()}`,
-        prompt: promptOf(8, i),
-        sampling: { ...decode(tokens), ...sampling },
-      })) {
-        if (e.type !== "delta") continue;
-        if (first) {
-          first = false;
-          if (++started === n) tStart = performance.now();
-        } else if (started === n) counted += e.tokenIds.length;
-      }
-    }),
-  );
-  return (counted * 1000) / (performance.now() - tStart);
-}
+import {
+  big,
+  decode,
+  decodeThroughput,
+  json,
+  log,
+  percentile,
+  promptOf,
+  quick,
+  record,
+  results,
+  threads,
+} from "./harness.ts";
+import { bigModelRows, qualityRows, weightFormatTable } from "./weight-formats.ts";
 
 async function throughputTable(shape: "default" | "bench", sizes: number[], tokens: number) {
   const dir = await ensureDefaultModel(shape, { quiet: true });
-  const engine = await LLMEngine.create({ modelDir: dir, maxNumSeqs: Math.max(...sizes) });
+  const engine = await LLMEngine.create({ numThreads: threads, modelDir: dir, maxNumSeqs: Math.max(...sizes) });
   await decodeThroughput(engine, 2, 4); // warm-up
   const base = await decodeThroughput(engine, 1, tokens);
   log(`\n## Decode throughput, ${shape} model (${tokens} tokens per stream)`);
@@ -80,7 +48,7 @@ async function throughputTable(shape: "default" | "bench", sizes: number[], toke
 /** What sampling costs on top of greedy decoding: 32 streams on the default model (where it weighs most). */
 async function samplingCost() {
   const dir = await ensureDefaultModel("default", { quiet: true });
-  const engine = await LLMEngine.create({ modelDir: dir, maxNumSeqs: 32 });
+  const engine = await LLMEngine.create({ numThreads: threads, modelDir: dir, maxNumSeqs: 32 });
   await decodeThroughput(engine, 4, 4);
   const tokens = quick ? 24 : 64;
   const modes: [string, string, Partial<SamplingParams>][] = [
@@ -107,12 +75,11 @@ async function samplingCost() {
  */
 async function mixedWorkload() {
   const dir = await ensureDefaultModel("bench", { quiet: true });
-  const pct = (xs: number[], q: number) =>
-    [...xs].sort((a, b) => a - b)[Math.min(xs.length - 1, Math.floor(q * xs.length))];
   log("\n## Mixed workload (bench model): 8 decoding streams, a 768-token prompt arriving every 250 ms");
   log("| max_num_batched_tokens | inter-token p50 | inter-token p99 | new prompts' TTFT p50 |\n|---:|---:|---:|---:|");
   for (const budget of [256, 1024]) {
     const engine = await LLMEngine.create({
+      numThreads: threads,
       modelDir: dir,
       maxNumSeqs: 16,
       maxNumBatchedTokens: budget,
@@ -153,12 +120,64 @@ async function mixedWorkload() {
       );
     }
     await Promise.all([...streams, ...arrivals]);
-    const [p50, p99, t50] = [pct(gaps, 0.5), pct(gaps, 0.99), pct(ttfts, 0.5)];
+    const [p50, p99, t50] = [percentile(gaps, 0.5), percentile(gaps, 0.99), percentile(ttfts, 0.5)];
     log(`| ${budget} | ${p50.toFixed(1)} ms | ${p99.toFixed(1)} ms | ${t50.toFixed(0)} ms |`);
     record(`mixed_itl_p50_ms_budget_${budget}`, p50);
     record(`mixed_itl_p99_ms_budget_${budget}`, p99);
     record(`mixed_ttft_p50_ms_budget_${budget}`, t50, 1);
   }
+}
+
+/**
+ * Time to first token while 32 clients each send one request after another (closed loop, 64-token completions,
+ * 128-token prompts, bench model), against its bound: one decode step at 32 streams plus one prefill chunk.
+ */
+async function ttftUnderLoad() {
+  const dir = await ensureDefaultModel("bench", { quiet: true });
+  const engine = await LLMEngine.create({ numThreads: threads, modelDir: dir, maxNumSeqs: 32 });
+  await decodeThroughput(engine, 4, 4);
+  const stepMs = 1000 / ((await decodeThroughput(engine, 32, quick ? 16 : 32)) / 32);
+  const chunkTimes: number[] = [];
+  for (let i = 0; i < 3; i++) {
+    const t0 = performance.now();
+    for await (const e of engine.submit({
+      requestId: `chunk-${i}`,
+      prompt: promptOf(128, 500 + i),
+      sampling: decode(1),
+    })) {
+      if (e.type === "delta") chunkTimes.push(performance.now() - t0);
+    }
+  }
+  const chunkMs = percentile(chunkTimes, 0.5);
+  const ttfts: number[] = [];
+  const perClient = quick ? 2 : 4;
+  await Promise.all(
+    Array.from({ length: 32 }, async (_, c) => {
+      for (let k = 0; k < perClient; k++) {
+        const t0 = performance.now();
+        let first = true;
+        for await (const e of engine.submit({
+          requestId: `cl-${c}-${k}`,
+          prompt: promptOf(128, c * 10 + k),
+          sampling: decode(64),
+        })) {
+          if (e.type === "delta" && first) {
+            first = false;
+            ttfts.push(performance.now() - t0);
+          }
+        }
+      }
+    }),
+  );
+  const p50 = percentile(ttfts, 0.5);
+  log("\n## TTFT under load (bench model, 32 closed-loop clients, 128-token prompts, 64-token completions)");
+  log("| TTFT p50 | TTFT p99 | decode step at 32 streams | 128-token prefill alone | bound (step + chunk) |");
+  log("|---:|---:|---:|---:|---:|");
+  log(
+    `| ${p50.toFixed(0)} ms | ${percentile(ttfts, 0.99).toFixed(0)} ms | ${stepMs.toFixed(1)} ms | ${chunkMs.toFixed(1)} ms | ${(stepMs + chunkMs).toFixed(1)} ms |`,
+  );
+  record("ttft_load_p50_ms", p50, 1);
+  record("ttft_load_bound_ms", stepMs + chunkMs, 1);
 }
 
 /** Mean step time of the same 32-sequence decode batch with a pool 1× and 8× as large. */
@@ -167,7 +186,12 @@ async function poolSizeIndependence() {
   const cfg = loadLlamaConfig(dir);
   const perBlock = ModelRunner.kvBytesPerToken(cfg) * 16;
   const time = async (numBlocks: number) => {
-    const engine = await LLMEngine.create({ modelDir: dir, maxNumSeqs: 32, kvCacheBytes: numBlocks * perBlock });
+    const engine = await LLMEngine.create({
+      numThreads: threads,
+      modelDir: dir,
+      maxNumSeqs: 32,
+      kvCacheBytes: numBlocks * perBlock,
+    });
     await decodeThroughput(engine, 32, 4);
     return 1000 / ((await decodeThroughput(engine, 32, quick ? 24 : 64)) / 32); // ms per step
   };
@@ -210,6 +234,7 @@ async function kvMemory() {
   const numBlocks = 1024;
   const maxLen = cfg.maxPositionEmbeddings;
   const engine = await LLMEngine.create({
+    numThreads: threads,
     modelDir: dir,
     maxNumSeqs: 64,
     maxNumBatchedTokens: 2048,
@@ -265,6 +290,7 @@ async function prefixTtft() {
   const prefix = promptOf(prefixLen, 1);
   const ttft = async (caching: boolean) => {
     const engine = await LLMEngine.create({
+      numThreads: threads,
       modelDir: dir,
       maxNumSeqs: 8,
       maxNumBatchedTokens: 2048,
@@ -337,6 +363,7 @@ async function readBandwidth(): Promise<number> {
   let best = Number.POSITIVE_INFINITY;
   for (const graph of probes) {
     const session = await ort.InferenceSession.create(graph, {
+      intraOpNumThreads: threads,
       extra: { session: { "intra_op.allow_spinning": "0" } },
     });
     for (let i = 0; i < (quick ? 4 : 8); i++) {
@@ -360,7 +387,7 @@ async function bandwidthUtilisation() {
     if (t.name !== "model.embed_tokens.weight") params += t.shape.reduce((a, b) => a * b, 1);
   if (cfg.tieWordEmbeddings) params += cfg.vocabSize * cfg.hiddenSize;
   const bytesPerToken = params * 4;
-  const engine = await LLMEngine.create({ modelDir: dir, maxNumSeqs: 1 });
+  const engine = await LLMEngine.create({ numThreads: threads, modelDir: dir, maxNumSeqs: 1 });
   await decodeThroughput(engine, 1, 4);
   const tps = await decodeThroughput(engine, 1, quick ? 32 : 128);
   const bw = await readBandwidth();
@@ -380,16 +407,22 @@ async function bandwidthUtilisation() {
 
 log(`# llama-edge engine benchmark${quick ? " (quick)" : ""}`);
 log(
-  `machine: ${cpus().length} × ${cpus()[0]?.model ?? "cpu"}, ${(totalmem() / 2 ** 30).toFixed(0)} GiB, node ${process.version}, onnxruntime-node ${ort.env.versions.node}`,
+  `machine: ${cpus().length} × ${cpus()[0]?.model ?? "cpu"}, ${(totalmem() / 2 ** 30).toFixed(0)} GiB, node ${process.version}, onnxruntime-node ${ort.env.versions.node}, ${threads} intra-op threads`,
 );
 results.machine = `${cpus().length}x ${cpus()[0]?.model ?? "cpu"}`;
+results.threads = threads;
 results.mode = quick ? "quick" : "full";
 await throughputTable("default", quick ? [1, 8, 32] : [1, 8, 32, 64], quick ? 24 : 64);
 await throughputTable("bench", quick ? [1, 32] : [1, 8, 32, 64], quick ? 16 : 48);
+await weightFormatTable();
+await qualityRows();
+await ttftUnderLoad();
 await samplingCost();
 await mixedWorkload();
 await poolSizeIndependence();
 await kvMemory();
 await prefixTtft();
 await bandwidthUtilisation();
-if (args.json) log(JSON.stringify(results));
+if (big) await bigModelRows();
+else log("\n(llama2-7b rows skipped: run with --big; they generate a 13 GB random checkpoint once)");
+if (json) log(JSON.stringify(results));

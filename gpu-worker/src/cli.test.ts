@@ -65,4 +65,29 @@ describe("llama-worker generate", () => {
     expect(flag.status).toBe(1);
     expect(flag.stderr).toMatch(/--temperature must be a number/);
   });
+
+  it("--quantization int8/int4 compiles and serves the quantized model; a bad value is named", () => {
+    for (const q of ["int8", "int4"]) {
+      const r = run(
+        "generate",
+        "--quantization",
+        q,
+        "--threads",
+        "1",
+        "--prompt",
+        "Once",
+        "--max-tokens",
+        "3",
+        "--json",
+      );
+      expect(r.status, r.stderr).toBe(0);
+      expect(JSON.parse(r.stdout).token_ids).toHaveLength(3);
+    }
+    const bad = run("generate", "--quantization", "int3");
+    expect(bad.status).toBe(1);
+    expect(bad.stderr).toMatch(/--quantization must be one of none, int8, int4, got "int3"/);
+    const threads = run("generate", "--threads", "0");
+    expect(threads.status).toBe(1);
+    expect(threads.stderr).toMatch(/--threads must be an integer >= 1/);
+  });
 });

@@ -7,12 +7,14 @@ import { SamplingParamError } from "./engine/sampling-params.ts";
 import type { FinishReason, SamplingParams } from "./engine/types.ts";
 import { ensureDefaultModel } from "./model/default-model.ts";
 import { ModelLoadError } from "./model/errors.ts";
+import { parseQuantization } from "./model/quantize.ts";
 
 const USAGE = `Usage: llama-worker <command> [options]
 
 Commands:
   generate   Generate completions for one or more prompts (all run at once through the scheduler)
   serve      Serve a worker pool over NATS (see --help of serve)
+  random-model  Write a random-weight checkpoint with a real model's shape (see --help of random-model)
 
 generate options:
   --model <dir>              Hugging Face LLaMA checkpoint directory (default: the generated default model,
@@ -30,6 +32,8 @@ generate options:
   --max-num-seqs <n>  --max-num-batched-tokens <n>  --block-size <n>  --kv-cache-bytes <n>
   --no-prefix-caching        Disable automatic prefix caching
   --device <cpu|cuda>        ONNX Runtime execution provider (default cpu)
+  --quantization <q>         Weight format: none (f32), int8 or int4 (default none; env LLAMA_QUANTIZATION)
+  --threads <n>              ONNX Runtime intra-op threads (default: every core; env LLAMA_THREADS)
 `;
 
 export async function main(argv: string[]): Promise<number> {
@@ -39,6 +43,16 @@ export async function main(argv: string[]): Promise<number> {
     if (command === "serve") {
       const { serveCommand } = await import("./service/serve-command.ts");
       return await serveCommand(rest);
+    }
+    if (command === "random-model") {
+      const { randomModelCommand, RandomModelUsageError } = await import("./random-model-command.ts");
+      try {
+        return await randomModelCommand(rest);
+      } catch (e) {
+        if (!(e instanceof RandomModelUsageError)) throw e;
+        process.stderr.write(`llama-worker random-model: ${e.message}\n`);
+        return 2;
+      }
     }
     process.stdout.write(USAGE);
     return command === undefined || command === "--help" || command === "-h" ? 0 : 2;
@@ -58,6 +72,22 @@ export async function main(argv: string[]): Promise<number> {
     }
     throw e;
   }
+}
+
+function flagOrEnv<T>(parse: () => T, name: string): T {
+  try {
+    return parse();
+  } catch (e) {
+    throw new SamplingParamError(name, (e as Error).message);
+  }
+}
+
+function threadsOption(v: string | undefined): number | undefined {
+  if (v === undefined || v === "") return undefined;
+  const n = Number(v);
+  if (!Number.isInteger(n) || n < 1)
+    throw new SamplingParamError("threads", `--threads must be an integer >= 1, got "${v}"`);
+  return n;
 }
 
 function num(name: string, v: string | undefined): number | undefined {
@@ -92,6 +122,8 @@ async function generate(argv: string[]): Promise<number> {
       "kv-cache-bytes": { type: "string" },
       "no-prefix-caching": { type: "boolean" },
       device: { type: "string" },
+      quantization: { type: "string" },
+      threads: { type: "string" },
       help: { type: "boolean", short: "h" },
     },
     strict: true,
@@ -134,6 +166,11 @@ async function generate(argv: string[]): Promise<number> {
     kvCacheBytes: num("kv-cache-bytes", values["kv-cache-bytes"]),
     enablePrefixCaching: !values["no-prefix-caching"],
     executionProvider: device,
+    quantization: flagOrEnv(
+      () => parseQuantization(values.quantization ?? process.env.LLAMA_QUANTIZATION),
+      "quantization",
+    ),
+    numThreads: threadsOption(values.threads ?? process.env.LLAMA_THREADS),
     onProgress: (stage, done, total) => progress.update(stage, done, total),
   };
   const engine = await LLMEngine.create(engineOpts);

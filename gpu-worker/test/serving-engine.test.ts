@@ -2,7 +2,7 @@
  * The serving engine end to end on real ONNX Runtime: continuous batching, chunked prefill, preemption,
  * prefix caching, aborts and seeded sampling must never change what any single request produces.
  */
-import { mkdtempSync, rmSync } from "node:fs";
+import { mkdtempSync, readdirSync, readFileSync, rmSync, symlinkSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
@@ -111,6 +111,19 @@ describe("continuous batching", () => {
       (await collect((await engine({ maxNumSeqs: 1 })).submit({ requestId: "l", prompt: ps[0], sampling: greedy(40) })))
         .tokenIds,
     );
+  });
+});
+
+describe("KV pool size", () => {
+  it("a pool larger than one typed array can hold (17 GiB, > 2^32 floats) serves the same tokens", async () => {
+    // Pages are only touched where blocks are written, so this allocates virtual memory, not 17 GiB.
+    const big = await engine({ maxNumSeqs: 2, kvCacheBytes: 17 * 1024 ** 3 });
+    expect(big.config.numBlocks * kvBytesPerBlock).toBeGreaterThan(4 * 2 ** 32);
+    const small = await engine({ maxNumSeqs: 2 });
+    const p = prompts(2)[1];
+    const a = await collect(big.submit({ requestId: "big", prompt: p, sampling: greedy(8) }));
+    const b = await collect(small.submit({ requestId: "small", prompt: p, sampling: greedy(8) }));
+    expect(a.tokenIds).toEqual(b.tokenIds);
   });
 });
 
@@ -271,6 +284,46 @@ describe("sampling", () => {
     expect(r.finishReason).toBe("stop");
     expect(r.text).toBe(text.slice(0, text.indexOf(stop)));
     expect(r.text).not.toContain(stop);
+  });
+
+  it("text held back for a stop string is released when generation ends on EOS or a stop token", async () => {
+    // The default model's weights with eos set to a token greedy decoding produces: a real EOS, no ignore_eos.
+    const base = await collect(
+      (await engine({ maxNumSeqs: 2 })).submit({ requestId: "b", prompt: prompts(1)[0], sampling: greedy(30) }),
+    );
+    const k = base.deltas.findIndex(
+      (d, i) => i >= 3 && d.length > 0 && !base.tokenIds.slice(0, i).includes(base.tokenIds[i]),
+    );
+    expect(k).toBeGreaterThan(2);
+    const before = base.deltas.slice(0, k).join("");
+    // a stop string that begins with the text's last character, so the checker holds that character back
+    const stop = `${before.slice(-1)}\u0007never`;
+    const eosDir = mkdtempSync(join(tmpdir(), "llama-eos-"));
+    try {
+      for (const f of readdirSync(modelDir)) {
+        if (f !== "config.json" && f !== "generation_config.json") symlinkSync(join(modelDir, f), join(eosDir, f));
+      }
+      const config = JSON.parse(readFileSync(join(modelDir, "config.json"), "utf8"));
+      writeFileSync(join(eosDir, "config.json"), JSON.stringify({ ...config, eos_token_id: base.tokenIds[k] }));
+      const e = await engine({ modelDir: eosDir, maxNumSeqs: 2 });
+      const sampling = { temperature: 0, maxTokens: 30, stop: [stop] };
+      const r = await collect(e.submit({ requestId: "eos", prompt: prompts(1)[0], sampling }));
+      expect(r.finishReason).toBe("stop");
+      expect(r.tokenIds).toEqual(base.tokenIds.slice(0, k + 1)); // the EOS token is the last one
+      expect(r.text).toBe(before);
+      // a stop token id takes the same path
+      const e2 = await engine({ maxNumSeqs: 2 });
+      const viaId = await collect(
+        e2.submit({
+          requestId: "sid",
+          prompt: prompts(1)[0],
+          sampling: { ...sampling, stopTokenIds: [base.tokenIds[k]] },
+        }),
+      );
+      expect(viaId.text).toBe(before);
+    } finally {
+      rmSync(eosDir, { recursive: true, force: true });
+    }
   });
 
   it("invalid values are rejected with an error naming the parameter", async () => {

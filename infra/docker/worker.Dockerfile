@@ -23,6 +23,7 @@ COPY package.json package-lock.json ./
 COPY shared/package.json shared/
 COPY gpu-worker/package.json gpu-worker/
 COPY edge/package.json edge/
+COPY console/package.json console/
 COPY test/package.json test/
 COPY infra/package.json infra/
 RUN ONNXRUNTIME_NODE_INSTALL=skip npm ci --omit=dev --workspace @llama-edge/gpu-worker --no-audit --no-fund \

@@ -48,6 +48,8 @@ interface WranglerConfig {
   vars?: Record<string, unknown>;
   durable_objects?: { bindings: { name: string; class_name: string }[] };
   migrations?: unknown[];
+  build?: { command: string; watch_dir?: string };
+  assets?: { directory: string; not_found_handling?: string; run_worker_first?: boolean | string[] };
 }
 
 const config = parseJsonc(readFileSync(configPath, "utf8")) as WranglerConfig;
@@ -68,6 +70,14 @@ describe("production wrangler config", () => {
     // A production Worker's migrations are append-only: a divergent history would fail to deploy or lose state.
     expect(config.durable_objects).toEqual(edgeConfig.durable_objects);
     expect(config.migrations).toEqual(edgeConfig.migrations);
+  });
+
+  it("serves the web console as edge/ does, built before every deploy", () => {
+    expect(resolve(dirname(configPath), config.assets!.directory)).toBe(
+      resolve(dirname(edgeConfigPath), edgeConfig.assets!.directory),
+    );
+    expect({ ...config.assets, directory: "" }).toEqual({ ...edgeConfig.assets, directory: "" });
+    expect(config.build?.command).toMatch(/console\/build\.mjs/);
   });
 
   it("serves on a custom domain only", () => {

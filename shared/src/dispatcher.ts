@@ -3,6 +3,10 @@
  * Depends only on a `NatsConnection` and JetStream, so it runs in Node over TCP (`@nats-io/transport-node`) and in
  * workerd over WebSocket (`wsconnect` from `@nats-io/nats-core`); the entry point picks the transport.
  *
+ * A request goes to the pool's JetStream queue, or first to one chosen worker (`SubmitOptions.worker`, prefix
+ * affinity; see PoolNames.direct): the worker answers the offer at once, and a refused offer is queued under a
+ * new id. Either way the events are checked the same way (sequence, silence, claims) by one loop.
+ *
  * @example
  * const dispatcher = new Dispatcher(nc);
  * for await (const ev of dispatcher.submit("default", { id, model, prompt: { type: "text", text: "Hi" } })) {
@@ -12,13 +16,14 @@
  * @module
  */
 import { type JetStreamClient, type JetStreamManager, jetstream, jetstreamManager } from "@nats-io/jetstream";
-import { createInbox, type Msg, type NatsConnection } from "@nats-io/nats-core";
+import { createInbox, InvalidArgumentError, type Msg, type NatsConnection } from "@nats-io/nats-core";
 import {
   CancelledError,
   InvalidRequestError,
   NoWorkersError,
   ProtocolError,
   QueueTimeoutError,
+  RequestTooLargeError,
   WorkerError,
   WorkerLostError,
 } from "./errors.ts";
@@ -26,6 +31,7 @@ import { Mailbox } from "./mailbox.ts";
 import {
   type ClaimMessage,
   DEFAULT_HEARTBEAT_TIMEOUT_MS,
+  DirectReplySchema,
   encodeMessage,
   isValidPoolName,
   MAX_REQUEST_BYTES,
@@ -56,6 +62,9 @@ export interface DispatcherOptions {
   /** How long to wait for the final event of a cancelled request (see SubmitOptions.onCancelledFinal). Default
    *  2000: a worker aborts within one engine step. */
   cancelFinalWaitMs?: number;
+  /** How long a worker offered a request (SubmitOptions.worker) has to accept it. Default 250: it answers before
+   *  doing any work. */
+  acceptTimeoutMs?: number;
 }
 
 /** A request as the caller gives it: the dispatcher adds the version, the reply subject and the times. */
@@ -73,6 +82,12 @@ export interface SubmitOptions {
    * usage need not estimate what a cancelled request consumed.
    */
   onCancelledFinal?: (final: Extract<DispatchEvent, { type: "final" }>) => void;
+  /**
+   * Offer the request to this worker first: its direct subject, from its load report. It runs the request only if
+   * it accepts at once (room now, not draining); refused, unanswered or no responders, the request is queued under
+   * the id `<id>-q` (a late acceptance of the refused id cannot then duplicate text: that id is cancelled).
+   */
+  worker?: string;
 }
 
 /** What the iterator yields; an `error` event is thrown as a WorkerError instead. */
@@ -94,6 +109,7 @@ export class Dispatcher {
       defaultDeadlineMs: opts.defaultDeadlineMs ?? 120_000,
       inboxPrefix: opts.inboxPrefix ?? "_INBOX",
       cancelFinalWaitMs: opts.cancelFinalWaitMs ?? 2000,
+      acceptTimeoutMs: opts.acceptTimeoutMs ?? 250,
     };
     this.#js = jetstream(nc, { timeout: this.#opts.poolCheckTimeoutMs });
   }
@@ -104,26 +120,73 @@ export class Dispatcher {
    * cancels the request. Failures throw a DispatchError subclass (see `errors`).
    */
   submit(pool: string, request: SubmitRequest, options: SubmitOptions = {}): AsyncGenerator<DispatchEvent, void> {
-    return this.#run(pool, request, options.signal, options.onCancelledFinal);
+    return this.#run(pool, request, options);
   }
 
-  async *#run(
-    pool: string,
-    request: SubmitRequest,
-    signal?: AbortSignal,
-    onCancelledFinal?: SubmitOptions["onCancelledFinal"],
-  ): AsyncGenerator<DispatchEvent, void> {
-    const id = request.id;
-    const { message, data } = this.#buildMessage(pool, request);
-    if (signal?.aborted) throw new CancelledError("aborted before submission", id);
-    await this.#checkPool(pool, id);
+  async *#run(pool: string, request: SubmitRequest, options: SubmitOptions): AsyncGenerator<DispatchEvent, void> {
+    let built = this.#buildMessage(pool, request);
+    if (options.signal?.aborted) throw new CancelledError("aborted before submission", request.id);
+    if (options.worker !== undefined) {
+      const accepted = yield* this.#offer(pool, options.worker, built, options);
+      if (accepted) return;
+      built = this.#buildMessage(pool, { ...request, id: `${request.id}-q` });
+    }
+    await this.#checkPool(pool, built.message.id);
+    yield* this.#events(pool, built, options, (id) => this.#publish(pool, built.data, id));
+  }
 
+  /**
+   * Offers the request to one worker. Runs it to its end (yielding its events) and returns true if the worker
+   * accepted; false if it did not, after cancelling the id in case an acceptance is still on its way.
+   */
+  async *#offer(
+    pool: string,
+    subject: string,
+    built: { message: RequestMessage; data: Uint8Array },
+    options: SubmitOptions,
+  ): AsyncGenerator<DispatchEvent, boolean> {
+    const id = built.message.id;
+    let accepted = false;
+    const events = this.#events(pool, built, options, async () => {
+      try {
+        const reply = await this.#nc.request(subject, built.data, { timeout: this.#opts.acceptTimeoutMs });
+        const parsed = DirectReplySchema.safeParse(reply.json());
+        accepted = parsed.success && parsed.data.id === id && parsed.data.accepted;
+      } catch {
+        // no responders (the worker is gone or takes no addressed requests), timeout, or a garbled reply
+      }
+      if (!accepted) throw new NotAccepted();
+      return undefined; // not on the queue: nothing to delete on cancel
+    });
+    try {
+      yield* events;
+      return true;
+    } catch (e) {
+      if (!(e instanceof NotAccepted)) throw e;
+      this.#publishCancel(poolNames(pool), id);
+      return false;
+    }
+  }
+
+  /**
+   * Subscribes to the request's reply subject, sends it (`send` returns the queue sequence, or undefined when it
+   * went to one worker), and yields its events until the final one. Leaving early cancels it at the worker.
+   */
+  async *#events(
+    pool: string,
+    { message }: { message: RequestMessage },
+    options: SubmitOptions,
+    send: (id: string) => Promise<number | undefined>,
+  ): AsyncGenerator<DispatchEvent, void> {
+    const { signal, onCancelledFinal } = options;
+    const id = message.id;
     const names = poolNames(pool);
     const mailbox = new Mailbox<Msg>();
     const sub = this.#nc.subscribe(message.reply_to, { callback: (err, msg) => (err ? undefined : mailbox.push(msg)) });
     const onAbort = () => mailbox.fail(new CancelledError("aborted by the caller", id));
     signal?.addEventListener("abort", onAbort, { once: true });
-    let streamSeq: number | undefined;
+    let sent = false;
+    let queuedSeq: number | undefined;
     let started = false;
     let finished = false;
     let workerLost = false;
@@ -137,7 +200,8 @@ export class Dispatcher {
       );
     };
     try {
-      streamSeq = await this.#publish(pool, data, id);
+      queuedSeq = await send(id);
+      sent = true;
       queueTimer = setTimeout(
         () => mailbox.fail(new QueueTimeoutError("no worker started the request before its deadline", id)),
         Math.min(MAX_TIMER_MS, Math.max(0, message.deadline - Date.now())),
@@ -192,8 +256,8 @@ export class Dispatcher {
       clearTimer(queueTimer);
       clearTimer(silenceTimer);
       signal?.removeEventListener("abort", onAbort);
-      if (streamSeq !== undefined && !finished) {
-        this.#cancel(names, id, started ? undefined : streamSeq);
+      if (sent && !finished) {
+        this.#cancel(names, id, started ? undefined : queuedSeq);
         // A silent worker is presumed dead: its final will not come, and waiting would only delay the error.
         if (started && onCancelledFinal && !workerLost) {
           const final = await finalAfterCancel(mailbox, id, this.#opts.cancelFinalWaitMs);
@@ -220,7 +284,7 @@ export class Dispatcher {
     }
     const data = encodeMessage(parsed.data);
     if (data.byteLength > MAX_REQUEST_BYTES) {
-      throw new InvalidRequestError(`request is ${data.byteLength} bytes, limit ${MAX_REQUEST_BYTES}`, request.id);
+      throw new RequestTooLargeError(`request is ${data.byteLength} bytes, limit ${MAX_REQUEST_BYTES}`, request.id);
     }
     return { message: parsed.data, data };
   }
@@ -257,6 +321,8 @@ export class Dispatcher {
         retries: 0,
       });
     } catch (e) {
+      // Larger than the server's max_payload: no worker could ever take it.
+      if (e instanceof InvalidArgumentError) throw new RequestTooLargeError((e as Error).message, id, { cause: e });
       this.#poolSeenAt.delete(pool);
       throw new NoWorkersError(`could not queue the request: ${(e as Error).message}`, id, { cause: e });
     }
@@ -265,12 +331,16 @@ export class Dispatcher {
   }
 
   /** Best effort: tell the pool to drop the request, and take it off the queue if no worker started it. */
-  #cancel(names: ReturnType<typeof poolNames>, id: string, queuedSeq: number | undefined): void {
+  #publishCancel(names: ReturnType<typeof poolNames>, id: string): void {
     try {
       this.#nc.publish(names.cancel, encodeMessage({ v: PROTOCOL_VERSION, id }));
     } catch {
       // connection closed: the worker's heartbeats go nowhere and the deadline bounds a queued request
     }
+  }
+
+  #cancel(names: ReturnType<typeof poolNames>, id: string, queuedSeq: number | undefined): void {
+    this.#publishCancel(names, id);
     if (queuedSeq !== undefined) {
       this.#manager()
         .then((jsm) => jsm.streams.deleteMessage(names.stream, queuedSeq, false))
@@ -278,6 +348,9 @@ export class Dispatcher {
     }
   }
 }
+
+/** Thrown inside #offer when the worker did not accept (never escapes the Dispatcher). */
+class NotAccepted extends Error {}
 
 /** clearTimeout that accepts "no timer" in every runtime (workerd's typings reject undefined). */
 function clearTimer(t: ReturnType<typeof setTimeout> | undefined): void {

@@ -20,10 +20,16 @@ export abstract class DispatchError extends Error {
   }
 }
 
-/** The request is invalid before it leaves (bad pool name, too large, duplicate id). */
+/** The request is invalid before it leaves (bad pool name, invalid parameters, duplicate id). */
 export class InvalidRequestError extends DispatchError {
   readonly status = 400;
   readonly code = "invalid_request";
+}
+
+/** The request message is larger than a worker accepts (MAX_REQUEST_BYTES) or NATS carries (max_payload). */
+export class RequestTooLargeError extends DispatchError {
+  readonly status = 413;
+  readonly code = "request_too_large";
 }
 
 /** No worker pool: its stream or durable consumer does not exist (or NATS did not answer in time). */
@@ -84,6 +90,7 @@ export class CancelledError extends DispatchError {
 export const errors = {
   DispatchError,
   InvalidRequestError,
+  RequestTooLargeError,
   NoWorkersError,
   QueueTimeoutError,
   WorkerLostError,

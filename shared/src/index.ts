@@ -19,6 +19,7 @@ export {
   NoWorkersError,
   ProtocolError,
   QueueTimeoutError,
+  RequestTooLargeError,
   WorkerError,
   WorkerLostError,
 } from "./errors.ts";
@@ -55,7 +56,12 @@ export {
   type ReplyMessage,
   type RequestMessage,
   type RequestMessageInput,
+  type ResponseFormat,
   type SamplingParams,
   type TokenEvent,
+  type Tool,
+  type ToolCall,
+  type ToolCallDelta,
+  type ToolChoice,
   type Usage,
 } from "./protocol.ts";

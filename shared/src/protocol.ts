@@ -149,11 +149,67 @@ export const SamplingParamsSchema = z.object({
 });
 export type SamplingParams = z.infer<typeof SamplingParamsSchema>;
 
+// ---------------------------------------------------------------------------------------------------------------
+// Chat messages, tools and structured output (OpenAI's shapes)
+
+/** A JSON Schema as the client wrote it; the worker's grammar engine decides what it can enforce. */
+const jsonSchema = z.union([z.record(z.string(), z.unknown()), z.boolean()]);
+
+/** A function call the assistant made, as OpenAI writes it (arguments: JSON text). */
+export const ToolCallSchema = z.object({
+  id: z.string().min(1).max(256),
+  type: z.literal("function"),
+  function: z.object({ name: z.string().min(1), arguments: z.string() }),
+});
+export type ToolCall = z.infer<typeof ToolCallSchema>;
+
 export const ChatMessageSchema = z.object({
-  role: z.enum(["system", "user", "assistant"]),
-  content: z.string(),
+  role: z.enum(["system", "user", "assistant", "tool"]),
+  /** null only for an assistant message that made tool calls. */
+  content: z.string().nullable(),
+  /** Assistant messages: the calls it made. */
+  tool_calls: z.array(ToolCallSchema).min(1).optional(),
+  /** Tool messages: the call this is the result of. */
+  tool_call_id: z.string().min(1).optional(),
 });
 export type ChatMessage = z.infer<typeof ChatMessageSchema>;
+
+/** A function the model may call (OpenAI's `tools` entries; rendered by the model's chat template). */
+export const ToolSchema = z.object({
+  type: z.literal("function"),
+  function: z.object({
+    name: z.string().regex(/^[a-zA-Z0-9_-]{1,64}$/, "1 to 64 letters, digits, _ or -"),
+    description: z.string().optional(),
+    /** JSON Schema of the arguments; absent: no arguments. */
+    parameters: jsonSchema.optional(),
+    strict: z.boolean().nullish(),
+  }),
+});
+export type Tool = z.infer<typeof ToolSchema>;
+
+/** none: never call; auto: the model decides; required: at least one call; or that named function. */
+export const ToolChoiceSchema = z.union([
+  z.enum(["none", "auto", "required"]),
+  z.object({ type: z.literal("function"), function: z.object({ name: z.string().min(1) }) }),
+]);
+export type ToolChoice = z.infer<typeof ToolChoiceSchema>;
+
+/** OpenAI's response_format: the output is constrained token by token on the worker (json_object, json_schema). */
+export const ResponseFormatSchema = z.discriminatedUnion("type", [
+  z.object({ type: z.literal("text") }),
+  z.object({ type: z.literal("json_object") }),
+  z.object({
+    type: z.literal("json_schema"),
+    json_schema: z.object({
+      name: z.string().min(1).max(64),
+      description: z.string().optional(),
+      /** Absent: any JSON value is fine, as OpenAI treats it. */
+      schema: jsonSchema.optional(),
+      strict: z.boolean().nullish(),
+    }),
+  }),
+]);
+export type ResponseFormat = z.infer<typeof ResponseFormatSchema>;
 
 /**
  * The prompt: text (a completion prompt, used as is), token ids (used as they are), or chat messages.
@@ -171,6 +227,8 @@ export const PromptSchema = z.discriminatedUnion("type", [
     type: z.literal("chat"),
     messages: z.array(ChatMessageSchema).min(1),
     add_generation_prompt: z.boolean().default(true),
+    /** Functions the model may call: the chat template renders them into the prompt. */
+    tools: z.array(ToolSchema).min(1).optional(),
   }),
 ]);
 export type Prompt = z.infer<typeof PromptSchema>;
@@ -182,6 +240,12 @@ export const RequestMessageSchema = z.object({
   model: z.string().min(1).max(256),
   prompt: PromptSchema,
   sampling: SamplingParamsSchema.default({}),
+  /** Constrains the output (absent: text). */
+  response_format: ResponseFormatSchema.optional(),
+  /** Chat prompts with tools only (absent: auto). The worker parses tool calls out of the output, see `delta`. */
+  tool_choice: ToolChoiceSchema.optional(),
+  /** With tools: whether the model may make several calls in one turn (absent: true). */
+  parallel_tool_calls: z.boolean().optional(),
   /** Epoch ms after which no worker may start the request (it is dropped with `deadline_exceeded`). Once started,
    *  a request runs to completion or cancel: the requester bounds the total time by cancelling. */
   deadline: z.number().int().positive(),
@@ -226,24 +290,46 @@ const eventBase = {
   seq: z.number().int().min(0),
 };
 
+/**
+ * A piece of a tool call in a `delta`, as OpenAI streams them: the first piece of call `index` carries its id and
+ * function name, later ones more of its arguments (JSON text; the pieces concatenate to the whole).
+ */
+export const ToolCallDeltaSchema = z.object({
+  index: z.number().int().min(0),
+  id: z.string().min(1).optional(),
+  name: z.string().min(1).optional(),
+  arguments: z.string(),
+});
+export type ToolCallDelta = z.infer<typeof ToolCallDeltaSchema>;
+
 export const TokenEventSchema = z.discriminatedUnion("type", [
   z.object({ ...eventBase, type: z.literal("start"), worker_id: z.string().min(1), queue_ms: z.number().min(0) }),
   z.object({
     ...eventBase,
     type: z.literal("delta"),
+    /** Text the model wrote for the user (never the text of a tool call, which comes parsed in tool_calls). */
     text: z.string(),
     token_ids: z.array(tokenId),
     logprobs: z.array(LogprobSchema).optional(),
+    tool_calls: z.array(ToolCallDeltaSchema).optional(),
   }),
   /** Sent when a request had no other event for HEARTBEAT_INTERVAL_MS (waiting in the engine, long prefill). */
   z.object({ ...eventBase, type: z.literal("heartbeat") }),
   z.object({
     ...eventBase,
     type: z.literal("final"),
-    finish_reason: z.enum(["stop", "length", "abort"]),
+    /** tool_calls: the output ended with tool calls (as OpenAI reports it). */
+    finish_reason: z.enum(["stop", "length", "abort", "tool_calls"]),
     usage: UsageSchema,
   }),
-  z.object({ ...eventBase, type: z.literal("error"), code: z.enum(ERROR_CODES), message: z.string() }),
+  z.object({
+    ...eventBase,
+    type: z.literal("error"),
+    code: z.enum(ERROR_CODES),
+    message: z.string(),
+    /** The request field at fault (OpenAI's `param`), when one is. */
+    param: z.string().optional(),
+  }),
 ]);
 export type TokenEvent = z.infer<typeof TokenEventSchema>;
 export type TokenEventType = TokenEvent["type"];

@@ -10,7 +10,7 @@
  *    SGLang's router does with its approximate radix tree. The next request sharing a system prompt finds it.
  *
  * Load reports also say whether a worker has room (running/waiting against max_num_seqs, free KV blocks), is
- * draining, and where it takes requests addressed to it (`direct_subject`, see direct.ts); a worker that has not
+ * draining, and where it takes requests addressed to it (`direct_subject`, see PoolNames.direct in shared/src/protocol.ts); a worker that has not
  * reported for three intervals is considered gone.
  *
  * @module
@@ -60,7 +60,11 @@ export function prefixKeys(prompt: Prompt): string[] {
   };
   switch (prompt.type) {
     case "chat":
-      for (const m of prompt.messages.slice(0, MAX_KEYS)) add(`${m.role}\u0001${m.content}`);
+      // Tools come first in the rendered prompt (templates put them in the system turn).
+      if (prompt.tools) add(`tools\u0001${JSON.stringify(prompt.tools)}`);
+      for (const m of prompt.messages.slice(0, MAX_KEYS)) {
+        add(`${m.role}\u0001${m.content}${m.tool_calls ? JSON.stringify(m.tool_calls) : ""}`);
+      }
       break;
     case "text":
       for (let i = 0; i + TEXT_CHUNK_CHARS <= prompt.text.length && keys.length < MAX_KEYS; i += TEXT_CHUNK_CHARS) {
@@ -114,7 +118,7 @@ function base64url(bytes: Uint8Array): string {
 export interface WorkerState {
   report: LoadReport;
   receivedAt: number;
-  /** Subject where the worker accepts requests addressed to it, if it advertises one (see direct.ts). */
+  /** Subject where the worker accepts requests addressed to it, if it advertises one (see PoolNames.direct). */
   directSubject?: string;
   /** Requests sent to it directly since its last report (the report does not count them yet). */
   sentSinceReport: number;

@@ -4,11 +4,23 @@
  * yields `JobEvent`s and settles the reservation when the job ends, however it ends.
  *
  * Jobs and events are plain data: they cross the Durable Object RPC boundary, events as NDJSON over a byte stream.
+ * The interfaces a job depends on live here too: `Limiter` (admission and settlement with the key) and
+ * `SubmitBackend` (one sub-request to one pool).
  *
  * @module
  */
-import type { Logprob, Prompt, SamplingParams, Usage } from "@llama-edge/shared";
+import type {
+  DispatchEvent,
+  Logprob,
+  Prompt,
+  SamplingParams,
+  SubmitOptions,
+  SubmitRequest,
+  Usage,
+} from "@llama-edge/shared";
 import type { ApiErrorInfo } from "../errors.ts";
+import type { AdmitRequest, AdmitResult } from "../keys/key-limiter.ts";
+import type { Settlement } from "../keys/types.ts";
 
 export interface Job {
   /** Gateway request id; sub-requests to workers are `<id>-<choice index>`. */
@@ -32,7 +44,7 @@ export type JobEvent =
   /** A worker started choice `index`. */
   | { type: "start"; index: number; worker_id: string; pool: string }
   | { type: "delta"; index: number; text: string; num_tokens: number; logprobs?: Logprob[] }
-  | { type: "final"; index: number; finish_reason: "stop" | "length" | "abort"; usage: Usage }
+  | { type: "final"; index: number; finish_reason: "stop" | "length" | "abort" | "tool_calls"; usage: Usage }
   /** Terminal: the job failed; nothing follows. */
   | { type: "error"; error: ApiErrorInfo }
   /** Terminal: every choice finished; `usage` is what was settled. */
@@ -45,6 +57,23 @@ export interface JobRunner {
    * request's ExecutionContext) keeps that cancel alive after the client has gone.
    */
   run(job: Job, signal: AbortSignal, waitUntil?: (p: Promise<unknown>) => void): AsyncIterable<JobEvent>;
+}
+
+/** Admission and settlement with a key (its Durable Object in production). */
+export interface Limiter {
+  /** Authenticates and admits in one round trip (see KeyLimiter.admit). */
+  admit(keyHash: string, req: AdmitRequest): Promise<AdmitResult>;
+  /** Idempotent: settling a settled or unknown reservation does nothing. */
+  settle(keyHash: string, reservationId: string, settlement: Settlement): Promise<void>;
+}
+
+/** Submits one request to one pool (the shared Dispatcher's shape, plus prefix-affinity routing in production). */
+export interface SubmitBackend {
+  submit(
+    pool: string,
+    request: SubmitRequest,
+    options: SubmitOptions & { signal: AbortSignal },
+  ): AsyncIterable<DispatchEvent>;
 }
 
 // ---------------------------------------------------------------------------------------------------------------

@@ -1,15 +1,14 @@
 /**
  * SubmitBackend over NATS with prefix affinity: a request whose prompt prefix a worker caches (and that has room
  * and takes addressed requests) is offered to that worker directly; everything else, and every refusal, goes to
- * the pool's JetStream queue through the shared Dispatcher.
+ * the pool's JetStream queue. Both through the shared Dispatcher (`SubmitOptions.worker`).
  *
  * @module
  */
 import type { DispatchEvent, SubmitOptions, SubmitRequest } from "@llama-edge/shared";
 import { type PrefixRouter, prefixKeys } from "./affinity.ts";
-import { openDirect } from "./direct.ts";
+import type { SubmitBackend } from "./job.ts";
 import type { NatsLink } from "./nats-link.ts";
-import type { SubmitBackend } from "./run-job.ts";
 
 export class NatsBackend implements SubmitBackend {
   constructor(
@@ -22,26 +21,17 @@ export class NatsBackend implements SubmitBackend {
     request: SubmitRequest,
     options: SubmitOptions & { signal: AbortSignal },
   ): AsyncGenerator<DispatchEvent> {
-    const { nc, dispatcher } = await this.link.get(request.id);
+    const { dispatcher } = await this.link.get(request.id);
     const keys = prefixKeys(request.prompt);
-    let events: AsyncIterable<DispatchEvent> | null = null;
-    let queued = request;
     const target = await this.router.pick(pool, request.prompt, keys);
-    const subject = target?.worker.directSubject;
-    if (target && subject) {
-      target.worker.sentSinceReport++; // until its next report says so itself
-      events = await openDirect(nc, subject, pool, request, {
-        signal: options.signal,
-        onCancelledFinal: options.onCancelledFinal,
-      });
-      if (!events) {
-        target.worker.sentSinceReport--;
-        queued = { ...request, id: `${request.id}-q` }; // the refused id may still start late: never reuse it
+    const worker = target?.worker.directSubject;
+    if (target && worker) target.worker.sentSinceReport++; // until its next report counts it itself
+    for await (const ev of dispatcher.submit(pool, request, { ...options, worker })) {
+      if (ev.type === "start") {
+        // Refused and queued, another worker took it: the offer did not add to the first one's load.
+        if (target && worker && ev.worker_id !== target.worker.report.worker_id) target.worker.sentSinceReport--;
+        this.router.learn(pool, keys, ev.worker_id);
       }
-    }
-    events ??= dispatcher.submit(pool, queued, options);
-    for await (const ev of events) {
-      if (ev.type === "start") this.router.learn(pool, keys, ev.worker_id);
       yield ev;
     }
   }

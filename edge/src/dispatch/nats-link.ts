@@ -28,16 +28,41 @@ export interface Connected {
 /** Every pool's load reports (`llama.pool.<pool>.load`). */
 const LOAD_SUBJECT = "llama.pool.*.load";
 
+/**
+ * Why `url` must not carry these credentials, if it must not: NATS' token and password travel in the CONNECT
+ * message as they are, so over plaintext `ws://` anyone on the path reads them. Loopback never leaves the host.
+ */
+export function plaintextCredentialsProblem(url: string, hasCredentials: boolean): string | undefined {
+  if (!hasCredentials) return undefined;
+  let parsed: URL;
+  try {
+    parsed = new URL(url);
+  } catch {
+    return `NATS_URL ${JSON.stringify(url)} is not a URL`;
+  }
+  if (parsed.protocol !== "ws:") return undefined;
+  const host = parsed.hostname.replace(/^\[|\]$/g, "");
+  const loopback = host === "localhost" || host === "::1" || /^127\.\d+\.\d+\.\d+$/.test(host);
+  return loopback
+    ? undefined
+    : `refusing to send NATS credentials over plaintext ws:// to ${parsed.host}: use a wss:// URL`;
+}
+
 export class NatsLink {
   readonly #o: NatsLinkOptions;
   #conn: Promise<Connected> | undefined;
+  /** Set when the options must not be used to connect (see plaintextCredentialsProblem). */
+  readonly #refusal: string | undefined;
 
   constructor(opts: NatsLinkOptions) {
     this.#o = opts;
+    this.#refusal = plaintextCredentialsProblem(opts.url, Boolean(opts.token || opts.user || opts.pass));
+    if (this.#refusal) console.error(this.#refusal);
   }
 
   /** The connection, connecting first if needed. Rejects with NoWorkersError when NATS cannot be reached. */
   get(requestId = "-"): Promise<Connected> {
+    if (this.#refusal) return Promise.reject(new NoWorkersError(this.#refusal, requestId));
     if (!this.#conn) {
       const p = this.#connect();
       this.#conn = p;

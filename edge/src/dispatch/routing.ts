@@ -31,42 +31,84 @@ export function estimatePromptTokens(prompt: Prompt): PromptEstimate {
       return { tokens: 1 + Math.ceil(utf8Length(prompt.text) / BYTES_PER_TOKEN), exact: false };
     case "chat": {
       let tokens = 2;
-      for (const m of prompt.messages)
-        tokens += CHAT_MESSAGE_OVERHEAD + Math.ceil(utf8Length(m.content) / BYTES_PER_TOKEN);
+      for (const m of prompt.messages) {
+        const calls = m.tool_calls?.map((c) => c.function.name + c.function.arguments).join("") ?? "";
+        tokens += CHAT_MESSAGE_OVERHEAD + Math.ceil(utf8Length((m.content ?? "") + calls) / BYTES_PER_TOKEN);
+      }
+      // Tool definitions are rendered into the prompt by the chat template.
+      if (prompt.tools) tokens += Math.ceil(utf8Length(JSON.stringify(prompt.tools)) / BYTES_PER_TOKEN);
       return { tokens, exact: false };
     }
   }
 }
 
 /**
- * Candidate pools for a request, smallest fitting context first (big contexts stay free for long prompts).
- * Fails with model_not_found, or context_length_exceeded when the prompt is known not to fit anywhere.
+ * Bytes per token no LLaMA-family tokenizer exceeds on real text (their longest pieces are whitespace and
+ * punctuation runs of ~16 bytes, English averages ~4): a text prompt longer than this many bytes per token of
+ * context cannot fit, and is refused without a worker.
  */
-export function planPools(
-  config: GatewayConfig,
-  model: string,
-  prompts: PromptEstimate[],
-  maxTokens: number | null,
-  param: "messages" | "prompt",
-): { pools: string[] } | { error: ApiError } {
-  const pools = poolsFor(config, model);
-  if (pools.length === 0) return { error: errors.modelNotFound(model) };
-  const longest = prompts.reduce((a, b) => (b.tokens > a.tokens ? b : a));
-  // At least one token must fit after the prompt (the engine's own rule).
-  const need = longest.tokens + (maxTokens ?? 1);
-  const fitting = pools.filter((p) => p.maxContext >= need).map((p) => p.name);
-  if (fitting.length > 0) return { pools: fitting };
+const MAX_BYTES_PER_TOKEN = 8;
+
+/** The fewest tokens a prompt can have. */
+function minPromptTokens(prompt: Prompt): number {
+  switch (prompt.type) {
+    case "tokens":
+      return prompt.token_ids.length;
+    case "text":
+      return Math.ceil(utf8Length(prompt.text) / MAX_BYTES_PER_TOKEN);
+    case "chat":
+      return prompt.messages.reduce((n, m) => n + Math.ceil(utf8Length(m.content) / MAX_BYTES_PER_TOKEN), 0);
+  }
+}
+
+export interface PoolRequest {
+  model: string;
+  prompts: Prompt[];
+  /** Completion tokens per choice, and the parameter that set them; null = until the context is full. */
+  maxTokens: number | null;
+  maxTokensParam: "max_tokens" | "max_completion_tokens";
+  promptParam: "messages" | "prompt";
+}
+
+/**
+ * Candidate pools for a request, smallest fitting context first (big contexts stay free for long prompts).
+ * Fails with model_not_found, with invalid_value when max_tokens alone exceeds every context, or with
+ * context_length_exceeded when the prompt cannot fit anywhere (counted exactly for token ids, bounded below for
+ * text). A text prompt only estimated not to fit goes to the largest pool, whose worker counts it exactly.
+ */
+export function planPools(config: GatewayConfig, req: PoolRequest): { pools: string[] } | { error: ApiError } {
+  const pools = poolsFor(config, req.model);
+  if (pools.length === 0) return { error: errors.modelNotFound(req.model) };
   const largest = pools[pools.length - 1]!;
-  if (longest.exact) {
+  const { maxTokens, promptParam } = req;
+  if (maxTokens !== null && maxTokens >= largest.maxContext) {
     return {
-      error: errors.contextLengthExceeded(
-        `This model's maximum context length is ${largest.maxContext} tokens. However, you requested ${need} ` +
-          `tokens (${longest.tokens} in the ${param}, ${maxTokens ?? 1} in the completion). Please reduce the ` +
-          `length of the ${param} or completion.`,
-        param,
+      error: errors.invalidRequest(
+        `'${req.maxTokensParam}' is too large: ${maxTokens}. This model's maximum context length is ` +
+          `${largest.maxContext} tokens, prompt included.`,
+        req.maxTokensParam,
+        "invalid_value",
       ),
     };
   }
-  // Only an estimate says it does not fit: let the largest pool's worker decide with the real token count.
+  const estimates = req.prompts.map(estimatePromptTokens);
+  const longest = estimates.reduce((a, b) => (b.tokens > a.tokens ? b : a));
+  // At least one token must fit after the prompt (the engine's own rule).
+  const completion = maxTokens ?? 1;
+  const need = longest.tokens + completion;
+  const fitting = pools.filter((p) => p.maxContext >= need).map((p) => p.name);
+  if (fitting.length > 0) return { pools: fitting };
+  const atLeast = Math.max(...req.prompts.map(minPromptTokens));
+  if (longest.exact || atLeast + completion > largest.maxContext) {
+    const tokens = longest.exact ? `${longest.tokens}` : `at least ${atLeast}`;
+    return {
+      error: errors.contextLengthExceeded(
+        `This model's maximum context length is ${largest.maxContext} tokens. However, you requested ` +
+          `${longest.exact ? need : `at least ${atLeast + completion}`} tokens (${tokens} in the ${promptParam}, ` +
+          `${completion} in the completion). Please reduce the length of the ${promptParam} or completion.`,
+        promptParam,
+      ),
+    };
+  }
   return { pools: [largest.name] };
 }

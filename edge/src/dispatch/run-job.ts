@@ -15,27 +15,26 @@ import {
   DispatchError,
   type DispatchEvent,
   InvalidRequestError,
+  Mailbox,
   NoWorkersError,
   ProtocolError,
   QueueTimeoutError,
-  type SubmitOptions,
+  RequestTooLargeError,
   type SubmitRequest,
   type Usage,
   WorkerError,
   WorkerLostError,
 } from "@llama-edge/shared";
 import type { ApiErrorInfo } from "../errors.ts";
-import type { Limiter } from "../keys/key-store.ts";
-import { decodeEvents, encodeEvent, type Job, type JobEvent, type JobRunner } from "./job.ts";
-
-/** Submits one request to one pool (the shared Dispatcher's shape, plus prefix-affinity routing in production). */
-export interface SubmitBackend {
-  submit(
-    pool: string,
-    request: SubmitRequest,
-    options: SubmitOptions & { signal: AbortSignal },
-  ): AsyncIterable<DispatchEvent>;
-}
+import {
+  decodeEvents,
+  encodeEvent,
+  type Job,
+  type JobEvent,
+  type JobRunner,
+  type Limiter,
+  type SubmitBackend,
+} from "./job.ts";
 
 export interface RunJobDeps {
   backend: SubmitBackend;
@@ -55,11 +54,9 @@ interface Choice {
   usage?: Usage;
 }
 
-/** Worker errors that mean "the prompt does not fit this pool's context" (the engine's wording). */
+/** The worker error that means "the prompt does not fit this pool's context". */
 export const isContextLengthError = (e: unknown): boolean =>
-  e instanceof WorkerError &&
-  // workers before the dedicated code said so in a bad_request's message
-  (e.code === "context_length_exceeded" || (e.code === "bad_request" && /maximum context length/i.test(e.message)));
+  e instanceof WorkerError && e.code === "context_length_exceeded";
 
 export async function* runJob(job: Job, deps: RunJobDeps, signal: AbortSignal): AsyncGenerator<JobEvent> {
   const ac = new AbortController();
@@ -71,7 +68,7 @@ export async function* runJob(job: Job, deps: RunJobDeps, signal: AbortSignal): 
     Math.max(0, Math.min(job.deadline - Date.now(), 2 ** 31 - 1)),
   );
 
-  const queue = new EventQueue<JobEvent | null>(); // null: one choice is done
+  const queue = new Mailbox<JobEvent | null>(); // null: one choice is done
   const choices: Choice[] = job.prompts.flatMap((_, promptIndex) =>
     Array.from({ length: job.n }, (_, i) => ({ index: promptIndex * job.n + i, promptIndex, numTokens: 0 })),
   );
@@ -228,18 +225,14 @@ export function toErrorInfo(e: unknown, abortReason?: unknown): ApiErrorInfo {
     return err(502, "The worker serving the request stopped responding.", "worker_lost");
   }
   if (e instanceof ProtocolError) return err(502, "The worker sent an invalid response.", "bad_gateway");
-  if (e instanceof InvalidRequestError) {
-    return /bytes, limit/.test(e.message)
-      ? err(413, "The request is too large to dispatch.", "request_too_large")
-      : err(400, e.message, "invalid_request");
-  }
+  if (e instanceof RequestTooLargeError) return err(413, "The request is too large to dispatch.", "request_too_large");
+  if (e instanceof InvalidRequestError) return err(400, e.message, "invalid_request");
   if (e instanceof WorkerError) {
     switch (e.code) {
       case "context_length_exceeded":
+        return err(400, e.message, "context_length_exceeded", undefined, "messages");
       case "bad_request":
-        return isContextLengthError(e)
-          ? err(400, e.message, "context_length_exceeded", undefined, "messages")
-          : err(400, e.message, "invalid_request");
+        return err(400, e.message, "invalid_request");
       case "too_large":
         return err(413, e.message, "request_too_large");
       case "model_not_found":
@@ -256,27 +249,6 @@ export function toErrorInfo(e: unknown, abortReason?: unknown): ApiErrorInfo {
   }
   if (e instanceof DispatchError) return err(e.status >= 400 ? e.status : 500, e.message, e.code);
   return err(500, "The server had an error while processing your request.", "internal_error");
-}
-
-/** A single-consumer queue of events pushed from several producers. */
-class EventQueue<T> {
-  #items: T[] = [];
-  #wake: (() => void) | undefined;
-
-  push(item: T): void {
-    this.#items.push(item);
-    this.#wake?.();
-  }
-
-  async next(): Promise<T> {
-    while (this.#items.length === 0) {
-      await new Promise<void>((resolve) => {
-        this.#wake = resolve;
-      });
-      this.#wake = undefined;
-    }
-    return this.#items.shift()!;
-  }
 }
 
 /**

@@ -25,10 +25,22 @@ import { decodeEvents, type Job, type JobEvent, type JobRunner } from "../dispat
 import { NatsBackend } from "../dispatch/nats-backend.ts";
 import { NatsLink } from "../dispatch/nats-link.ts";
 import { jobStream } from "../dispatch/run-job.ts";
-import type { Env } from "../env.ts";
-import { DurableKeyStore } from "../keys/key-store.ts";
+import { DurableKeyStore } from "./durable-key-store.ts";
+import type { KeyDirectory, KeyState } from "./key-state.ts";
 
-export class DispatchShard extends DurableObject<Env> {
+/** The bindings a dispatch shard reads (the gateway's Env extends this). */
+export interface DispatchShardEnv {
+  KEYS: DurableObjectNamespace<KeyState>;
+  KEY_DIRECTORY: DurableObjectNamespace<KeyDirectory>;
+  /** nats-server WebSocket listener, ws:// or wss://. */
+  NATS_URL: string;
+  /** Secrets, when the NATS WebSocket listener requires authentication. */
+  NATS_TOKEN?: string;
+  NATS_USER?: string;
+  NATS_PASSWORD?: string;
+}
+
+export class DispatchShard extends DurableObject<DispatchShardEnv> {
   readonly #table = new WorkerTable();
   readonly #router = new PrefixRouter(this.#table);
   readonly #link: NatsLink;
@@ -36,7 +48,7 @@ export class DispatchShard extends DurableObject<Env> {
   readonly #keys: DurableKeyStore;
   readonly #running = new Map<string, AbortController>();
 
-  constructor(ctx: DurableObjectState, env: Env) {
+  constructor(ctx: DurableObjectState, env: DispatchShardEnv) {
     super(ctx, env);
     this.#link = new NatsLink({
       url: env.NATS_URL,

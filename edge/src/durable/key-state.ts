@@ -10,7 +10,6 @@
  * @module
  */
 import { DurableObject } from "cloudflare:workers";
-import type { Env } from "../env.ts";
 import { type AdmitRequest, type AdmitResult, KeyLimiter, type KvStore, type RateInfo } from "../keys/key-limiter.ts";
 import type { KeyInfo, KeyUpdate, Settlement, UsageReport } from "../keys/types.ts";
 
@@ -64,10 +63,10 @@ class WriteBehindKv implements KvStore {
   }
 }
 
-export class KeyState extends DurableObject<Env> {
+export class KeyState extends DurableObject<unknown> {
   readonly #limiter: KeyLimiter;
 
-  constructor(ctx: DurableObjectState, env: Env) {
+  constructor(ctx: DurableObjectState, env: unknown) {
     super(ctx, env);
     this.#limiter = new KeyLimiter(new WriteBehindKv(ctx.storage));
   }
@@ -116,9 +115,13 @@ export interface DirectoryEntry {
   info: KeyInfo;
 }
 
-export class KeyDirectory extends DurableObject {
+export class KeyDirectory extends DurableObject<unknown> {
   put(entry: DirectoryEntry): void {
     this.ctx.storage.kv.put(`key:${entry.info.id}`, entry);
+  }
+
+  delete(id: string): void {
+    this.ctx.storage.kv.delete(`key:${id}`);
   }
 
   get(id: string): DirectoryEntry | null {

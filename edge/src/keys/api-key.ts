@@ -1,6 +1,11 @@
 /**
- * Key material: generation (256 random bits), hashing (what is stored and what names a key's Durable Object),
- * and constant-time comparison. Web Crypto only, so it runs in workerd and in Node alike.
+ * Key material: generation, the key format's checksum, hashing (what is stored and what names a key's Durable
+ * Object). Web Crypto only, so it runs in workerd and in Node alike.
+ *
+ * Keys are `sk-le-` + 42 random base62 characters (250 bits) + a 6-character checksum of the rest (the first 32
+ * bits of its SHA-256, in base62), as GitHub's tokens carry a CRC32: a mistyped or made-up key is refused at the
+ * edge without a Durable Object round trip, and secret scanners can tell a real key from noise. Keys issued
+ * before the checksum (`sk-` + 48 base62 characters) keep working: they are looked up as before.
  *
  * @module
  */
@@ -20,13 +25,43 @@ export function randomBase62(len: number): string {
   return out;
 }
 
-/** `sk-` + 48 base62 characters: ~285 bits, far beyond guessing, and recognisable to secret scanners. */
-export const generateApiKey = (): string => `sk-${randomBase62(48)}`;
+const KEY_PREFIX = "sk-le-";
+const BODY_CHARS = 42;
+const CHECK_CHARS = 6;
+const CHECKED_KEY = /^sk-le-[0-9A-Za-z]{48}$/;
+/** The format before checksums: only a lookup can tell such a key from a random string. */
+const LEGACY_KEY = /^sk-[0-9A-Za-z]{48}$/;
+
+/** The checksum of a key's prefix and body: 32 bits of SHA-256 as 6 base62 characters. */
+async function checksum(prefixAndBody: string): Promise<string> {
+  const digest = await crypto.subtle.digest("SHA-256", new TextEncoder().encode(prefixAndBody));
+  let n = new DataView(digest).getUint32(0);
+  let out = "";
+  for (let i = 0; i < CHECK_CHARS; i++) {
+    out = ALPHABET[n % 62] + out;
+    n = Math.floor(n / 62);
+  }
+  return out;
+}
+
+export async function generateApiKey(): Promise<string> {
+  const head = KEY_PREFIX + randomBase62(BODY_CHARS);
+  return head + (await checksum(head));
+}
+
+/**
+ * What a presented key is, from its text alone: `checked` (this format, checksum right), `legacy` (the format
+ * before checksums) or `invalid` (anything else: no key this gateway issued).
+ */
+export async function keyFormat(token: string): Promise<"checked" | "legacy" | "invalid"> {
+  if (CHECKED_KEY.test(token)) {
+    const head = token.slice(0, -CHECK_CHARS);
+    return (await checksum(head)) === token.slice(-CHECK_CHARS) ? "checked" : "invalid";
+  }
+  return LEGACY_KEY.test(token) ? "legacy" : "invalid";
+}
 
 export const generateKeyId = (): string => `key_${randomBase62(20)}`;
-
-/** Keys this gateway could have issued; anything else is rejected without a Durable Object round trip. */
-export const looksLikeApiKey = (s: string): boolean => /^sk-[0-9A-Za-z_-]{20,200}$/.test(s);
 
 const hex = (buf: ArrayBuffer): string =>
   Array.from(new Uint8Array(buf), (b) => b.toString(16).padStart(2, "0")).join("");
@@ -34,18 +69,4 @@ const hex = (buf: ArrayBuffer): string =>
 /** SHA-256 hex of the key. A fast hash is enough: keys are random, not passwords, so there is nothing to brute-force. */
 export async function hashApiKey(key: string): Promise<string> {
   return hex(await crypto.subtle.digest("SHA-256", new TextEncoder().encode(key)));
-}
-
-/** Compares two secrets in time independent of where they differ (both are hashed first, so lengths match too). */
-export async function secretsEqual(a: string, b: string): Promise<boolean> {
-  const enc = new TextEncoder();
-  const [da, db] = await Promise.all([
-    crypto.subtle.digest("SHA-256", enc.encode(a)),
-    crypto.subtle.digest("SHA-256", enc.encode(b)),
-  ]);
-  const x = new Uint8Array(da);
-  const y = new Uint8Array(db);
-  let diff = 0;
-  for (let i = 0; i < x.length; i++) diff |= x[i]! ^ y[i]!;
-  return diff === 0;
 }

@@ -8,10 +8,14 @@ import { z } from "zod";
 
 const count = z.number().int().min(1);
 
+/** RPM is an exact sliding window: the key keeps one timestamp per allowed request (in memory and storage), and
+ *  every admission scans them. Above this, use null (unlimited) or a TPM limit. */
+export const MAX_RPM = 10_000;
+
 /** Limits of one key, as sent in a partial update: a field left out keeps its value, `null` = unlimited. */
 export const LimitsPatchSchema = z.object({
   /** Requests per minute (sliding 60 s window, exact). */
-  rpm: count.nullable().optional(),
+  rpm: count.max(MAX_RPM).nullable().optional(),
   /** Tokens per minute: prompt estimate + max tokens reserved at admission, settled to the actual count. */
   tpm: count.nullable().optional(),
   /** Requests running at once (streaming or not). */

@@ -1,14 +1,16 @@
 /**
- * API key authentication. The middleware only reads the `Authorization: Bearer sk-...` header and hashes the key
- * (no round trip): on inference routes the key's Durable Object authenticates and admits in one call. Routes that
- * admit nothing call `requireKey`, which asks the key's Durable Object once per request.
+ * API key authentication. The middleware (Hono's bearer-auth) only checks the key's format and checksum and
+ * hashes it (no round trip): a key this gateway never issued is a 401 without touching a Durable Object. On
+ * inference routes the key's Durable Object authenticates and admits in one call. Routes that admit nothing call
+ * `requireKey`, which asks the key's Durable Object once per request.
  *
  * @module
  */
 import type { Context, MiddlewareHandler } from "hono";
+import { bearerAuth } from "hono/bearer-auth";
 import { HTTPException } from "hono/http-exception";
 import { errors, keyHint } from "../errors.ts";
-import { hashApiKey, looksLikeApiKey } from "../keys/api-key.ts";
+import { hashApiKey, keyFormat } from "../keys/api-key.ts";
 import type { KeyStore } from "../keys/key-store.ts";
 import type { KeyInfo } from "../keys/types.ts";
 
@@ -21,19 +23,24 @@ export type AuthVars = {
   key?: KeyInfo;
 };
 
-const BEARER = /^Bearer\s+(\S+)\s*$/i;
+/** The bearer token as presented, for the hint in an error message. */
+const presented = (c: Context): string => (c.req.header("authorization") ?? "").replace(/^\S+\s*/, "");
 
-export function apiKeyAuth(): MiddlewareHandler<{ Variables: AuthVars }> {
-  return async function apiKeyAuthMiddleware(c, next) {
-    const header = c.req.header("authorization");
-    if (!header) throw errors.missingApiKey();
-    const token = BEARER.exec(header)?.[1];
-    if (!token) throw errors.missingApiKey();
-    if (!looksLikeApiKey(token)) throw errors.invalidApiKey(keyHint(token));
-    c.set("keyHash", await hashApiKey(token));
-    c.set("keyHint", keyHint(token));
-    await next();
-  };
+export function apiKeyAuth(opts: { acceptLegacyKeys: boolean }): MiddlewareHandler<{ Variables: AuthVars }> {
+  const missing = () => errors.missingApiKey().getResponse();
+  return bearerAuth({
+    verifyToken: async (token, c) => {
+      const format = await keyFormat(token);
+      if (format === "invalid" || (format === "legacy" && !opts.acceptLegacyKeys)) return false;
+      c.set("keyHash", await hashApiKey(token));
+      c.set("keyHint", keyHint(token));
+      return true;
+    },
+    // OpenAI answers 401 for a missing or malformed Authorization header alike.
+    noAuthenticationHeader: { message: missing },
+    invalidAuthenticationHeader: { message: missing },
+    invalidToken: { message: (c) => errors.invalidApiKey(keyHint(presented(c))).getResponse() },
+  });
 }
 
 /** Authenticates the request's key (401 if unknown or revoked) and returns it. */

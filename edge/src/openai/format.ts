@@ -1,10 +1,17 @@
 /**
- * Response objects and stream chunks exactly as OpenAI sends them, for chat completions and (legacy) completions.
- * A formatter turns a job's events into either one response object (non-streaming) or a sequence of chunks.
+ * Response objects and stream chunks exactly as OpenAI sends them, for chat completions and (legacy) completions,
+ * typed with the `openai` package's own types so the wire shapes are checked at compile time. A formatter turns a
+ * job's events into either one response object (non-streaming) or a sequence of chunks.
  *
  * @module
  */
 import type { Logprob, Usage } from "@llama-edge/shared";
+import type {
+  ChatCompletion,
+  ChatCompletionChunk,
+  ChatCompletionTokenLogprob,
+} from "openai/resources/chat/completions";
+import type { Completion, CompletionChoice, CompletionUsage } from "openai/resources/completions";
 import type { JobEvent } from "../dispatch/job.ts";
 import { randomBase62 } from "../keys/api-key.ts";
 
@@ -12,21 +19,26 @@ export type FinishReason = "stop" | "length";
 type DeltaEvent = Extract<JobEvent, { type: "delta" }>;
 type FinalEvent = Extract<JobEvent, { type: "final" }>;
 
+/**
+ * A streamed completions chunk. OpenAI streams `Completion` objects whose choices have `finish_reason: null` until
+ * their last chunk, and with stream_options.include_usage `usage: null` on every chunk but the last: nulls the
+ * package's `Completion` type does not admit.
+ */
+export type CompletionChunkChoice = Omit<CompletionChoice, "finish_reason"> & {
+  finish_reason: CompletionChoice["finish_reason"] | null;
+};
+export type CompletionChunk = Omit<Completion, "usage" | "choices"> & {
+  choices: CompletionChunkChoice[];
+  usage?: CompletionUsage | null;
+};
+
 /** "abort" only happens once the client is gone, so no client ever sees it; "stop" if one ever does. */
 const finishReason = (r: FinalEvent["finish_reason"]): FinishReason => (r === "length" ? "length" : "stop");
 
 export const newCompletionId = (kind: "chat" | "completion"): string =>
   `${kind === "chat" ? "chatcmpl" : "cmpl"}-${randomBase62(24)}`;
 
-export interface OpenAIUsage {
-  prompt_tokens: number;
-  completion_tokens: number;
-  total_tokens: number;
-  prompt_tokens_details: { cached_tokens: number };
-  completion_tokens_details: { reasoning_tokens: number };
-}
-
-export function openAIUsage(u: Usage): OpenAIUsage {
+export function openAIUsage(u: Usage): CompletionUsage {
   return {
     prompt_tokens: u.prompt_tokens,
     completion_tokens: u.completion_tokens,
@@ -39,17 +51,17 @@ export function openAIUsage(u: Usage): OpenAIUsage {
 const utf8Bytes = (s: string): number[] => Array.from(new TextEncoder().encode(s));
 
 /** Turns events into OpenAI objects. One instance per request. */
-export interface ResponseFormatter {
+export interface ResponseFormatter<Chunk extends object = object, Full extends object = object> {
   /** Chunks sent before any token: the assistant role of every chat choice, the echoed prompt of completions. */
-  openingChunks(): object[];
+  openingChunks(): Chunk[];
   /** The chunk for a delta, or null when it carries nothing to show. Also accumulates for `response()`. */
-  deltaChunk(ev: DeltaEvent): object | null;
+  deltaChunk(ev: DeltaEvent): Chunk | null;
   /** The chunk closing a choice (empty delta or text, with finish_reason). */
-  finalChunk(ev: FinalEvent): object;
+  finalChunk(ev: FinalEvent): Chunk;
   /** With stream_options.include_usage: the last chunk, with empty choices. */
-  usageChunk(usage: Usage): object;
+  usageChunk(usage: Usage): Chunk;
   /** The non-streaming response, from everything accumulated. */
-  response(usage: Usage): object;
+  response(usage: Usage): Full;
 }
 
 interface ChoiceText {
@@ -58,7 +70,7 @@ interface ChoiceText {
   finish: FinishReason | null;
 }
 
-interface FormatterOptions {
+export interface FormatterOptions {
   id: string;
   model: string;
   created: number;
@@ -69,7 +81,19 @@ interface FormatterOptions {
   includeUsage: boolean;
 }
 
-abstract class BaseFormatter implements ResponseFormatter {
+/** A streamed chunk: the envelope fields, its choices, and `usage`. */
+interface ChunkShape<Choice> {
+  id: string;
+  object: string;
+  created: number;
+  model: string;
+  choices: Choice[];
+  usage?: CompletionUsage | null;
+}
+
+abstract class BaseFormatter<Chunk extends ChunkShape<ChunkChoice>, ChunkChoice, Full extends object>
+  implements ResponseFormatter<Chunk, Full>
+{
   protected readonly choices: ChoiceText[];
   constructor(protected readonly o: FormatterOptions) {
     this.choices = Array.from({ length: o.numChoices }, () => ({ text: "", logprobs: [], finish: null }));
@@ -80,20 +104,16 @@ abstract class BaseFormatter implements ResponseFormatter {
   }
 
   /** `object` of this API's streamed chunks. */
-  protected abstract readonly chunkObject: string;
+  protected abstract readonly chunkObject: Chunk["object"];
 
   /** A streamed chunk around `choices`. */
-  protected chunk(choices: object[]): object {
+  protected chunk(choices: ChunkChoice[]): Chunk {
     const { id, created, model, includeUsage } = this.o;
-    return {
-      id,
-      object: this.chunkObject,
-      created,
-      model,
-      system_fingerprint: null,
-      choices,
-      ...(includeUsage ? { usage: null } : {}),
-    };
+    return { id, object: this.chunkObject, created, model, choices, ...(includeUsage ? { usage: null } : {}) } as Chunk;
+  }
+
+  usageChunk(usage: Usage): Chunk {
+    return { ...this.chunk([]), usage: openAIUsage(usage) };
   }
 
   /**
@@ -115,17 +135,16 @@ abstract class BaseFormatter implements ResponseFormatter {
     return finish;
   }
 
-  abstract openingChunks(): object[];
-  abstract deltaChunk(ev: DeltaEvent): object | null;
-  abstract finalChunk(ev: FinalEvent): object;
-  abstract usageChunk(usage: Usage): object;
-  abstract response(usage: Usage): object;
+  abstract openingChunks(): Chunk[];
+  abstract deltaChunk(ev: DeltaEvent): Chunk | null;
+  abstract finalChunk(ev: FinalEvent): Chunk;
+  abstract response(usage: Usage): Full;
 }
 
 // ---------------------------------------------------------------------------------------------------------------
 // Chat completions
 
-function chatLogprob(l: Logprob) {
+function chatLogprob(l: Logprob): ChatCompletionTokenLogprob {
   return {
     token: l.token,
     logprob: l.logprob,
@@ -138,10 +157,10 @@ function chatLogprob(l: Logprob) {
   };
 }
 
-export class ChatFormatter extends BaseFormatter {
+export class ChatFormatter extends BaseFormatter<ChatCompletionChunk, ChatCompletionChunk.Choice, ChatCompletion> {
   protected readonly chunkObject = "chat.completion.chunk";
 
-  openingChunks(): object[] {
+  openingChunks(): ChatCompletionChunk[] {
     return this.choices.map((_, index) =>
       this.chunk([
         { index, delta: { role: "assistant", content: "", refusal: null }, logprobs: null, finish_reason: null },
@@ -149,7 +168,7 @@ export class ChatFormatter extends BaseFormatter {
     );
   }
 
-  deltaChunk(ev: DeltaEvent): object | null {
+  deltaChunk(ev: DeltaEvent): ChatCompletionChunk | null {
     const shown = this.accumulate(ev);
     if (!shown) return null;
     const lps = shown.logprobs;
@@ -163,24 +182,11 @@ export class ChatFormatter extends BaseFormatter {
     ]);
   }
 
-  finalChunk(ev: FinalEvent): object {
+  finalChunk(ev: FinalEvent): ChatCompletionChunk {
     return this.chunk([{ index: ev.index, delta: {}, logprobs: null, finish_reason: this.finish(ev) }]);
   }
 
-  usageChunk(usage: Usage): object {
-    const { id, created, model } = this.o;
-    return {
-      id,
-      object: "chat.completion.chunk",
-      created,
-      model,
-      system_fingerprint: null,
-      choices: [],
-      usage: openAIUsage(usage),
-    };
-  }
-
-  response(usage: Usage): object {
+  response(usage: Usage): ChatCompletion {
     const { id, created, model } = this.o;
     return {
       id,
@@ -194,7 +200,6 @@ export class ChatFormatter extends BaseFormatter {
         finish_reason: c.finish ?? "stop",
       })),
       usage: openAIUsage(usage),
-      system_fingerprint: null,
     };
   }
 }
@@ -202,14 +207,7 @@ export class ChatFormatter extends BaseFormatter {
 // ---------------------------------------------------------------------------------------------------------------
 // Completions
 
-interface CompletionLogprobs {
-  tokens: string[];
-  token_logprobs: number[];
-  top_logprobs: Record<string, number>[];
-  text_offset: number[];
-}
-
-export class CompletionFormatter extends BaseFormatter {
+export class CompletionFormatter extends BaseFormatter<CompletionChunk, CompletionChunkChoice, Completion> {
   readonly #echo: (string | null)[];
   /** Characters of each choice's text so far, for text_offset. */
   readonly #offsets: number[];
@@ -226,8 +224,13 @@ export class CompletionFormatter extends BaseFormatter {
 
   protected readonly chunkObject = "text_completion";
 
-  #logprobs(index: number, lps: Logprob[]): CompletionLogprobs {
-    const out: CompletionLogprobs = { tokens: [], token_logprobs: [], top_logprobs: [], text_offset: [] };
+  #logprobs(index: number, lps: Logprob[]): CompletionChoice.Logprobs {
+    const out = {
+      tokens: [] as string[],
+      token_logprobs: [] as number[],
+      top_logprobs: [] as Record<string, number>[],
+      text_offset: [] as number[],
+    };
     for (const l of lps) {
       out.tokens.push(l.token);
       out.token_logprobs.push(l.logprob);
@@ -238,34 +241,33 @@ export class CompletionFormatter extends BaseFormatter {
     return out;
   }
 
-  openingChunks(): object[] {
+  openingChunks(): CompletionChunk[] {
     return this.#echo.flatMap((text, index) =>
       text ? [this.chunk([{ text, index, logprobs: null, finish_reason: null }])] : [],
     );
   }
 
-  deltaChunk(ev: DeltaEvent): object | null {
+  deltaChunk(ev: DeltaEvent): CompletionChunk | null {
     const shown = this.accumulate(ev);
     if (!shown) return null;
     const lps = shown.logprobs;
     return this.chunk([
-      { text: ev.text, index: ev.index, logprobs: lps ? this.#logprobs(ev.index, lps) : null, finish_reason: null },
+      {
+        text: ev.text,
+        index: ev.index,
+        logprobs: lps ? this.#logprobs(ev.index, lps) : null,
+        finish_reason: null,
+      },
     ]);
   }
 
-  finalChunk(ev: FinalEvent): object {
+  finalChunk(ev: FinalEvent): CompletionChunk {
     return this.chunk([{ text: "", index: ev.index, logprobs: null, finish_reason: this.finish(ev) }]);
   }
 
-  usageChunk(usage: Usage): object {
-    const { id, created, model } = this.o;
-    return { id, object: "text_completion", created, model, choices: [], usage: openAIUsage(usage) };
-  }
-
-  response(usage: Usage): object {
+  response(usage: Usage): Completion {
     const { id, created, model } = this.o;
     // Offsets restart for the whole-response logprobs (streaming already consumed them per chunk).
-    this.#offsets.fill(0);
     this.#echo.forEach((e, i) => {
       this.#offsets[i] = e?.length ?? 0;
     });
@@ -274,7 +276,6 @@ export class CompletionFormatter extends BaseFormatter {
       object: "text_completion",
       created,
       model,
-      system_fingerprint: null,
       choices: this.choices.map((c, index) => ({
         text: c.text,
         index,
@@ -285,5 +286,3 @@ export class CompletionFormatter extends BaseFormatter {
     };
   }
 }
-
-export type { FormatterOptions };

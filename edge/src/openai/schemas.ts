@@ -12,14 +12,29 @@ import { type ApiError, errors } from "../errors.ts";
 export const MAX_N = 16;
 /** Prompts in one /v1/completions request. */
 export const MAX_PROMPTS = 64;
+/** Worker sequences one request may start (prompts × n): OpenAI's cap on n. */
+export const MAX_SEQUENCES = 128;
+/** Stop sequences: OpenAI's limit, and a bound on each one's length (the worker matches them at every step). */
+export const MAX_STOP = 4;
+export const MAX_STOP_LENGTH = 256;
+/** Entries of logit_bias (OpenAI's limit). */
+export const MAX_LOGIT_BIAS = 300;
 
 const nullish = <T extends z.ZodType>(t: T) => t.nullish();
 
 const tokenId = z.number().int().min(0);
 
-const stop = nullish(z.union([z.string(), z.array(z.string()).max(16)]));
+const stopString = z.string().max(MAX_STOP_LENGTH);
+const stop = nullish(z.union([stopString, z.array(stopString).max(MAX_STOP)]));
 
-/** Parameters both endpoints share, with OpenAI's ranges (and the protocol's, where it is stricter). */
+const logitBias = z
+  .record(z.string().regex(/^\d{1,10}$/, "keys must be token ids"), z.number().min(-100).max(100))
+  .refine((o) => Object.keys(o).length <= MAX_LOGIT_BIAS, `at most ${MAX_LOGIT_BIAS} entries`);
+
+/**
+ * Parameters both endpoints share, with OpenAI's ranges (vLLM's for its extras), finite numbers only (zod's
+ * number). repetition_penalty divides logits: its floor keeps the quotient finite in float32.
+ */
 const common = {
   model: z.string().min(1),
   temperature: nullish(z.number().min(0).max(2)),
@@ -29,7 +44,7 @@ const common = {
   seed: nullish(z.number().int()),
   presence_penalty: nullish(z.number().min(-2).max(2)),
   frequency_penalty: nullish(z.number().min(-2).max(2)),
-  logit_bias: nullish(z.record(z.string().regex(/^\d+$/, "keys must be token ids"), z.number().min(-100).max(100))),
+  logit_bias: nullish(logitBias),
   user: nullish(z.string()),
   stream: nullish(z.boolean()),
   stream_options: nullish(z.object({ include_usage: nullish(z.boolean()) })),
@@ -37,7 +52,7 @@ const common = {
   // vLLM extras
   top_k: nullish(z.number().int().min(-1)),
   min_p: nullish(z.number().min(0).max(1)),
-  repetition_penalty: nullish(z.number().gt(0)),
+  repetition_penalty: nullish(z.number().min(0.01).max(2)),
   ignore_eos: nullish(z.boolean()),
   stop_token_ids: nullish(z.array(tokenId).max(64)),
 };
@@ -116,17 +131,22 @@ function jsonType(v: unknown): string {
   return `a ${typeof v}`;
 }
 
-/** The deepest issue of a failed union: for `stop: [1]` that is `stop[0]`, not "stop is not a string". */
+/**
+ * The most telling issue of a failed union: the deepest one (for `stop: [1]` that is `stop[0]`, not "stop is
+ * not a string"), and at equal depth the branch whose type matched (five stop strings: "too many", not "not a
+ * string").
+ */
 function deepestIssue(issue: z.core.$ZodIssue): z.core.$ZodIssue {
   if (issue.code !== "invalid_union" || issue.errors.length === 0) return issue;
+  const rank = (i: z.core.$ZodIssue) => i.path.length * 2 + (i.code === "invalid_type" ? 0 : 1);
   let best: z.core.$ZodIssue | undefined;
   for (const branch of issue.errors) {
     for (const sub of branch) {
       const candidate = deepestIssue({ ...sub, path: [...issue.path, ...sub.path] } as z.core.$ZodIssue);
-      if (!best || candidate.path.length > best.path.length) best = candidate;
+      if (!best || rank(candidate) > rank(best)) best = candidate;
     }
   }
-  return best && best.path.length > issue.path.length ? best : issue;
+  return best && (best.path.length > issue.path.length || best.code !== "invalid_type") ? best : issue;
 }
 
 /** The first issue, as OpenAI reports one: missing parameter, wrong type, or an invalid value, naming `param`. */
@@ -136,6 +156,10 @@ export function toApiError(body: unknown, error: z.ZodError): ApiError {
   const value = valueAt(body, issue.path);
   if (issue.path.length > 0 && value === undefined) {
     return errors.invalidRequest(`Missing required parameter: '${param}'.`, param, "missing_required_parameter");
+  }
+  if (typeof value === "number" && !Number.isFinite(value)) {
+    // JSON numbers like 1e999 parse to Infinity
+    return errors.invalidRequest(`Invalid '${param}': expected a finite number.`, param, "invalid_value");
   }
   if (issue.code === "invalid_type" || issue.code === "invalid_union") {
     const expected = issue.code === "invalid_type" ? String(issue.expected) : "one of the documented types";

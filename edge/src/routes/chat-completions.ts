@@ -7,11 +7,11 @@
 import type { ChatMessage } from "@llama-edge/shared";
 import { Hono } from "hono";
 import { errors } from "../errors.ts";
+import { type InferenceDeps, runInference } from "../inference.ts";
 import type { AuthVars } from "../middleware/auth.ts";
 import type { JsonBodyVars } from "../middleware/json-body.ts";
 import { ChatFormatter } from "../openai/format.ts";
 import { type ChatCompletionRequest, ChatCompletionRequestSchema, parseRequest } from "../openai/schemas.ts";
-import { type InferenceDeps, runInference } from "./inference.ts";
 import { samplingParams } from "./sampling.ts";
 
 function toMessages(req: ChatCompletionRequest): ChatMessage[] {
@@ -36,6 +36,7 @@ export function chatCompletionsRoute(deps: InferenceDeps) {
       n: req.n ?? 1,
       sampling: samplingParams(req, maxTokens, { logprobs, topLogprobs: req.top_logprobs ?? 0 }),
       maxTokens,
+      maxTokensParam: req.max_completion_tokens != null ? "max_completion_tokens" : "max_tokens",
       stream: req.stream === true,
       includeUsage: req.stream === true && req.stream_options?.include_usage === true,
       logprobs,

@@ -7,11 +7,11 @@
 import type { Prompt } from "@llama-edge/shared";
 import { Hono } from "hono";
 import { errors } from "../errors.ts";
+import { type InferenceDeps, runInference } from "../inference.ts";
 import type { AuthVars } from "../middleware/auth.ts";
 import type { JsonBodyVars } from "../middleware/json-body.ts";
 import { CompletionFormatter } from "../openai/format.ts";
 import { type CompletionRequest, CompletionRequestSchema, parseRequest } from "../openai/schemas.ts";
-import { type InferenceDeps, runInference } from "./inference.ts";
 import { samplingParams } from "./sampling.ts";
 
 /** OpenAI's default for this endpoint (chat has none). */
@@ -49,6 +49,7 @@ export function completionsRoute(deps: InferenceDeps) {
       n,
       sampling: samplingParams(req, maxTokens, { logprobs, topLogprobs: req.logprobs ?? 0 }),
       maxTokens,
+      maxTokensParam: "max_tokens",
       stream: req.stream === true,
       includeUsage: req.stream === true && req.stream_options?.include_usage === true,
       logprobs,

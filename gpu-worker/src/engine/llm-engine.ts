@@ -1,8 +1,10 @@
-import { freemem } from "node:os";
+import { availableParallelism, freemem } from "node:os";
 import { compileModel } from "../model/compiled-model.ts";
 import { type LlamaConfig, loadLlamaConfig } from "../model/config.ts";
+import type { Quantization } from "../model/quantize.ts";
 import { LlamaTokenizer } from "../tokenizer/tokenizer.ts";
 import { IncrementalDetokenizer } from "./detokenizer.ts";
+import { GrammarCache, type GrammarSpec, type SequenceGrammar } from "./grammar.ts";
 import { KVCacheManager } from "./kv-cache-manager.ts";
 import { ModelRunner, type StepOutput, type StepSequence } from "./model-runner.ts";
 import { finishReasonOf, isFinished, Request, RequestStatus } from "./request.ts";
@@ -31,6 +33,9 @@ export interface EngineOptions {
   /** Context length; default and maximum: the model's max_position_embeddings. */
   maxModelLen?: number;
   executionProvider?: "cpu" | "cuda";
+  /** Weight format the checkpoint is compiled to; default "none" (f32). */
+  quantization?: Quantization;
+  /** ONNX Runtime intra-op threads; default every core (its own default picks one core on some VMs). */
   numThreads?: number;
   /** ONNX Runtime thread spinning between operators; default on (see ModelRunnerOptions.allowSpinning). */
   allowSpinning?: boolean;
@@ -74,6 +79,8 @@ interface OutputState {
   detok: IncrementalDetokenizer;
   stops: StopStringChecker;
   abortRequested: boolean;
+  /** The request's grammar matcher (constrained decoding), advanced with every output token. */
+  grammar: SequenceGrammar | null;
 }
 
 /**
@@ -87,6 +94,7 @@ export class LLMEngine {
   private stepping = false;
   private loopRunning = false;
   private readonly recentTokens: { t: number; n: number }[] = [];
+  #grammars: GrammarCache | null = null;
 
   private constructor(
     readonly cfg: LlamaConfig,
@@ -110,25 +118,32 @@ export class LLMEngine {
     const maxNumSeqs = opts.maxNumSeqs ?? 64;
     const blockSize = opts.blockSize ?? 16;
     const bytesPerBlock = ModelRunner.kvBytesPerToken(cfg) * blockSize;
-    let kvBytes = opts.kvCacheBytes;
-    if (kvBytes === undefined) {
-      kvBytes =
-        opts.kvCacheFraction !== undefined
-          ? opts.kvCacheFraction * freemem()
-          : Math.min(maxNumSeqs * Math.ceil(maxModelLen / blockSize) * bytesPerBlock, 4 * 1024 ** 3, freemem() / 2);
-    }
-    const numBlocks = Math.floor(kvBytes / bytesPerBlock);
-    if (numBlocks < 1) throw new Error(`KV cache budget of ${kvBytes} bytes holds no block of ${bytesPerBlock} bytes`);
     const compiled = compileModel(opts.modelDir, cfg, {
+      quantization: opts.quantization,
       onProgress: opts.onProgress && ((d, t) => opts.onProgress?.("compile", d, t)),
     });
+    // The pool is sized once the weights are in memory, from what is left then.
+    const sizePool = (): number => {
+      let kvBytes = opts.kvCacheBytes;
+      if (kvBytes === undefined) {
+        const available = availableMemory();
+        kvBytes =
+          opts.kvCacheFraction !== undefined
+            ? opts.kvCacheFraction * available
+            : Math.min(maxNumSeqs * Math.ceil(maxModelLen / blockSize) * bytesPerBlock, 4 * 1024 ** 3, available / 2);
+      }
+      const n = Math.floor(kvBytes / bytesPerBlock);
+      if (n < 1) throw new Error(`KV cache budget of ${kvBytes} bytes holds no block of ${bytesPerBlock} bytes`);
+      return n;
+    };
     const runner = await ModelRunner.create(compiled, cfg, {
-      numBlocks,
+      numBlocks: sizePool,
       blockSize,
       executionProvider: opts.executionProvider,
-      numThreads: opts.numThreads,
+      numThreads: opts.numThreads ?? availableParallelism(),
       allowSpinning: opts.allowSpinning,
     });
+    const numBlocks = runner.numBlocks;
     const kv = new KVCacheManager({ numBlocks, blockSize, enablePrefixCaching: opts.enablePrefixCaching ?? true });
     const scheduler = new Scheduler({ maxNumSeqs, maxNumBatchedTokens: opts.maxNumBatchedTokens ?? 512 }, kv);
     const modelName = opts.modelDir.replace(/\/+$/, "").split("/").pop() ?? "model";
@@ -182,16 +197,43 @@ export class LLMEngine {
     const rng = new SeededRng(params.seed ?? randomSeed());
     const request = new Request(req.requestId, promptIds, params, rng, maxTotal, this.arrivals++);
     const channel = new EventChannel(() => this.abort(req.requestId));
-    this.states.set(req.requestId, {
+    const st: OutputState = {
       request,
       channel,
       detok: new IncrementalDetokenizer(this.tokenizer, promptIds),
       stops: new StopStringChecker(params.stop),
       abortRequested: false,
-    });
-    this.scheduler.add(request);
-    this.kick();
+      grammar: null,
+    };
+    this.states.set(req.requestId, st);
+    if (req.grammar) this.queueWithGrammar(st, req.grammar);
+    else {
+      this.scheduler.add(request);
+      this.kick();
+    }
     return channel;
+  }
+
+  /** Compiled grammars of this engine's tokenizer (created on first use). */
+  get grammars(): GrammarCache {
+    this.#grammars ??= GrammarCache.for(this.tokenizer, this.cfg.vocabSize, this.cfg.eosTokenIds);
+    return this.#grammars;
+  }
+
+  /** Queues the request once its grammar is compiled (or found in the cache); a bad grammar fails its stream. */
+  private queueWithGrammar(st: OutputState, spec: GrammarSpec): void {
+    this.grammars.matcher(spec).then(
+      (matcher) => {
+        if (isFinished(st.request.status)) {
+          matcher.dispose(); // aborted while compiling
+          return;
+        }
+        st.grammar = matcher;
+        this.scheduler.add(st.request);
+        this.kick();
+      },
+      (err) => this.fail(st, err instanceof Error ? err : new Error(String(err))),
+    );
   }
 
   /** Abort a request (client went away). Its blocks are free before the next step. */
@@ -295,12 +337,21 @@ export class LLMEngine {
       this.kv.cacheFullBlocks(request.requestId, request.tokenIds, request.numComputedTokens);
       if (request.numComputedTokens === request.numTokens) {
         const st = this.states.get(request.requestId)!;
+        let allowedTokens: Int32Array | undefined;
+        try {
+          allowedTokens = await st.grammar?.nextTokenBitmask();
+        } catch (e) {
+          const message = e instanceof Error ? e.message : String(e);
+          this.fail(st, new EngineSequenceError(`the grammar failed: ${message}`, { cause: e }));
+          continue;
+        }
         sampled.push(st);
         sampleRows.push({
           params: request.params,
           rng: request.rng,
           promptTokenIds: request.promptTokenIds,
           outputTokenIds: request.outputTokenIds,
+          allowedTokens,
         });
       }
     }
@@ -336,18 +387,27 @@ export class LLMEngine {
     const req = st.request;
     const p = req.params;
     req.appendOutput(tokenId);
-    const isStopToken = (!p.ignoreEos && this.cfg.eosTokenIds.includes(tokenId)) || p.stopTokenIds.includes(tokenId);
+    if (st.grammar && !st.grammar.accept(tokenId)) {
+      throw new Error(`token ${tokenId} was sampled outside the request's grammar`);
+    }
+    // A completed grammar ends the sequence with its stop token, ignore_eos or not.
+    const isStopToken =
+      st.grammar?.isTerminated === true ||
+      (!p.ignoreEos && this.cfg.eosTokenIds.includes(tokenId)) ||
+      p.stopTokenIds.includes(tokenId);
     let text = "";
-    let stopped = isStopToken;
+    let stopString = false;
     if (!isStopToken) {
+      // a stop token's own text is never emitted
       const r = st.stops.push(st.detok.push(tokenId));
       text = r.emit;
-      stopped = r.stopped;
+      stopString = r.stopped;
     }
-    let status: RequestStatus | null = stopped ? RequestStatus.FINISHED_STOPPED : null;
+    let status: RequestStatus | null = isStopToken || stopString ? RequestStatus.FINISHED_STOPPED : null;
     if (status === null && req.numTokens >= req.maxTotalTokens) status = RequestStatus.FINISHED_LENGTH;
-    if (status !== null && !stopped) {
-      // Release text held back for a possible stop string or an incomplete character.
+    if (status !== null && !stopString) {
+      // Ending for any reason but a stop string: release the text held back for a possible stop string or an
+      // incomplete character (with stop ["\n\n"], a final "\n" before EOS is real output).
       const r = st.stops.push(st.detok.flush());
       text += r.emit + (r.stopped ? "" : st.stops.flush());
       if (r.stopped) status = RequestStatus.FINISHED_STOPPED;
@@ -381,6 +441,7 @@ export class LLMEngine {
     if (isFinished(req.status)) return;
     this.scheduler.finish(req, status);
     this.states.delete(req.requestId);
+    st.grammar?.dispose();
     st.channel.push({
       type: "final",
       finishReason: finishReasonOf(status),
@@ -399,6 +460,7 @@ export class LLMEngine {
     if (isFinished(st.request.status)) return;
     this.scheduler.finish(st.request, RequestStatus.FINISHED_ABORTED);
     this.states.delete(st.request.requestId);
+    st.grammar?.dispose();
     st.channel.fail(err);
   }
 
@@ -408,6 +470,16 @@ export class LLMEngine {
     const stepErr = new EngineStepError(`the engine failed: ${cause.message}`, { cause });
     for (const st of [...this.states.values()]) this.fail(st, stepErr);
   }
+}
+
+/**
+ * Bytes this process could still allocate: the host's available memory, bounded by the container's memory limit
+ * (cgroup) when there is one, since a pod sees the whole node's free memory.
+ */
+export function availableMemory(): number {
+  const limit = process.constrainedMemory?.() ?? 0;
+  const free = freemem();
+  return limit > 0 ? Math.min(free, Math.max(0, limit - process.memoryUsage.rss())) : free;
 }
 
 function randomSeed(): number {

@@ -26,7 +26,8 @@ export interface StepOutput {
 }
 
 export interface ModelRunnerOptions {
-  numBlocks: number;
+  /** KV pool blocks, or a function called once the weights are loaded (to size the pool from what is left). */
+  numBlocks: number | (() => number);
   blockSize: number;
   executionProvider?: "cpu" | "cuda";
   /** ONNX Runtime intra-op threads; default: all cores. */
@@ -48,18 +49,21 @@ export class ExecutionProviderError extends Error {
 const MASKED = -1e9;
 
 /**
- * Runs the model for one step over a ragged batch and owns the paged KV pool. The pool is one Float32Array
- * [2 * layers * kvHeads * slots, headDim] (head-major rows, see llama-graph.ts) handed to ONNX Runtime as an
- * input every step without copying; the step's fresh keys/values come back as a small output and are written
- * into their slots here.
+ * Runs the model for one step over a ragged batch and owns the paged KV pool. The pool is one Float32Array per
+ * layer, [2 * kvHeads * slots, headDim] (head-major rows, see llama-graph.ts), handed to ONNX Runtime as inputs
+ * every step without copying; the step's fresh keys/values come back as a small output and are written into
+ * their slots here. Per-layer arrays keep each one far below a typed array's 2^32-element limit (a 32 GiB pool
+ * in one array would not even allocate).
  */
 export class ModelRunner {
-  readonly kvCache: Float32Array;
+  /** Layer l's keys and values: row (kv * kvHeads + h) * numSlots + slot, headDim floats each. */
+  readonly kvLayers: Float32Array[];
   readonly numSlots: number;
+  readonly numBlocks: number;
   private readonly kvDim: number;
   private readonly headDim: number;
   private readonly numKvHeads: number;
-  private readonly kvTensor: ort.Tensor;
+  private readonly kvTensors: ort.Tensor[];
 
   private constructor(
     private readonly session: ort.InferenceSession,
@@ -69,10 +73,11 @@ export class ModelRunner {
     this.kvDim = cfg.numKeyValueHeads * cfg.headDim;
     this.headDim = cfg.headDim;
     this.numKvHeads = cfg.numKeyValueHeads;
-    this.numSlots = opts.numBlocks * opts.blockSize;
-    const rows = 2 * cfg.numHiddenLayers * cfg.numKeyValueHeads * this.numSlots;
-    this.kvCache = new Float32Array(rows * cfg.headDim);
-    this.kvTensor = new ort.Tensor("float32", this.kvCache, [rows, cfg.headDim]);
+    this.numBlocks = typeof opts.numBlocks === "number" ? opts.numBlocks : opts.numBlocks();
+    this.numSlots = this.numBlocks * opts.blockSize;
+    const rows = 2 * cfg.numKeyValueHeads * this.numSlots;
+    this.kvLayers = Array.from({ length: cfg.numHiddenLayers }, () => new Float32Array(rows * cfg.headDim));
+    this.kvTensors = this.kvLayers.map((a) => new ort.Tensor("float32", a, [rows, cfg.headDim]));
   }
 
   static async create(model: CompiledModel, cfg: LlamaConfig, opts: ModelRunnerOptions): Promise<ModelRunner> {
@@ -117,10 +122,12 @@ export class ModelRunner {
     const perBlock = this.opts.blockSize * this.headDim;
     for (const [src, dst] of copies) {
       // one contiguous run of slots per (layer, key/value, head)
-      for (let j = 0; j < 2 * this.cfg.numHiddenLayers * this.numKvHeads; j++) {
-        const base = j * this.numSlots * this.headDim;
-        const from = base + src * perBlock;
-        this.kvCache.copyWithin(base + dst * perBlock, from, from + perBlock);
+      for (const kv of this.kvLayers) {
+        for (let j = 0; j < 2 * this.numKvHeads; j++) {
+          const base = j * this.numSlots * this.headDim;
+          const from = base + src * perBlock;
+          kv.copyWithin(base + dst * perBlock, from, from + perBlock);
+        }
       }
     }
   }
@@ -182,9 +189,8 @@ export class ModelRunner {
       ["decode", decode],
       ["prefill", prefill],
     ] as const) {
-      // An empty group still runs as one dummy row (query = key = token 0, never read back): ONNX Reshape
-      // cannot infer a -1 dimension from zero elements.
-      const G = Math.max(1, members.length);
+      // An empty group has G = 0: its operators run on empty tensors and cost next to nothing.
+      const G = members.length;
       let Q = 1;
       let P = 1; // at least one (masked) past slot keeps every tensor non-empty
       for (const i of members) {
@@ -194,7 +200,7 @@ export class ModelRunner {
       const K = P + Q;
       const queryIndex = new BigInt64Array(G * Q);
       const pastSlots = new BigInt64Array(G * P);
-      const mask = new Float32Array(G * Q * K).fill(members.length > 0 ? MASKED : 0);
+      const mask = new Float32Array(G * Q * K).fill(MASKED);
       members.forEach((i, gi) => {
         const s = seqs[i];
         const n = s.tokenIds.length;
@@ -224,7 +230,9 @@ export class ModelRunner {
     });
     feeds.input_ids = new ort.Tensor("int64", inputIds, [T]);
     feeds.positions = new ort.Tensor("int64", positions, [T]);
-    feeds.kv_cache = this.kvTensor;
+    this.kvTensors.forEach((t, l) => {
+      feeds[`kv_cache.${l}`] = t;
+    });
     feeds.output_index = new ort.Tensor("int64", outputIndex, [T]);
     feeds.logits_index = new ort.Tensor("int64", BigInt64Array.from(logitRows), [logitRows.length]);
     return feeds;
@@ -233,18 +241,18 @@ export class ModelRunner {
   private writeNewKv(seqs: readonly StepSequence[], newKv: Float32Array): void {
     const hd = this.headDim;
     const nkv = this.numKvHeads;
-    let T = 0;
-    for (const s of seqs) T += s.tokenIds.length;
+    const L = this.cfg.numHiddenLayers;
     let row = 0;
     for (const s of seqs) {
       for (let i = 0; i < s.tokenIds.length; i++, row++) {
         const slot = this.slot(s.blockTable, s.startPos + i);
-        for (let j = 0; j < 2 * this.cfg.numHiddenLayers; j++) {
-          // new_kv [2L, T, nkv*hd] -> pool rows ((j * nkv + h) * slots + slot)
-          const src = (j * T + row) * this.kvDim;
+        for (let j = 0; j < 2 * L; j++) {
+          // new_kv [T, 2L, nkv*hd], j = 2l + kv -> layer l's rows ((kv * nkv + h) * slots + slot)
+          const layer = this.kvLayers[j >> 1];
+          const src = (row * 2 * L + j) * this.kvDim;
           for (let h = 0; h < nkv; h++) {
             const from = src + h * hd;
-            this.kvCache.set(newKv.subarray(from, from + hd), ((j * nkv + h) * this.numSlots + slot) * hd);
+            layer.set(newKv.subarray(from, from + hd), (((j & 1) * nkv + h) * this.numSlots + slot) * hd);
           }
         }
       }

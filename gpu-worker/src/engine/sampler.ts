@@ -7,6 +7,10 @@
  * row's generator. Filters are thresholds over the row, so nothing is sorted except, for top_p, the few
  * tokens at the edge of the nucleus. Returned logprobs come from the raw logits (vLLM's default).
  *
+ * A row with a grammar bitmask (constrained decoding, see grammar.ts) is sampled from a copy of its logits where
+ * every disallowed token is -Infinity, before anything else, as vLLM applies the mask to the model's logits; its
+ * logprobs are those of the masked row.
+ *
  * @module
  */
 
@@ -19,6 +23,8 @@ export interface SamplingRow {
   rng: SeededRng | null;
   promptTokenIds: readonly number[];
   outputTokenIds: readonly number[];
+  /** Grammar bitmask: bit `id % 32` of word `id >> 5` set iff token `id` may be sampled (greedy included). */
+  allowedTokens?: Int32Array;
 }
 
 export interface SampledToken {
@@ -93,6 +99,7 @@ class Scratch {
   readonly copy: Float32Array; // quickselect workspace
   readonly flags: Uint8Array; // per token: SAVED | REPEATED
   readonly counts: Int32Array; // per token: occurrences in the output
+  readonly masked: Float32Array; // a grammar-masked row
   readonly binMass = new Float64Array(NUM_BINS);
   readonly heap = new Float64Array(MAX_HEAP_K);
   /** Sum of weight[0..n) after weighCandidates. */
@@ -109,6 +116,7 @@ class Scratch {
     this.copy = new Float32Array(vocabSize);
     this.flags = new Uint8Array(vocabSize);
     this.counts = new Int32Array(vocabSize);
+    this.masked = new Float32Array(vocabSize);
   }
 }
 
@@ -164,6 +172,12 @@ function sampleRow(
   probs?: Float32Array,
   rowArgmax?: number,
 ): SampledToken {
+  if (r.allowedTokens !== undefined) {
+    // The model's probs and argmax describe the unmasked row: a masked row never takes those shortcuts.
+    row = maskedCopy(row, r.allowedTokens, s.masked);
+    probs = undefined;
+    rowArgmax = undefined;
+  }
   const p = r.params;
   const raw = p.logprobs || p.topLogprobs > 0 ? rawLogprobs(row, p.topLogprobs) : null;
   let tokenId: number;
@@ -183,6 +197,23 @@ function sampleRow(
   if (p.topLogprobs > 0 && raw !== null) {
     out.topLogprobs = raw.top.map((id) => ({ tokenId: id, logprob: row[id] - raw.lse }));
   }
+  return out;
+}
+
+/** `row` with every token the bitmask disallows set to -Infinity, written into `out`. */
+function maskedCopy(row: Float32Array, mask: Int32Array, out: Float32Array): Float32Array {
+  const V = row.length;
+  out.set(row);
+  let any = 0;
+  for (let w = 0, base = 0; base < V; w++, base += 32) {
+    const bits = w < mask.length ? mask[w] : 0;
+    any |= bits;
+    if (bits === -1) continue;
+    const end = Math.min(base + 32, V);
+    if (bits === 0) out.fill(Number.NEGATIVE_INFINITY, base, end);
+    else for (let id = base; id < end; id++) if (((bits >>> (id - base)) & 1) === 0) out[id] = Number.NEGATIVE_INFINITY;
+  }
+  if (any === 0) throw new RangeError("the grammar bitmask allows no token");
   return out;
 }
 

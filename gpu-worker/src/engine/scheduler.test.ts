@@ -7,12 +7,16 @@ import { Scheduler, type SchedulerOutput } from "./scheduler.ts";
 const params = validateSamplingParams({}, { vocabSize: 1000 });
 
 /** A scheduler over a real KV cache manager, stepped without a model: each scheduled chunk is "computed". */
-function setup(opts: { numBlocks?: number; budget?: number; maxNumSeqs?: number } = {}) {
-  const kv = new KVCacheManager({ numBlocks: opts.numBlocks ?? 64, blockSize: 4, enablePrefixCaching: false });
+function setup(opts: { numBlocks?: number; budget?: number; maxNumSeqs?: number; prefixCaching?: boolean } = {}) {
+  const kv = new KVCacheManager({
+    numBlocks: opts.numBlocks ?? 64,
+    blockSize: 4,
+    enablePrefixCaching: opts.prefixCaching ?? false,
+  });
   const scheduler = new Scheduler({ maxNumSeqs: opts.maxNumSeqs ?? 8, maxNumBatchedTokens: opts.budget ?? 8 }, kv);
   let arrival = 0;
-  const add = (id: string, promptLen: number, maxTokens = 100) => {
-    const prompt = Array.from({ length: promptLen }, (_, i) => 10 + i);
+  const add = (id: string, promptLen: number, maxTokens = 100, first = 10) => {
+    const prompt = Array.from({ length: promptLen }, (_, i) => first + i);
     const r = new Request(id, prompt, params, null, promptLen + maxTokens, arrival++);
     scheduler.add(r);
     return r;
@@ -21,6 +25,7 @@ function setup(opts: { numBlocks?: number; budget?: number; maxNumSeqs?: number 
     const out = scheduler.schedule();
     for (const { request, numNewTokens } of out.scheduled) {
       request.numComputedTokens += numNewTokens;
+      kv.cacheFullBlocks(request.requestId, request.tokenIds, request.numComputedTokens);
       if (request.numComputedTokens === request.numTokens) request.appendOutput(7);
     }
     return out;
@@ -87,5 +92,26 @@ describe("Scheduler", () => {
     scheduler.finish(r, RequestStatus.FINISHED_ABORTED);
     expect(kv.stats().used).toBe(0);
     expect(scheduler.hasUnfinished).toBe(false);
+  });
+
+  it("reports cached tokens from the admission that succeeds, not from an attempt that could not allocate", () => {
+    const { add, step, scheduler } = setup({ numBlocks: 6, budget: 64, prefixCaching: true });
+    const a = add("a", 8, 1);
+    step();
+    scheduler.finish(a, RequestStatus.FINISHED_STOPPED); // its 2 full blocks stay cached
+    const hog = add("hog", 16, 100, 500);
+    step(); // hog holds the 4 uncached blocks
+    const b = add("b", 20, 1); // starts with a's 8 tokens: a 2-block hit, but 3 more blocks do not fit
+    step();
+    expect(b.status).toBe(RequestStatus.WAITING);
+    for (let i = 0; i < 4; i++) step(); // hog grows into a 5th block, evicting a's cached blocks (LRU)
+    scheduler.finish(hog, RequestStatus.FINISHED_STOPPED);
+    const out = step();
+    const admitted = out.scheduled.find((s) => s.request === b);
+    expect(admitted).toBeDefined();
+    // what was actually served from the cache at admission: the computed tokens before this step's chunk
+    const cachedAtAdmission = b.numComputedTokens - (admitted?.numNewTokens ?? 0);
+    expect(cachedAtAdmission).toBeLessThan(8); // the failed attempt saw 8
+    expect(b.numCachedTokens).toBe(cachedAtAdmission);
   });
 });

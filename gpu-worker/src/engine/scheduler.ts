@@ -105,11 +105,12 @@ export class Scheduler {
     while (this.waiting.length > 0 && budget > 0 && this.running.length < this.config.maxNumSeqs) {
       const req = this.waiting[0];
       const computed = this.kv.getComputedBlocks(req.tokenIds);
-      if (req.numCachedTokens < 0) req.numCachedTokens = computed.numCachedTokens;
       const numComputed = computed.numCachedTokens;
       const numNew = Math.min(req.numTokens - numComputed, budget);
       const alloc = this.kv.allocateSlots(req.requestId, numComputed + numNew, numComputed, computed);
       if (alloc === null) break; // FCFS: nobody overtakes the head of the queue
+      // Only an admission that succeeds says what the cache served (the hit may be evicted before a retry).
+      if (req.numCachedTokens < 0) req.numCachedTokens = numComputed;
       this.waiting.shift();
       req.numComputedTokens = numComputed;
       req.status = RequestStatus.RUNNING;

@@ -1,3 +1,5 @@
+import type { GrammarSpec } from "./grammar.ts";
+
 /**
  * The engine's in-process API, as the worker service (and the CLI) use it. Protocol types that cross the
  * edge/worker boundary live in `shared/`; these are the engine's own.
@@ -36,6 +38,8 @@ export interface EngineRequest {
   /** Text (the tokenizer adds bos per tokenizer_config) or token ids used as they are. */
   prompt: string | number[];
   sampling?: Partial<SamplingParams>;
+  /** Constrain the output to a grammar (structured output, tool calls); it ends with `stop` when complete. */
+  grammar?: GrammarSpec;
 }
 
 export interface TokenLogprob {

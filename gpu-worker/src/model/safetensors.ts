@@ -36,6 +36,12 @@ export interface SafetensorsTensor {
 
 const BYTES_PER_ELEMENT: Record<SafetensorsDtype, number> = { F32: 4, F16: 2, BF16: 2 };
 const SUPPORTED = Object.keys(BYTES_PER_ELEMENT).join(", ");
+/** Tensor names that only pre-quantized checkpoints (GPTQ, AWQ, bitsandbytes, fp8) have. */
+export const PRE_QUANTIZED_TENSOR = /\.(qweight|qzeros|g_idx|weight_scale|weight_zero_point|SCB|absmax|quant_map)$/;
+export const PRE_QUANTIZED_MESSAGE =
+  "pre-quantized (GPTQ/AWQ/bitsandbytes-style) tensors are not supported: serve the F32/F16/BF16 checkpoint " +
+  "with --quantization int8 or int4 instead";
+
 /** Dtypes the format defines but we cannot run; named so the error says "unsupported", not "unknown". */
 const KNOWN_UNSUPPORTED = new Set([
   "BOOL",
@@ -97,6 +103,7 @@ function parseEntry(file: string, name: string, raw: unknown, dataStart: number,
   const { dtype, shape, data_offsets: offsets } = raw as Record<string, unknown>;
   if (typeof dtype !== "string") throw bad(`dtype must be a string, got ${JSON.stringify(dtype)}`);
   if (!(dtype in BYTES_PER_ELEMENT)) {
+    if (PRE_QUANTIZED_TENSOR.test(name)) throw bad(PRE_QUANTIZED_MESSAGE);
     const kind = KNOWN_UNSUPPORTED.has(dtype) ? "unsupported" : "unknown";
     throw bad(`${kind} dtype "${dtype}": supported dtypes are ${SUPPORTED}`);
   }

@@ -197,4 +197,21 @@ describe("LlamaWeights.open", () => {
     writeFileSync(join(dir, "config.json"), JSON.stringify({ ...GQA, architectures: ["MistralForCausalLM"] }));
     expectLoadError(() => loadLlamaConfig(dir), join(dir, "config.json"), "MistralForCausalLM");
   });
+
+  it("pre-quantized checkpoints fail with one line naming what is unsupported", () => {
+    writeCheckpoint({ ...GQA, quantization_config: { quant_method: "gptq", bits: 4 } }, {}, GQA);
+    expectLoadError(() => loadLlamaConfig(dir), join(dir, "config.json"), '"gptq"', "--quantization int8 or int4");
+    // GPTQ-style tensors without a quantization_config: an I32 qweight, or an F16 scale-like tensor
+    const qweight = "model.layers.0.self_attn.q_proj.qweight";
+    writeFileSync(join(dir, "config.json"), JSON.stringify(GQA));
+    const header = { [qweight]: { dtype: "I32", shape: [4, 32], data_offsets: [0, 512] } };
+    const json = Buffer.from(JSON.stringify(header));
+    const len = Buffer.alloc(8);
+    len.writeBigUInt64LE(BigInt(json.length));
+    writeFileSync(join(dir, "model.safetensors"), Buffer.concat([len, json, Buffer.alloc(512)]));
+    expectLoadError(() => LlamaWeights.open(dir, loadLlamaConfig(dir)), `(tensor ${qweight})`, "pre-quantized");
+    const gIdx = "model.layers.0.self_attn.q_proj.g_idx";
+    writeCheckpoint(GQA, { extra: [{ name: gIdx, dtype: "F32", shape: [32], data: new Float32Array(32) }] });
+    expectLoadError(() => LlamaWeights.open(dir, loadLlamaConfig(dir)), `(tensor ${gIdx})`, "GPTQ");
+  });
 });

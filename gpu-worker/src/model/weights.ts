@@ -9,7 +9,14 @@ import { existsSync } from "node:fs";
 import { join } from "node:path";
 import type { LlamaConfig } from "./config.ts";
 import { ModelLoadError } from "./errors.ts";
-import { openCheckpointTensors, readTensorF32, type SafetensorsDtype, type TensorInfo } from "./safetensors.ts";
+import {
+  openCheckpointTensors,
+  PRE_QUANTIZED_MESSAGE,
+  PRE_QUANTIZED_TENSOR,
+  readTensorF32,
+  type SafetensorsDtype,
+  type TensorInfo,
+} from "./safetensors.ts";
 
 export interface WeightSpec {
   name: string;
@@ -90,6 +97,10 @@ export class LlamaWeights {
     const all = openCheckpointTensors(dir);
     const tensors = new Map<string, TensorInfo>();
     const paramsByDtype = new Map<SafetensorsDtype, number>();
+    // GPTQ/AWQ/bitsandbytes tensors without a quantization_config to say so: name what is unsupported.
+    for (const [name, info] of all) {
+      if (PRE_QUANTIZED_TENSOR.test(name)) throw new ModelLoadError(info.file, PRE_QUANTIZED_MESSAGE, name);
+    }
     for (const spec of llamaWeightSpecs(config)) {
       const info = all.get(spec.name);
       if (!info) {

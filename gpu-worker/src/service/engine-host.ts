@@ -14,8 +14,9 @@
  * @module
  */
 import { Worker } from "node:worker_threads";
+import type { ServedEvent } from "../chat/output-plan.ts";
 import type { EngineOptions } from "../engine/llm-engine.ts";
-import type { EngineEvent, EngineStats } from "../engine/types.ts";
+import type { EngineStats } from "../engine/types.ts";
 import type {
   EngineConfig,
   HostRequest,
@@ -113,7 +114,7 @@ export class EngineHost {
   }
 
   /** Queues a request; its events arrive on the returned stream. Refusals throw EngineRequestFailed from it. */
-  submit(request: HostRequest): AsyncIterable<EngineEvent> {
+  submit(request: HostRequest): AsyncIterable<ServedEvent> {
     if (this.#crashed) throw this.#crashed;
     if (this.#streams.has(request.requestId)) {
       throw new EngineRequestFailed(request.requestId, {
@@ -207,15 +208,15 @@ function spawnThread(init: ThreadInit): Worker {
 }
 
 /** Events of one request, from the port to a `for await` loop. Leaving the loop early aborts the request. */
-class EventStream implements AsyncIterable<EngineEvent> {
-  #buffer: EngineEvent[] = [];
+class EventStream implements AsyncIterable<ServedEvent> {
+  #buffer: ServedEvent[] = [];
   #done = false;
   #error: Error | undefined;
   #wake: (() => void) | undefined;
 
   constructor(private readonly onEarlyReturn: () => void) {}
 
-  push(e: EngineEvent): void {
+  push(e: ServedEvent): void {
     this.#buffer.push(e);
     this.#wake?.();
   }
@@ -231,7 +232,7 @@ class EventStream implements AsyncIterable<EngineEvent> {
     this.#wake?.();
   }
 
-  async *[Symbol.asyncIterator](): AsyncIterator<EngineEvent> {
+  async *[Symbol.asyncIterator](): AsyncIterator<ServedEvent> {
     let finished = false;
     try {
       for (;;) {

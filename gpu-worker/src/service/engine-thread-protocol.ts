@@ -4,17 +4,23 @@
  *
  * @module
  */
+import type { OutputRequest, ServedEvent } from "../chat/output-plan.ts";
 import type { EngineOptions } from "../engine/llm-engine.ts";
-import type { EngineEvent, EngineRequest, EngineStats } from "../engine/types.ts";
-import type { ChatMessage } from "../tokenizer/tokenizer.ts";
+import type { EngineRequest, EngineStats } from "../engine/types.ts";
+import type { ChatMessage, ChatTool } from "../tokenizer/tokenizer.ts";
 
 /** A chat prompt, rendered in the engine thread because the tokenizer (and its chat template) lives there. */
 export interface ChatPrompt {
   messages: ChatMessage[];
   addGenerationPrompt: boolean;
+  tools?: ChatTool[];
 }
 
-export type HostRequest = Omit<EngineRequest, "prompt"> & { prompt: EngineRequest["prompt"] | ChatPrompt };
+/** A request as the engine thread takes it: the output options become a grammar and a tool-call parser there. */
+export type HostRequest = Omit<EngineRequest, "prompt" | "grammar"> & {
+  prompt: EngineRequest["prompt"] | ChatPrompt;
+  output?: OutputRequest;
+};
 
 export interface EngineConfig {
   modelName: string;
@@ -30,6 +36,8 @@ export interface ThreadError {
   message: string;
   /** EngineRequestError's code, if any. */
   code?: string;
+  /** The request field at fault, if the error names one. */
+  param?: string;
 }
 
 /** What the host passes as workerData. Functions cannot cross, so no onProgress. */
@@ -48,7 +56,7 @@ export type HostToThread =
 export type ThreadToHost =
   | { type: "ready"; config: EngineConfig; stats: EngineStats }
   | { type: "startFailed"; error: ThreadError }
-  | { type: "event"; requestId: string; event: EngineEvent }
+  | { type: "event"; requestId: string; event: ServedEvent }
   /** submit() threw (invalid parameters, prompt too long) or the stream failed. Ends the request. */
   | { type: "failed"; requestId: string; error: ThreadError }
   | { type: "stats"; stats: EngineStats }

@@ -7,6 +7,7 @@
  * @module
  */
 import { parentPort, workerData } from "node:worker_threads";
+import { type OutputPlan, planOutput, withToolCalls } from "../chat/output-plan.ts";
 import type { LLMEngine } from "../engine/llm-engine.ts";
 import type { EngineRequest } from "../engine/types.ts";
 import type { HostRequest, HostToThread, ThreadError, ThreadInit, ThreadToHost } from "./engine-thread-protocol.ts";
@@ -15,10 +16,17 @@ const port = parentPort;
 if (!port) throw new Error("engine-thread.ts must run in a worker thread (see engine-host.ts)");
 const send = (m: ThreadToHost) => port.postMessage(m);
 
-function toThreadError(e: unknown): ThreadError {
+/** `defaultParam`: the request field to blame when the error names none (a grammar that does not compile). */
+function toThreadError(e: unknown, defaultParam?: string): ThreadError {
   if (!(e instanceof Error)) return { name: "Error", message: String(e) };
-  const code = (e as { code?: unknown }).code;
-  return { name: e.name, message: e.message, ...(typeof code === "string" ? { code } : {}) };
+  const { code } = e as { code?: unknown };
+  const param = (e as { param?: unknown }).param ?? (e.name === "GrammarError" ? defaultParam : undefined);
+  return {
+    name: e.name,
+    message: e.message,
+    ...(typeof code === "string" ? { code } : {}),
+    ...(typeof param === "string" ? { param } : {}),
+  };
 }
 
 async function main(init: ThreadInit): Promise<void> {
@@ -36,18 +44,27 @@ async function main(init: ThreadInit): Promise<void> {
   setInterval(() => send({ type: "stats", stats: engine.stats() }), init.statsIntervalMs);
 
   const run = async (req: HostRequest) => {
+    let plan: OutputPlan | undefined;
     try {
-      const { prompt } = req;
+      const { prompt, output, ...rest } = req;
+      const chat = typeof prompt === "string" || Array.isArray(prompt) ? null : prompt;
+      plan = planOutput(engine.tokenizer, output ?? {}, chat?.tools);
       const engineReq: EngineRequest = {
-        ...req,
-        prompt:
-          typeof prompt === "string" || Array.isArray(prompt)
-            ? prompt
-            : engine.tokenizer.encodeChat(prompt.messages, { addGenerationPrompt: prompt.addGenerationPrompt }),
+        ...rest,
+        prompt: chat
+          ? engine.tokenizer.encodeChat(chat.messages, {
+              addGenerationPrompt: chat.addGenerationPrompt,
+              tools: chat.tools,
+            })
+          : (prompt as string | number[]),
+        ...(plan.grammar ? { grammar: plan.grammar } : {}),
       };
-      for await (const event of engine.submit(engineReq)) send({ type: "event", requestId: req.requestId, event });
+      const events = engine.submit(engineReq);
+      for await (const event of plan.toolCalls ? withToolCalls(events, plan.toolCalls) : events) {
+        send({ type: "event", requestId: req.requestId, event });
+      }
     } catch (e) {
-      send({ type: "failed", requestId: req.requestId, error: toThreadError(e) });
+      send({ type: "failed", requestId: req.requestId, error: toThreadError(e, plan?.grammarParam) });
     }
     send({ type: "stats", stats: engine.stats() });
   };

@@ -38,7 +38,7 @@ import { type Consumer, type JetStreamClient, type JsMsg, jetstream, jetstreamMa
 import type { ConnectionOptions, Msg, NatsConnection } from "@nats-io/nats-core";
 import { connect } from "@nats-io/transport-node";
 import type { Logger } from "pino";
-import type { EngineEvent } from "../engine/types.ts";
+import type { ServedEvent } from "../chat/output-plan.ts";
 import { type EngineHost, EngineRequestFailed } from "./engine-host.ts";
 import type { RequestOutcome, WorkerMetrics } from "./metrics.ts";
 import { ensurePool, type PoolSetupOptions } from "./pool-setup.ts";
@@ -377,7 +377,7 @@ export class NatsWorker {
       "admitted",
     );
     this.#emit(f, { type: "start", worker_id: this.#o.workerId, queue_ms: queueMs });
-    let events: AsyncIterable<EngineEvent>;
+    let events: AsyncIterable<ServedEvent>;
     try {
       events = this.#o.engine.submit(toHostRequest(req));
     } catch (e) {
@@ -387,7 +387,7 @@ export class NatsWorker {
     void this.#stream(f, events);
   }
 
-  async #stream(f: InFlight, events: AsyncIterable<EngineEvent>): Promise<void> {
+  async #stream(f: InFlight, events: AsyncIterable<ServedEvent>): Promise<void> {
     try {
       for await (const ev of events) {
         if (ev.type === "delta") {
@@ -401,6 +401,7 @@ export class NatsWorker {
             text: ev.text,
             token_ids: ev.tokenIds,
             ...(ev.logprobs ? { logprobs: ev.logprobs.map(toWireLogprob) } : {}),
+            ...(ev.toolCalls ? { tool_calls: ev.toolCalls } : {}),
           });
         } else {
           await this.#finish(f, ev);
@@ -414,7 +415,7 @@ export class NatsWorker {
   }
 
   /** Sends the last event, acks the message (the request leaves the queue), and frees the slot. */
-  async #finish(f: InFlight, end: Extract<EngineEvent, { type: "final" }> | unknown): Promise<void> {
+  async #finish(f: InFlight, end: Extract<ServedEvent, { type: "final" }> | unknown): Promise<void> {
     const { metrics } = this.#o;
     let outcome: RequestOutcome;
     if (isFinal(end)) {
@@ -443,7 +444,8 @@ export class NatsWorker {
         : engineCode === "context_length_exceeded"
           ? "context_length_exceeded"
           : "bad_request";
-      this.#emit(f, { type: "error", code, message });
+      const param = end instanceof EngineRequestFailed ? end.error.param : undefined;
+      this.#emit(f, { type: "error", code, message, ...(param ? { param } : {}) });
       if (badRequest) f.log.warn({ reason: message }, "engine refused the request");
       else f.log.error({ err: end }, "request failed");
     }
@@ -608,8 +610,14 @@ function isMissingResource(e: unknown): boolean {
 }
 
 /** Engine refusals that are the request's fault (names as the engine thread reports them). */
-const BAD_REQUEST_ERRORS = new Set(["EngineRequestError", "SamplingParamError", "ChatTemplateError"]);
+const BAD_REQUEST_ERRORS = new Set([
+  "EngineRequestError",
+  "SamplingParamError",
+  "ChatTemplateError",
+  "GrammarError",
+  "OutputRequestError",
+]);
 
-function isFinal(x: unknown): x is Extract<EngineEvent, { type: "final" }> {
+function isFinal(x: unknown): x is Extract<ServedEvent, { type: "final" }> {
   return typeof x === "object" && x !== null && (x as { type?: unknown }).type === "final";
 }

@@ -12,6 +12,7 @@ import { isValidPoolName } from "@llama-edge/shared";
 import { type ConnectionOptions, credsAuthenticator } from "@nats-io/nats-core";
 import { pino } from "pino";
 import { ensureDefaultModel } from "../model/default-model.ts";
+import { parseQuantization, type Quantization } from "../model/quantize.ts";
 import { EngineHost } from "./engine-host.ts";
 import { type HealthServer, startHealthServer } from "./health-server.ts";
 import { WorkerMetrics } from "./metrics.ts";
@@ -35,6 +36,9 @@ shown; the flag wins.
   --kv-cache-bytes <n>          LLAMA_KV_CACHE_BYTES
   --no-prefix-caching           LLAMA_NO_PREFIX_CACHING=1
   --device <cpu|cuda>           LLAMA_DEVICE            ONNX Runtime execution provider (default cpu)
+  --quantization <q>            LLAMA_QUANTIZATION      Weight format: none (f32), int8 or int4 (default none)
+  --threads <n>                 LLAMA_THREADS           ONNX Runtime intra-op threads (default: every core,
+                                                        os.availableParallelism())
   --kv-free-watermark <f>       LLAMA_KV_FREE_WATERMARK Pull only while this fraction of KV blocks is free
                                                         (default 0.05)
   --ack-wait <s>                LLAMA_ACK_WAIT          ack_wait of the pool's consumer when this worker
@@ -62,6 +66,8 @@ const OPTIONS = {
   "kv-cache-bytes": { type: "string", env: "LLAMA_KV_CACHE_BYTES" },
   "no-prefix-caching": { type: "boolean", env: "LLAMA_NO_PREFIX_CACHING" },
   device: { type: "string", env: "LLAMA_DEVICE" },
+  quantization: { type: "string", env: "LLAMA_QUANTIZATION" },
+  threads: { type: "string", env: "LLAMA_THREADS" },
   "kv-free-watermark": { type: "string", env: "LLAMA_KV_FREE_WATERMARK" },
   "ack-wait": { type: "string", env: "LLAMA_ACK_WAIT" },
   "stream-replicas": { type: "string", env: "LLAMA_STREAM_REPLICAS" },
@@ -100,6 +106,12 @@ function readOptions(argv: string[]) {
   if (!isValidPoolName(pool)) throw new UsageError(`--pool: "${pool}" is not a valid pool name ([a-z0-9-]+)`);
   const device = str("device") ?? "cpu";
   if (device !== "cpu" && device !== "cuda") throw new UsageError(`--device must be cpu or cuda, got "${device}"`);
+  let quantization: Quantization;
+  try {
+    quantization = parseQuantization(str("quantization"));
+  } catch (e) {
+    throw new UsageError((e as Error).message);
+  }
   return {
     help: values.help === true,
     model: str("model"),
@@ -116,6 +128,8 @@ function readOptions(argv: string[]) {
     kvCacheBytes: num("kv-cache-bytes"),
     enablePrefixCaching: !flag("no-prefix-caching"),
     device: device as "cpu" | "cuda",
+    quantization,
+    numThreads: num("threads", (n) => Number.isInteger(n) && n >= 1),
     kvFreeWatermark: num("kv-free-watermark", (n) => n >= 0 && n < 1),
     ackWaitS: num("ack-wait") ?? 30,
     streamReplicas: num("stream-replicas", (n) => Number.isInteger(n) && n >= 1 && n <= 5) ?? 1,
@@ -211,6 +225,8 @@ export async function serveCommand(argv: string[]): Promise<number> {
         kvCacheBytes: o.kvCacheBytes,
         enablePrefixCaching: o.enablePrefixCaching,
         executionProvider: o.device,
+        quantization: o.quantization,
+        numThreads: o.numThreads,
       },
     });
     void host.exited.then((err) => {

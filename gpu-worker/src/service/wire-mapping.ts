@@ -10,6 +10,7 @@ import type {
   SamplingParams as WireSamplingParams,
   Usage as WireUsage,
 } from "@llama-edge/shared";
+import type { OutputRequest } from "../chat/output-plan.ts";
 import type { SamplingParams, TokenLogprob, Usage } from "../engine/types.ts";
 import type { HostRequest } from "./engine-host.ts";
 
@@ -46,8 +47,22 @@ export function toHostRequest(req: RequestMessage): HostRequest {
       ? p.text
       : p.type === "tokens"
         ? p.token_ids
-        : { messages: p.messages, addGenerationPrompt: p.add_generation_prompt };
-  return { requestId: req.id, prompt, sampling: sampling as Partial<SamplingParams> };
+        : {
+            messages: p.messages,
+            addGenerationPrompt: p.add_generation_prompt,
+            ...(p.tools ? { tools: p.tools } : {}),
+          };
+  return { requestId: req.id, prompt, sampling: sampling as Partial<SamplingParams>, output: toOutputRequest(req) };
+}
+
+function toOutputRequest(req: RequestMessage): OutputRequest {
+  const f = req.response_format;
+  const out: OutputRequest = {};
+  if (f) out.responseFormat = f.type === "json_schema" ? { type: "json_schema", schema: f.json_schema.schema } : f;
+  const choice = req.tool_choice;
+  if (choice !== undefined) out.toolChoice = typeof choice === "string" ? choice : { name: choice.function.name };
+  if (req.parallel_tool_calls !== undefined) out.parallelToolCalls = req.parallel_tool_calls;
+  return out;
 }
 
 export function toWireLogprob(l: TokenLogprob): Logprob {

@@ -7,15 +7,44 @@
  */
 import { readFileSync } from "node:fs";
 import { join } from "node:path";
-import { Template } from "@huggingface/jinja";
+import { Template, tokenize } from "@huggingface/jinja";
 import { Tokenizer } from "@huggingface/tokenizers";
 import { ModelLoadError } from "../model/errors.ts";
 
-export type ChatMessage = { role: "system" | "user" | "assistant"; content: string };
+/** A function call the assistant made; `arguments` is JSON text, as OpenAI writes it. */
+export interface ChatToolCall {
+  id: string;
+  type: "function";
+  function: { name: string; arguments: string };
+}
 
-/** A chat request the model cannot serve: no template, or the template rejected the messages. */
+/** A conversation turn, with OpenAI's tool-calling fields (Hugging Face templates read the same names). */
+export interface ChatMessage {
+  role: "system" | "user" | "assistant" | "tool";
+  /** null only for an assistant turn that made tool calls. */
+  content: string | null;
+  tool_calls?: ChatToolCall[];
+  tool_call_id?: string;
+}
+
+/** A function the model may call, as OpenAI and transformers' `apply_chat_template(tools=...)` describe it. */
+export interface ChatTool {
+  type: "function";
+  function: { name: string; description?: string; parameters?: unknown };
+}
+
+/**
+ * A chat request the model cannot serve: no template, no tool support, or the template rejected the messages.
+ * `param` names the request field at fault.
+ */
 export class ChatTemplateError extends Error {
   override name = "ChatTemplateError";
+  constructor(
+    message: string,
+    readonly param: string = "messages",
+  ) {
+    super(message);
+  }
 }
 
 type Json = Record<string, unknown>;
@@ -105,6 +134,13 @@ export class LlamaTokenizer {
   readonly addBosToken: boolean;
   readonly vocabSize: number;
   readonly hasChatTemplate: boolean;
+  /** Whether the chat template reads `tools` (renders function definitions), as tool-calling templates do. */
+  readonly supportsTools: boolean;
+  /**
+   * How token pieces spell text, in XGrammar's terms: SentencePiece with byte fallback (Llama 2, "▁" for space,
+   * `<0xNN>` bytes), byte-level BPE (Llama 3, GPT-2's byte alphabet) or raw; and whether encoding prepends a space.
+   */
+  readonly decoding: { vocabType: "byte_fallback" | "byte_level" | "raw"; addPrefixSpace: boolean };
 
   private readonly hf: HfTokenizer;
   private readonly bosToken: string | null;
@@ -144,7 +180,15 @@ export class LlamaTokenizer {
       throw new ModelLoadError(tokenizerFile, `unsupported tokenizer: ${(err as Error).message}`);
     }
     keepByteOrderMarks(this.hf.decoder);
-    this.byteLevel = usesByteLevel((tokenizerJson as { decoder?: unknown }).decoder);
+    this.byteLevel = hasStep(tokenizerJson.decoder, "decoders", "ByteLevel");
+    this.decoding = {
+      vocabType: this.byteLevel
+        ? "byte_level"
+        : hasStep(tokenizerJson.decoder, "decoders", "ByteFallback")
+          ? "byte_fallback"
+          : "raw",
+      addPrefixSpace: prependsSpace(tokenizerJson),
+    };
 
     let maxId = -1;
     for (const id of this.hf.get_vocab(true).values()) maxId = Math.max(maxId, id);
@@ -181,6 +225,12 @@ export class LlamaTokenizer {
       throw new ModelLoadError(configFile, `chat_template does not parse: ${(err as Error).message}`);
     }
     this.hasChatTemplate = this.chatTemplate !== null;
+    this.supportsTools =
+      templateSource !== null &&
+      // typed locally: the package's .d.ts re-exports (extensionless) do not resolve under NodeNext
+      (tokenize(templateSource) as { type: string; value: string }[]).some(
+        (t) => t.type === "Identifier" && t.value === "tools",
+      );
   }
 
   /** Text to ids; with special tokens (the default) the result equals transformers' `tokenizer(text).input_ids`. */
@@ -265,18 +315,34 @@ export class LlamaTokenizer {
     return this.specialIds.has(id);
   }
 
-  /** Render the conversation as the model's prompt text with tokenizer_config's `chat_template`. */
-  applyChatTemplate(messages: readonly ChatMessage[], opts?: { addGenerationPrompt?: boolean }): string {
+  /**
+   * Render the conversation as the model's prompt text with tokenizer_config's `chat_template`. Messages and
+   * `tools` reach the template as transformers passes them; tool-call arguments are parsed from JSON text into
+   * objects first (templates write `arguments | tojson`), as vLLM does.
+   */
+  applyChatTemplate(
+    messages: readonly ChatMessage[],
+    opts?: { addGenerationPrompt?: boolean; tools?: readonly ChatTool[] },
+  ): string {
     if (this.chatTemplate === null) {
       throw new ChatTemplateError("model has no chat_template in tokenizer_config.json; use the completions API");
     }
+    const usesTools = messages.some((m) => m.role === "tool" || m.tool_calls !== undefined);
+    if ((opts?.tools?.length || usesTools) && !this.supportsTools) {
+      throw new ChatTemplateError(
+        "this model's chat template does not support tools (tool definitions, tool calls or tool results)",
+        opts?.tools?.length ? "tools" : "messages",
+      );
+    }
+    const context: Record<string, unknown> = {
+      messages: messages.map(templateMessage),
+      add_generation_prompt: opts?.addGenerationPrompt ?? true,
+      bos_token: this.bosToken ?? "",
+      eos_token: this.eosToken ?? "",
+    };
+    if (opts?.tools?.length) context.tools = opts.tools;
     try {
-      return this.chatTemplate.render({
-        messages: messages.map((m) => ({ role: m.role, content: m.content })),
-        add_generation_prompt: opts?.addGenerationPrompt ?? true,
-        bos_token: this.bosToken ?? "",
-        eos_token: this.eosToken ?? "",
-      });
+      return this.chatTemplate.render(context);
     } catch (err) {
       // raise_exception() in a template (e.g. roles that do not alternate) lands here too.
       throw new ChatTemplateError(`chat_template rejected the messages: ${(err as Error).message}`);
@@ -287,16 +353,54 @@ export class LlamaTokenizer {
    * Render and encode a conversation. Templates write bos themselves, so the text is encoded without special
    * tokens, as vLLM and transformers' `apply_chat_template(tokenize=True)` do; bos never appears twice.
    */
-  encodeChat(messages: readonly ChatMessage[], opts?: { addGenerationPrompt?: boolean }): number[] {
+  encodeChat(
+    messages: readonly ChatMessage[],
+    opts?: { addGenerationPrompt?: boolean; tools?: readonly ChatTool[] },
+  ): number[] {
     return this.encode(this.applyChatTemplate(messages, opts), { addSpecialTokens: false });
   }
 }
 
-/** Whether the decoder (or one in its Sequence) is ByteLevel: GPT-2/Llama-3 style tokens spell bytes as chars. */
-function usesByteLevel(decoder: unknown): boolean {
-  if (!isObject(decoder)) return false;
-  if (decoder.type === "ByteLevel") return true;
-  return Array.isArray(decoder.decoders) && decoder.decoders.some(usesByteLevel);
+/** A message as chat templates read it: only the fields that are set, tool-call arguments as objects. */
+function templateMessage(m: ChatMessage, i: number): Record<string, unknown> {
+  const out: Record<string, unknown> = { role: m.role, content: m.content };
+  if (m.tool_call_id !== undefined) out.tool_call_id = m.tool_call_id;
+  if (m.tool_calls !== undefined) {
+    out.tool_calls = m.tool_calls.map((c, j) => {
+      let args: unknown;
+      try {
+        args = JSON.parse(c.function.arguments);
+      } catch {
+        throw new ChatTemplateError(
+          `messages[${i}].tool_calls[${j}].function.arguments is not valid JSON`,
+          `messages[${i}].tool_calls[${j}].function.arguments`,
+        );
+      }
+      return { id: c.id, type: c.type, function: { name: c.function.name, arguments: args } };
+    });
+  }
+  return out;
+}
+
+/** Whether a pipeline step (or one in its Sequence, listed under `list`) has the given type. */
+function hasStep(step: unknown, list: string, type: string, match: (s: Json) => boolean = () => true): boolean {
+  if (!isObject(step)) return false;
+  if (step.type === type && match(step)) return true;
+  const inner = step[list];
+  return Array.isArray(inner) && inner.some((s) => hasStep(s, list, type, match));
+}
+
+/** SentencePiece's leading "▁": a Prepend normalizer (Llama 2's legacy file) or a Metaspace pre-tokenizer. */
+function prependsSpace(tokenizerJson: Json): boolean {
+  return (
+    hasStep(tokenizerJson.normalizer, "normalizers", "Prepend", (s) => s.prepend === "\u2581") ||
+    hasStep(
+      tokenizerJson.pre_tokenizer,
+      "pretokenizers",
+      "Metaspace",
+      (s) => s.add_prefix_space === true || (typeof s.prepend_scheme === "string" && s.prepend_scheme !== "never"),
+    )
+  );
 }
 
 /**

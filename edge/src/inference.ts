@@ -10,15 +10,15 @@
  */
 import type { Prompt, SamplingParams, Usage } from "@llama-edge/shared";
 import type { Context } from "hono";
-import type { GatewayConfig } from "../config.ts";
-import type { Job, JobEvent, JobRunner } from "../dispatch/job.ts";
-import { estimatePromptTokens, planPools } from "../dispatch/routing.ts";
-import { ApiError, type ApiErrorInfo, errorBody, errors } from "../errors.ts";
-import type { Limiter } from "../keys/key-store.ts";
-import type { AuthVars } from "../middleware/auth.ts";
-import type { JsonBodyVars } from "../middleware/json-body.ts";
-import { type FormatterOptions, newCompletionId, type ResponseFormatter } from "../openai/format.ts";
-import { admissionError, rateLimitHeaders } from "../rate-limit.ts";
+import type { GatewayConfig } from "./config.ts";
+import type { Job, JobEvent, JobRunner, Limiter } from "./dispatch/job.ts";
+import { estimatePromptTokens, planPools } from "./dispatch/routing.ts";
+import { ApiError, type ApiErrorInfo, errorBody, errors } from "./errors.ts";
+import type { AuthVars } from "./middleware/auth.ts";
+import type { JsonBodyVars } from "./middleware/json-body.ts";
+import { type FormatterOptions, newCompletionId, type ResponseFormatter } from "./openai/format.ts";
+import { MAX_SEQUENCES } from "./openai/schemas.ts";
+import { admissionError, rateLimitHeaders } from "./rate-limit.ts";
 
 export interface InferenceDeps {
   limiter: Limiter;
@@ -35,6 +35,8 @@ export interface InferencePlan {
   sampling: SamplingParams;
   /** Completion tokens allowed per choice; null = until the context is full. */
   maxTokens: number | null;
+  /** The parameter that set maxTokens (chat has two names for it). */
+  maxTokensParam: "max_tokens" | "max_completion_tokens";
   stream: boolean;
   includeUsage: boolean;
   logprobs: boolean;
@@ -57,11 +59,24 @@ export async function runInference(
   plan: InferencePlan,
 ): Promise<Response> {
   const { config, limiter, dispatcher } = deps;
-  const estimates = plan.prompts.map(estimatePromptTokens);
-  const routed = planPools(config, plan.model, estimates, plan.maxTokens, plan.kind === "chat" ? "messages" : "prompt");
-  if ("error" in routed) throw routed.error;
-
   const numChoices = plan.prompts.length * plan.n;
+  if (numChoices > MAX_SEQUENCES) {
+    throw errors.invalidRequest(
+      `Too many choices: ${plan.prompts.length} prompt(s) × n=${plan.n} = ${numChoices}, at most ${MAX_SEQUENCES} per request.`,
+      "n",
+      "invalid_value",
+    );
+  }
+  const routed = planPools(config, {
+    model: plan.model,
+    prompts: plan.prompts,
+    maxTokens: plan.maxTokens,
+    maxTokensParam: plan.maxTokensParam,
+    promptParam: plan.kind === "chat" ? "messages" : "prompt",
+  });
+  if ("error" in routed) throw routed.error;
+  const estimates = plan.prompts.map(estimatePromptTokens);
+
   const promptTokens = estimates.reduce((s, e) => s + e.tokens, 0);
   const reserve = promptTokens + numChoices * (plan.maxTokens ?? config.default_completion_reserve);
   const deadline = Date.now() + config.request_timeout_ms;
@@ -78,7 +93,7 @@ export async function runInference(
   c.set("key", admitted.key);
 
   const id = newCompletionId(plan.kind);
-  const headers: Record<string, string> = { ...rateLimitHeaders(admitted.rate), "x-request-id": id };
+  const headers: Record<string, string> = rateLimitHeaders(admitted.rate);
   const job: Job = {
     id,
     keyHash,
