@@ -1,7 +1,7 @@
 import { type DispatchEvent, type SubmitRequest, WorkerError } from "@llama-edge/shared";
 import { describe, expect, it } from "vitest";
-import type { Job, JobEvent } from "./job.ts";
-import { runJob, type SubmitBackend } from "./run-job.ts";
+import type { Job, JobEvent, SubmitBackend } from "./job.ts";
+import { runJob } from "./run-job.ts";
 
 const job: Job = {
   id: "cmpl-1",
