@@ -3,8 +3,12 @@
  * at a time against it, each leaving it serving. Workers log at info (the disconnect scenario reads their cancel and finish
  * lines); the pool's ack_wait is 3 s so that a request held by a dead worker comes back quickly.
  */
+import { copyFileSync, mkdirSync } from "node:fs";
+import { join } from "node:path";
 import type { TestProject } from "vitest/node";
 import { type LocalStackInfo, startLocalStack } from "../helpers/local-stack.ts";
+
+const LOG_DIR = join(import.meta.dirname, "..", "..", ".cache", "chaos");
 
 declare module "vitest" {
   export interface ProvidedContext {
@@ -20,6 +24,9 @@ export default async function setup(project: TestProject) {
   const { proc: _proc, exited: _exited, stop: _stop, ...info } = stack;
   project.provide("stack", info);
   return async () => {
+    // Kept for a look after a failure: .cache/chaos/start.log (the supervisor's and the workers' logs).
+    mkdirSync(LOG_DIR, { recursive: true });
+    copyFileSync(stack.logFile, join(LOG_DIR, "start.log"));
     const code = await stack.stop("SIGTERM");
     if (code !== 0) throw new Error(`npm start exited with ${code} on SIGTERM`);
   };

@@ -19,7 +19,7 @@ export interface StreamOutcome {
 }
 
 export interface WatchedStream {
-  /** The completion's id (`x-request-id`). */
+  /** The completion's id (`chatcmpl-…`, the worker's request ids start with it): set by the first chunk. */
   id: string | null;
   /** `x-llama-edge-worker` (the gateway must run with expose_worker_id). */
   worker: string | null;
@@ -59,11 +59,19 @@ export async function watchStream(
   const firstToken = new Promise<void>((resolve) => {
     onFirst = resolve;
   });
-  const outcome = (async (): Promise<StreamOutcome> => {
+  const watched: WatchedStream = {
+    id: null,
+    worker: response.headers.get("x-llama-edge-worker"),
+    firstToken,
+    outcome: Promise.resolve({ text: "", endedAt: 0 }),
+    abort: () => controller.abort(),
+  };
+  watched.outcome = (async (): Promise<StreamOutcome> => {
     const out: StreamOutcome = { text: "", endedAt: 0 };
     try {
       for await (const chunk of stream) {
         out.id = chunk.id;
+        watched.id = chunk.id;
         const choice = chunk.choices[0];
         if (choice?.delta?.content) {
           out.text += choice.delta.content;
@@ -79,13 +87,7 @@ export async function watchStream(
     onFirst();
     return out;
   })();
-  return {
-    id: response.headers.get("x-request-id"),
-    worker: response.headers.get("x-llama-edge-worker"),
-    firstToken,
-    outcome,
-    abort: () => controller.abort(),
-  };
+  return watched;
 }
 
 /** A short non-streaming chat: the outcome, never a throw. */
