@@ -9,19 +9,24 @@
 // `worker_lost` error (the gateway's heartbeat timeout) and new ones are served once the replacement is ready.
 // Ctrl-C or SIGTERM stops everything in order (workers drain their streams first); a second Ctrl-C kills at once.
 import { readFileSync } from "node:fs";
-import { basename, join, resolve } from "node:path";
+import { availableParallelism } from "node:os";
+import { join, resolve } from "node:path";
 import { parseArgs } from "node:util";
 import { ensureNpmDeps, root } from "./ensure-deps.mjs";
 
 const USAGE = `Usage: npm start [-- options]
 
-  --model <dir>      Hugging Face LLaMA checkpoint to serve (default: the generated default model,
-                     random weights: its output is meaningless)
+  --model <m>        The model to serve: a checkpoint directory, a compiled directory, or a Hugging Face
+                     repo id org/name[@revision], downloaded once into the Hub cache (HF_ENDPOINT, HF_TOKEN,
+                     HF_HOME). Default: the generated default model (random weights: meaningless output)
   --workers <n>      Worker processes for the pool (default 1)
   --autoscale        Let the local autoscaler size the pool from queue lag instead (KEDA's policy from
                      infra/k8s/worker/scaledobject.yaml; --min-workers/--max-workers override it)
   --min-workers <n>  --max-workers <n>
   --max-num-seqs <n> Sequences per worker (default 16)
+  --quantization <q> Weight format: none (f32), int8 or int4 (default none; env LLAMA_QUANTIZATION)
+  --threads <n>      ONNX Runtime threads per worker (default: the cores shared among --workers; env
+                     LLAMA_THREADS)
   --port <port>      Gateway port (default 8787; 0 = any free port)
   --state-dir <dir>  NATS store, gateway storage, admin secret and development key (default .cache)
 `;
@@ -36,6 +41,8 @@ try {
       "min-workers": { type: "string" },
       "max-workers": { type: "string" },
       "max-num-seqs": { type: "string", default: "16" },
+      quantization: { type: "string" },
+      threads: { type: "string" },
       port: { type: "string", default: "8787" },
       "state-dir": { type: "string" },
       help: { type: "boolean", short: "h" },
@@ -49,7 +56,7 @@ if (args.help) {
   console.log(USAGE);
   process.exit(0);
 }
-for (const name of ["workers", "max-num-seqs", "port", "min-workers", "max-workers"]) {
+for (const name of ["workers", "max-num-seqs", "port", "min-workers", "max-workers", "threads"]) {
   const v = args[name];
   if (v !== undefined && !/^\d+$/.test(v)) {
     console.error(`--${name}: "${v}" is not a whole number\n\n${USAGE}`);
@@ -130,15 +137,12 @@ process.on("uncaughtException", (e) => {
 });
 
 try {
-  // 1. the model: the checkpoint given, or the generated default one
-  let modelDir;
-  if (args.model) modelDir = resolve(args.model);
-  else {
-    const { ensureDefaultModel } = await import("../gpu-worker/src/model/default-model.ts");
-    modelDir = await ensureDefaultModel("default");
-  }
+  // 1. the model, resolved (and downloaded) once here, as `llama-worker` resolves it; the workers get its directory
+  const { resolveModel } = await import("../gpu-worker/src/model/model-source.ts");
+  const source = await resolveModel(args.model, { tty: process.stderr.isTTY === true, log: (line) => log(line) });
+  const modelDir = source.dir;
   const config = JSON.parse(readFileSync(join(modelDir, "config.json"), "utf8"));
-  const modelName = basename(modelDir);
+  const modelName = source.name;
   const maxContext = config.max_position_embeddings ?? 2048;
 
   let port = Number(args.port);
@@ -226,6 +230,13 @@ try {
   // 4. workers: a fixed number under the supervisor, or the local autoscaler
   const { LocalAutoscaler, readScalePolicy, spawnWorker } = await import("../infra/local/autoscaler.ts");
   const maxNumSeqs = Number(args["max-num-seqs"]);
+  const quantization = args.quantization ?? process.env.LLAMA_QUANTIZATION;
+  // Workers on one machine share its cores: each gets its share rather than all of them spinning against each other.
+  const threadsPerWorker = Number(
+    args.threads ??
+      process.env.LLAMA_THREADS ??
+      Math.max(1, Math.floor(availableParallelism() / Math.max(1, Number(args.workers)))),
+  );
   const spawnPoolWorker = (workerId, healthPort) =>
     spawnWorker({
       workerId,
@@ -233,8 +244,13 @@ try {
       natsUrl,
       model: modelDir,
       maxNumSeqs,
-      // Quiet unless asked: LLAMA_LOG_LEVEL=info npm start shows the workers' request logs.
-      extra: ["--log-level", process.env.LLAMA_LOG_LEVEL ?? "warn", "--health-port", String(healthPort)],
+      // The served name: the repo id of a Hub model (its snapshot directory is named after a commit). Quiet
+      // unless asked: LLAMA_LOG_LEVEL=info npm start shows the workers' request logs.
+      extra: [
+        ...["--served-model-name", modelName, "--log-level", process.env.LLAMA_LOG_LEVEL ?? "warn"],
+        ...["--health-port", String(healthPort), "--threads", String(threadsPerWorker)],
+        ...(quantization ? ["--quantization", quantization] : []),
+      ],
     });
   let workersReady;
   if (args.autoscale) {
@@ -291,7 +307,7 @@ llama-edge is up.
   OpenAI base URL   ${gw.url}/v1
   API key           ${key}        (development key, kept in ${join(stateDir, "edge", "dev-key")})
   Admin secret      in ${join(stateDir, "edge", "admin-secret")}
-  Model             ${modelName}${args.model ? "" : "   (random weights: the output is meaningless text)"}
+  Model             ${modelName}${source.kind === "default" ? "   (random weights: the output is meaningless text)" : ""}
 
   curl ${gw.url}/v1/chat/completions \\
     -H "Authorization: Bearer ${key}" -H "Content-Type: application/json" \\

@@ -225,7 +225,7 @@ describe("admin", () => {
     await page.getByRole("group", { name: "Create a key" }).getByLabel("Name").fill("from-the-browser");
     await page.getByRole("button", { name: "Create key" }).click();
     const shown = page.getByLabel("New API key");
-    await expect.poll(() => shown.inputValue(), EVENTUALLY).toMatch(/^sk-[A-Za-z0-9]{48}$/);
+    await expect.poll(() => shown.inputValue(), EVENTUALLY).toMatch(/^sk-le-[A-Za-z0-9]{48}$/);
     const key = await shown.inputValue();
     secrets.push(key);
     await page.getByRole("button", { name: "Copy key" }).click();

@@ -192,23 +192,23 @@ describe("accounting and cancellation", () => {
         ignore_eos: true,
       } as OpenAI.CompletionCreateParamsNonStreaming),
     );
-    const stream = await openai.chat.completions.create(
-      // ignore_eos is vLLM's extra: generate until max_tokens, long enough to be cut off.
-      {
-        model: MODEL,
-        messages: [{ role: "user", content: "Tell me everything" }],
-        max_tokens: 200,
-        stream: true,
-        ignore_eos: true,
-      } as OpenAI.ChatCompletionCreateParamsStreaming,
-    );
-    let requestId = "";
+    const { data: stream, response } = await openai.chat.completions
+      .create(
+        // ignore_eos is vLLM's extra: generate until max_tokens, long enough to be cut off.
+        {
+          model: MODEL,
+          messages: [{ role: "user", content: "Tell me everything" }],
+          max_tokens: 200,
+          stream: true,
+          ignore_eos: true,
+        } as OpenAI.ChatCompletionCreateParamsStreaming,
+      )
+      .withResponse();
+    // The workers' request ids start with the gateway's x-request-id.
+    const requestId = response.headers.get("x-request-id") ?? "no x-request-id";
     let n = 0;
     // Leaving the loop aborts the HTTP request: the client disconnects.
-    for await (const chunk of stream) {
-      requestId = chunk.id;
-      if (++n === 2) break; // the role chunk, then the first content chunk
-    }
+    for await (const _ of stream) if (++n === 2) break; // the role chunk, then the first content chunk
     const cancelled = await worker.waitForLog(
       (l) => l.msg === "finished" && String(l.request_id).startsWith(requestId) && l.finish_reason === "abort",
       10_000,
@@ -234,53 +234,31 @@ describe("accounting and cancellation", () => {
     expect(usage.totals.prompt_tokens).toBe(cut.prompt_tokens + (res.usage?.prompt_tokens ?? 0));
     await Promise.all(background);
   });
-
-  it("serves a repeated system prompt from the prefix cache", async () => {
-    const openai = client((await newKey()).key);
-    const system = "You are a storyteller who writes about small animals in the forest. ".repeat(4);
-    const ask = (q: string) =>
-      openai.chat.completions
-        .create({
-          model: MODEL,
-          messages: [
-            { role: "system", content: system },
-            { role: "user", content: q },
-          ],
-          max_tokens: 2,
-        })
-        .withResponse();
-    const first = await ask("A fox");
-    const second = await ask("A hare");
-    expect(second.response.headers.get("x-llama-edge-worker")).toBe(first.response.headers.get("x-llama-edge-worker"));
-    expect(second.data.usage!.prompt_tokens_details?.cached_tokens).toBeGreaterThanOrEqual(16);
-  });
 });
 
 describe("prefix affinity across workers", () => {
-  /** Whether the workers take addressed requests (edge/src/dispatch/direct.ts): their load reports say so. */
-  async function workersTakeDirectRequests(): Promise<boolean> {
+  /** Resolves after `count` load reports from `workerId`: by then every connected gateway shard has seen it. */
+  async function loadReports(workerId: string, count: number): Promise<{ direct_subject?: unknown }> {
     const nc = await connect({ servers: nats.url });
     try {
-      const sub = nc.subscribe("llama.pool.default.load", { max: 1 });
-      for await (const m of sub) return typeof (m.json() as { direct_subject?: unknown }).direct_subject === "string";
-      return false;
+      let seen = 0;
+      for await (const m of nc.subscribe("llama.pool.default.load")) {
+        const report = m.json() as { worker_id: string; direct_subject?: unknown };
+        if (report.worker_id === workerId && ++seen === count) return report;
+      }
+      throw new Error("subscription closed");
     } finally {
       await nc.close();
     }
   }
 
-  it("sends a shared system prompt to the worker that caches it", async (ctx) => {
-    if (!(await workersTakeDirectRequests())) {
-      ctx.skip("the workers do not advertise direct_subject yet: requests can only go through the pool queue");
-    }
+  it("sends requests sharing a system prompt to the one of two workers that caches it", async () => {
     const second = await startWorkerProcess({ natsUrl: nats.url, pool: "default", workerId: "e2e-w2" });
     try {
-      await new Promise((r) => setTimeout(r, 2500)); // one load report from the new worker
       const openai = client((await newKey()).key);
       const system = "You are a storyteller who writes about small animals in the forest. ".repeat(4);
-      const seen = new Set<string | null>();
-      for (const q of ["A fox", "A hare", "An owl", "A mole", "A wren"]) {
-        const { data, response } = await openai.chat.completions
+      const ask = (q: string) =>
+        openai.chat.completions
           .create({
             model: MODEL,
             messages: [
@@ -290,10 +268,18 @@ describe("prefix affinity across workers", () => {
             max_tokens: 2,
           })
           .withResponse();
-        seen.add(response.headers.get("x-llama-edge-worker"));
-        if (q !== "A fox") expect(data.usage!.prompt_tokens_details?.cached_tokens).toBeGreaterThanOrEqual(16);
+      // The first request connects the gateway's shard for this prefix; two reports later it knows both workers.
+      const first = await ask("A fox");
+      const report = await loadReports("e2e-w2", 2);
+      expect(typeof report.direct_subject).toBe("string"); // the workers take requests addressed to them
+      const served = new Set([first.response.headers.get("x-llama-edge-worker")]);
+      for (const q of ["A hare", "An owl", "A mole", "A wren", "A newt"]) {
+        const { data, response } = await ask(q);
+        served.add(response.headers.get("x-llama-edge-worker"));
+        expect(data.usage!.prompt_tokens_details?.cached_tokens).toBeGreaterThanOrEqual(16);
       }
-      expect(seen.size).toBe(1);
+      expect(served.size).toBe(1);
+      expect(["e2e-w1", "e2e-w2"]).toContain([...served][0]);
     } finally {
       second.kill("SIGTERM");
       await second.exited;

@@ -179,7 +179,7 @@ describe("worker service over NATS", () => {
     const metrics = await (await fetch(`http://127.0.0.1:${port}/metrics`)).text();
     const completed = /llama_worker_requests_total\{[^}]*outcome="completed"[^}]*\} (\d+)/.exec(metrics);
     expect(Number(completed?.[1])).toBe(a.logs.filter((l) => l.msg === "admitted").length);
-    expect(metrics).toMatch(/llama_worker_kv_blocks_total\{[^}]*worker_id="burst-a"[^}]*\} \d+/);
+    expect(metrics).toMatch(/llama_worker_kv_cache_blocks\{[^}]*worker_id="burst-a"[^}]*\} \d+/);
     a.kill();
     b.kill();
     expect(await Promise.all([a.exited, b.exited])).toEqual([0, 0]);

@@ -26,8 +26,6 @@ export interface Gateway {
   adminSecret: string;
   stop(): Promise<void>;
 }
-
-export function freePort(): Promise<number>;
 export function persistentSecret(file: string): string;
 export function startGateway(opts: GatewayOptions): Promise<Gateway>;
 export function admin(gw: Gateway, method: string, path: string, body?: unknown): Promise<Record<string, unknown>>;

@@ -44,8 +44,9 @@ export function createApp(deps: AppDeps): Hono<AppEnv> {
   const body = jsonBody({ maxBytes: config.max_body_bytes });
   const inference = { limiter: deps.limiter, dispatcher: deps.dispatcher, config };
 
-  // x-request-id on every answer, as OpenAI's (a client's own id, if it sent a sane one, is kept for tracing).
-  app.use(requestId({ generator: () => `req_${randomBase62(24)}` }));
+  // x-request-id on every answer, as OpenAI's. Always the gateway's own (never a client's): it names the job, and
+  // the workers' request ids (in their logs) start with it.
+  app.use(requestId({ headerName: "", generator: () => `req_${randomBase62(24)}` }));
   app.use(async function requestIdOnEveryAnswer(c, next) {
     await next();
     c.header("x-request-id", c.get("requestId")); // also on responses that replaced the one it was set on

@@ -97,6 +97,9 @@ export const errors = {
 
   serviceUnavailable: (message: string) => apiError(503, message, { code: "service_unavailable" }),
 
+  /** The client went away before an answer (nginx's 499: nobody reads it, but logs and metrics do). */
+  clientClosed: () => apiError(499, "The client closed the request.", { code: "cancelled" }),
+
   internal: () => apiError(500, "The server had an error while processing your request.", { code: "internal_error" }),
 };
 

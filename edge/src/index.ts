@@ -24,7 +24,7 @@ export function appFor(env: Env): Hono<AppEnv> {
   const app = createApp({
     keyStore: keys,
     limiter: keys,
-    dispatcher: new ShardedJobRunner(env.DISPATCH, Number.isInteger(shards) && shards > 0 ? shards : 4),
+    dispatcher: new ShardedJobRunner(env.DISPATCH, Number.isInteger(shards) && shards > 0 ? shards : 4, keys),
     config: parseGatewayConfig(env.GATEWAY_CONFIG),
     adminSecret: env.ADMIN_SECRET || undefined,
   });

@@ -10,9 +10,10 @@
  */
 import type { Prompt, SamplingParams, Usage } from "@llama-edge/shared";
 import type { Context } from "hono";
+import type { RequestIdVariables } from "hono/request-id";
 import type { GatewayConfig } from "./config.ts";
 import type { Job, JobEvent, JobRunner, Limiter } from "./dispatch/job.ts";
-import { estimatePromptTokens, planPools } from "./dispatch/routing.ts";
+import { estimatePromptTokens, maxPromptTokens, planPools } from "./dispatch/routing.ts";
 import { ApiError, type ApiErrorInfo, errorBody, errors } from "./errors.ts";
 import type { AuthVars } from "./middleware/auth.ts";
 import type { JsonBodyVars } from "./middleware/json-body.ts";
@@ -50,11 +51,11 @@ export const SSE_HEADERS: Record<string, string> = {
   "x-accel-buffering": "no",
 };
 
-/** Reservations outlive the deadline by this much before the key's Durable Object drops them unsettled. */
+/** Reservations outlive the deadline by this much at most, renewed or not. */
 const RESERVATION_GRACE_MS = 60_000;
 
 export async function runInference(
-  c: Context<{ Variables: AuthVars & JsonBodyVars }>,
+  c: Context<{ Variables: AuthVars & JsonBodyVars & RequestIdVariables }>,
   deps: InferenceDeps,
   plan: InferencePlan,
 ): Promise<Response> {
@@ -79,11 +80,22 @@ export async function runInference(
 
   const promptTokens = estimates.reduce((s, e) => s + e.tokens, 0);
   const reserve = promptTokens + numChoices * (plan.maxTokens ?? config.default_completion_reserve);
-  const deadline = Date.now() + config.request_timeout_ms;
+  const now = Date.now();
+  // A pool scaled to zero answers after a cold start: its queue wait comes on top of the request's own time.
+  const queueTimeoutMs = Object.fromEntries(routed.pools.map((p) => [p, config.pools[p]?.queue_timeout_ms ?? 0]));
+  const deadline = now + Math.max(0, ...Object.values(queueTimeoutMs)) + config.request_timeout_ms;
   const keyHash = c.get("keyHash");
   const admitted = await limiter.admit(keyHash, {
     model: plan.model,
     tokens: reserve,
+    sequences: numChoices,
+    budget: {
+      promptTokens: plan.prompts.reduce((n, p) => n + maxPromptTokens(p), 0),
+      choices: numChoices,
+      maxTokens: plan.maxTokens,
+      maxContext: routed.maxContext,
+    },
+    leaseUntil: now + config.reservation_lease_ms,
     expiresAt: deadline + RESERVATION_GRACE_MS,
   });
   if (!admitted.ok) {
@@ -92,7 +104,8 @@ export async function runInference(
   }
   c.set("key", admitted.key);
 
-  const id = newCompletionId(plan.kind);
+  // The job is named by the request id (x-request-id): the workers' request ids, in their logs, start with it.
+  const id = c.get("requestId");
   const headers: Record<string, string> = rateLimitHeaders(admitted.rate);
   const job: Job = {
     id,
@@ -102,9 +115,13 @@ export async function runInference(
     pools: routed.pools,
     prompts: plan.prompts,
     n: plan.n,
-    sampling: plan.sampling,
+    // A budget with too little left for a request without max_tokens capped it (finish_reason "length" says so).
+    sampling: admitted.maxTokens === undefined ? plan.sampling : { ...plan.sampling, max_tokens: admitted.maxTokens },
     deadline,
+    queueTimeoutMs,
     estimatedPromptTokens: estimates.map((e) => e.tokens),
+    leaseMs: config.reservation_lease_ms,
+    reader: { maxBufferedBytes: config.max_unread_bytes, idleReaderMs: config.idle_reader_timeout_ms },
   };
 
   // Aborted when the client goes away (request.signal) or cancels the stream: cancels the job at the workers.
@@ -138,6 +155,7 @@ export async function runInference(
         cached_tokens: 0,
       })
       .catch(() => {});
+    if (ac.signal.aborted) throw errors.clientClosed(); // nobody is waiting for an answer
     console.error(`job ${id}: dispatch failed`, e);
     throw errors.serviceUnavailable("The gateway could not dispatch the request; try again later.");
   }
@@ -148,7 +166,7 @@ export async function runInference(
   if (config.expose_worker_id && workers.size > 0) headers["x-llama-edge-worker"] = [...workers].join(",");
 
   const formatter = plan.makeFormatter({
-    id,
+    id: newCompletionId(plan.kind),
     model: plan.model,
     created: Math.floor(Date.now() / 1000),
     numChoices,
@@ -245,7 +263,7 @@ function sseResponse(
         if (closed) return;
         closed = true;
         controller.close();
-        void events.return?.(); // lets the runner finish (and release what it holds)
+        events.return?.()?.catch(() => {}); // lets the runner finish (and release what it holds)
       };
       for (;;) {
         let ev: JobEvent;

@@ -53,6 +53,12 @@ export function admissionError(r: Extract<AdmitResult, { ok: false }>, keyHint: 
         code: "rate_limit_exceeded",
         headers: { ...headers, "x-should-retry": "false" },
       });
+    case "too_many_sequences":
+      return apiError(429, r.message, {
+        type: "requests",
+        code: "rate_limit_exceeded",
+        headers: { ...headers, "x-should-retry": "false" },
+      });
     default: {
       const retryMs = Math.max(1, Math.ceil(r.retryAfterMs ?? 1000));
       return apiError(429, `${r.message} Please try again in ${formatDuration(retryMs)}.`, {

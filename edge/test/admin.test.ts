@@ -1,23 +1,9 @@
 import { abortAllDurableObjects, runInDurableObject } from "cloudflare:test";
 import { env } from "cloudflare:workers";
 import { describe, expect, it, vi } from "vitest";
-import { createApp } from "../src/app.ts";
-import { LocalJobRunner } from "../src/dispatch/run-job.ts";
 import { DurableKeyStore } from "../src/durable/durable-key-store.ts";
 import { hashApiKey } from "../src/keys/api-key.ts";
-import {
-  ADMIN_SECRET,
-  bearer,
-  chat,
-  instrumented,
-  keyStore,
-  MODEL,
-  makeApp,
-  newKey,
-  post,
-  ScriptedBackend,
-  testConfig,
-} from "./helpers.ts";
+import { ADMIN_SECRET, bearer, chat, instrumented, MODEL, makeApp, newKey, post, testConfig } from "./helpers.ts";
 
 const admin = (method: string, path: string, body?: unknown, secret = ADMIN_SECRET) =>
   new Request(`http://gateway/admin${path}`, {
@@ -109,14 +95,7 @@ describe("key creation is atomic", () => {
   ])("leaves no key behind when writing %s fails", async (_, binding) => {
     const keys = instrumented(env.KEYS, binding === "KEYS" ? "create" : undefined);
     const dir = instrumented(env.KEY_DIRECTORY, binding === "KEY_DIRECTORY" ? "put" : undefined);
-    const store = new DurableKeyStore(keys.ns, dir.ns);
-    const app = createApp({
-      keyStore: store,
-      limiter: store,
-      dispatcher: new LocalJobRunner({ backend: new ScriptedBackend(), limiter: store }),
-      config: testConfig,
-      adminSecret: ADMIN_SECRET,
-    });
+    const { app } = makeApp(undefined, testConfig, { keys: new DurableKeyStore(keys.ns, dir.ns) });
     const before = await listed(makeApp().app);
     const res = await app.request(admin("POST", "/keys", { name: "doomed" }));
     expect(res.status).toBe(500);
@@ -130,14 +109,7 @@ describe("ADMIN_SECRET", () => {
     "missing or too short (%s) disables only the admin API, with an error logged",
     async (secret) => {
       const errorLog = vi.spyOn(console, "error").mockImplementation(() => {});
-      const keys = keyStore();
-      const app = createApp({
-        keyStore: keys,
-        limiter: keys,
-        dispatcher: new LocalJobRunner({ backend: new ScriptedBackend(), limiter: keys }),
-        config: testConfig,
-        adminSecret: secret,
-      });
+      const { app } = makeApp(undefined, testConfig, { adminSecret: secret });
       expect(errorLog.mock.calls.flat().join(" ")).toMatch(/admin API disabled: ADMIN_SECRET/);
       errorLog.mockRestore();
       const off = await app.request(admin("GET", "/keys", undefined, secret ?? "anything-at-all-1234"));

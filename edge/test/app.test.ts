@@ -1,5 +1,6 @@
 import { NoWorkersError, QueueTimeoutError } from "@llama-edge/shared";
 import { describe, expect, it } from "vitest";
+import { parseGatewayConfig } from "../src/config.ts";
 import {
   bearer,
   chat,
@@ -15,7 +16,7 @@ import {
 
 describe("chat completions", () => {
   it("answers a non-streaming request with the full object and usage", async () => {
-    const { app } = makeApp();
+    const { app, backend } = makeApp();
     const { key } = await newKey();
     const res = await app.request(post("/v1/chat/completions", key, chat()));
     expect(res.status).toBe(200);
@@ -29,10 +30,13 @@ describe("chat completions", () => {
       usage: { prompt_tokens: 7, completion_tokens: 3, total_tokens: 10, prompt_tokens_details: { cached_tokens: 0 } },
     });
     expect(String(body.id)).toMatch(/^chatcmpl-/);
-    expect(res.headers.get("x-request-id")).toMatch(/^req_[0-9A-Za-z]{24}$/);
-    // A client's own request id (a proxy's trace id) is kept.
+    // As OpenAI's: a request id apart from the completion id. It names the workers' requests (`<id>-<choice>`).
+    const requestId = res.headers.get("x-request-id");
+    expect(requestId).toMatch(/^req_[0-9A-Za-z]{24}$/);
+    expect(backend.submissions[0]!.request.id).toBe(`${requestId}-0`);
+    // Never a client's own (it would name the job).
     const traced = await app.request(post("/v1/chat/completions", key, chat(), { "x-request-id": "trace-42" }));
-    expect(traced.headers.get("x-request-id")).toBe("trace-42");
+    expect(traced.headers.get("x-request-id")).toMatch(/^req_/);
   });
 
   it("streams chunks exactly as OpenAI does, with the usage chunk and [DONE]", async () => {
@@ -216,6 +220,29 @@ describe("routing", () => {
     await app.request(post("/v1/completions", key, { model: MODEL, prompt: "short" }));
     await app.request(post("/v1/completions", key, { model: MODEL, prompt: Array(300).fill(1) }));
     expect(backend.submissions.map((s) => s.pool)).toEqual(["small", "large"]);
+  });
+
+  it("gives each pool its own queue timeout: a request may wait that long there for a worker to start it", async () => {
+    const config = parseGatewayConfig({
+      pools: {
+        small: { max_context: 256, models: [MODEL], queue_timeout_ms: 5_000 },
+        large: { max_context: 4096, models: [MODEL] },
+      },
+      request_timeout_ms: 10_000,
+    });
+    expect(config.pools.large?.queue_timeout_ms, "the default covers a cold start").toBe(600_000);
+    const backend = new ScriptedBackend();
+    const { app } = makeApp(backend, config);
+    const { key } = await newKey();
+    const before = Date.now();
+    await app.request(post("/v1/completions", key, { model: MODEL, prompt: "short" }));
+    await app.request(post("/v1/completions", key, { model: MODEL, prompt: Array(300).fill(1) }));
+    const after = Date.now();
+    const [small, large] = backend.submissions.map((s) => s.request.deadline ?? 0);
+    expect(small).toBeGreaterThanOrEqual(before + 5_000);
+    expect(small).toBeLessThanOrEqual(after + 5_000);
+    expect(large).toBeGreaterThanOrEqual(before + 600_000);
+    expect(large).toBeLessThanOrEqual(after + 600_000);
   });
 
   it("moves on to a larger pool when a worker finds the prompt too long", async () => {

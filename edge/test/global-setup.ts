@@ -3,23 +3,12 @@
 // static assets, and the workerd pool refuses a config whose assets directory is missing.
 
 import { mkdtempSync, rmSync } from "node:fs";
-import { createServer } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import type { TestProject } from "vitest/node";
 import { buildConsole } from "../../console/build.mjs";
 import { startNats } from "../../scripts/nats.mjs";
-
-export async function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const s = createServer();
-    s.once("error", reject);
-    s.listen(0, "127.0.0.1", () => {
-      const addr = s.address();
-      s.close(() => resolve(typeof addr === "object" && addr ? addr.port : 0));
-    });
-  });
-}
+import { freePort } from "../../scripts/ports.mjs";
 
 declare module "vitest" {
   export interface ProvidedContext {

@@ -16,7 +16,8 @@ import {
 import { createApp } from "../src/app.ts";
 import { type GatewayConfig, parseGatewayConfig } from "../src/config.ts";
 import type { SubmitBackend } from "../src/dispatch/job.ts";
-import { LocalJobRunner } from "../src/dispatch/run-job.ts";
+import { LocalJobRunner } from "../src/dispatch/job-stream.ts";
+import { ShardedJobRunner } from "../src/durable/dispatch-shard.ts";
 import { DurableKeyStore } from "../src/durable/durable-key-store.ts";
 import type { Limits } from "../src/keys/types.ts";
 
@@ -52,7 +53,10 @@ export interface Reply {
 export interface Submission {
   pool: string;
   request: SubmitRequest;
+  /** Cancelled before it finished. */
   aborted: boolean;
+  /** Ran to its end (final event or error). */
+  ended: boolean;
   /** Resolves when the request ended (completed, failed or cancelled). */
   done: Promise<void>;
 }
@@ -80,9 +84,15 @@ export class ScriptedBackend implements SubmitBackend {
 
   submit(pool: string, request: SubmitRequest, options: Required<SubmitOptions>): AsyncIterable<DispatchEvent> {
     let resolveDone!: () => void;
-    const sub: Submission = { pool, request, aborted: false, done: new Promise((r) => (resolveDone = r)) };
+    const sub: Submission = {
+      pool,
+      request,
+      aborted: false,
+      ended: false,
+      done: new Promise((r) => (resolveDone = r)),
+    };
     this.submissions.push(sub);
-    options.signal.addEventListener("abort", () => (sub.aborted = true), { once: true });
+    options.signal.addEventListener("abort", () => (sub.aborted ||= !sub.ended), { once: true });
     return this.#events(sub, options.signal, resolveDone);
   }
 
@@ -116,6 +126,10 @@ export class ScriptedBackend implements SubmitBackend {
           cached_tokens: r.cachedTokens ?? 0,
         },
       };
+      sub.ended = true;
+    } catch (e) {
+      if (!(e instanceof CancelledError)) sub.ended = true;
+      throw e;
     } finally {
       done();
     }
@@ -147,16 +161,36 @@ export function instrumented<T extends Rpc.DurableObjectBranded>(ns: DurableObje
   return { ns: wrapped as unknown as DurableObjectNamespace<T>, counter };
 }
 
-export function makeApp(backend = new ScriptedBackend(), config = testConfig) {
-  const keys = keyStore();
+/**
+ * The app over the real key Durable Objects, running jobs in this isolate on `backend`. `opts.keys` replaces the
+ * key store (fault injection); `opts.adminSecret` the admin secret (undefined: none).
+ */
+export function makeApp(
+  backend = new ScriptedBackend(),
+  config = testConfig,
+  opts: { keys?: DurableKeyStore; adminSecret?: string } = {},
+) {
+  const keys = opts.keys ?? keyStore();
   const app = createApp({
     keyStore: keys,
     limiter: keys,
     dispatcher: new LocalJobRunner({ backend, limiter: keys }),
     config,
-    adminSecret: ADMIN_SECRET,
+    adminSecret: "adminSecret" in opts ? opts.adminSecret : ADMIN_SECRET,
   });
   return { app, keys, backend };
+}
+
+/** The app as the Workers entry builds it: jobs run in dispatch shard Durable Objects over the real NATS. */
+export function shardedApp(config = parseGatewayConfig(env.GATEWAY_CONFIG), numShards = 2) {
+  const keys = keyStore();
+  const app = createApp({
+    keyStore: keys,
+    limiter: keys,
+    dispatcher: new ShardedJobRunner(env.DISPATCH, numShards, keys),
+    config,
+  });
+  return { app, keys };
 }
 
 export async function newKey(limits: Partial<Limits> = {}): Promise<{ key: string; id: string; hash: string }> {

@@ -77,16 +77,53 @@ describe("rate limits", () => {
     expect((await app.request(post("/v1/chat/completions", key, chat()))).status).toBe(200);
   });
 
-  it("answers insufficient_quota once the budget is used up", async () => {
+  it("counts worker sequences (prompts × n) against max_concurrent", async () => {
+    const backend = new ScriptedBackend(() => ({ tokens: ["a", "b"], delayMs: 50 }));
+    const { app } = makeApp(backend);
+    const { key } = await newKey({ max_concurrent: 3 });
+    const tooMany = await app.request(post("/v1/chat/completions", key, chat({ n: 4 })));
+    expect(tooMany.status).toBe(429);
+    expect(tooMany.headers.get("x-should-retry")).toBe("false");
+    expect(((await tooMany.json()) as { error: { message: string } }).error.message).toContain("4 sequences");
+    const two = app.request(post("/v1/completions", key, { model: MODEL, prompt: ["a", "b"] })); // 2 sequences
+    await eventually(() => backend.submissions.length === 2);
+    const busy = await app.request(post("/v1/chat/completions", key, chat({ n: 2 })));
+    expect(busy.status).toBe(429);
+    expect(busy.headers.get("retry-after")).toMatch(/^\d+$/);
+    expect((await app.request(post("/v1/chat/completions", key, chat()))).status).toBe(200); // the third slot
+    expect((await two).status).toBe(200);
+  });
+
+  it("caps a request without max_tokens to what the budget has left", async () => {
+    const backend = new ScriptedBackend(() => ({ tokens: ["a"] }));
+    const { app } = makeApp(backend);
+    const { key } = await newKey({ budget: { tokens: 100, period: "day" } });
+    const res = await app.request(post("/v1/chat/completions", key, chat()));
+    expect(res.status).toBe(200);
+    // "Hi" may take up to 2 + 16 + 16 prompt tokens: 66 of the 100 are left for the completion.
+    expect(backend.submissions[0]!.request.sampling?.max_tokens).toBe(66);
+  });
+
+  it("answers insufficient_quota before a request could overshoot the budget", async () => {
     const { app } = makeApp();
-    const { key } = await newKey({ budget: { tokens: 25, period: "day" } });
-    // Each request uses 10 tokens (7 prompt + 3 completion).
-    for (let i = 0; i < 3; i++)
-      expect((await app.request(post("/v1/chat/completions", key, chat({ max_tokens: 3 })))).status).toBe(200);
-    const res = await app.request(post("/v1/chat/completions", key, chat({ max_tokens: 3 })));
-    expect(res.status).toBe(429);
-    expect(res.headers.get("x-should-retry")).toBe("false");
-    expect(await res.json()).toMatchObject({ error: { type: "insufficient_quota", code: "insufficient_quota" } });
+    const { key, id } = await newKey({ budget: { tokens: 100, period: "day" } });
+    // Each request uses 10 tokens (7 prompt + 3 completion), and may use up to 37: "Hi" is 2 bytes, a token each
+    // at most, plus the template's 16 per message and 16 per prompt, plus max_tokens.
+    let admitted = 0;
+    for (;;) {
+      const res = await app.request(post("/v1/chat/completions", key, chat({ max_tokens: 3 })));
+      if (res.status !== 200) {
+        expect(res.status).toBe(429);
+        expect(res.headers.get("x-should-retry")).toBe("false");
+        expect(await res.json()).toMatchObject({ error: { type: "insufficient_quota", code: "insufficient_quota" } });
+        break;
+      }
+      admitted++;
+      await res.text();
+    }
+    expect(admitted).toBe(7); // 60 used + 37 fits in 100; 70 + 37 does not
+    const usage = await app.request(`/admin/keys/${id}/usage`, { headers: bearer(ADMIN_SECRET) });
+    expect(((await usage.json()) as { budget: { used: number } }).budget.used).toBe(70);
   });
 });
 

@@ -1,15 +1,13 @@
 // The dispatch path against a real nats-server (started by global-setup.ts): the shared Dispatcher's queue,
 // addressed requests, prefix affinity, and the dispatch shard Durable Object behind the real Workers entry.
-import { env, exports } from "cloudflare:workers";
+import { exports } from "cloudflare:workers";
 import { afterEach, describe, expect, inject, it, vi } from "vitest";
-import { createApp } from "../src/app.ts";
 import { parseGatewayConfig } from "../src/config.ts";
 import { PrefixRouter, WorkerTable } from "../src/dispatch/affinity.ts";
 import { NatsBackend } from "../src/dispatch/nats-backend.ts";
 import { NatsLink, plaintextCredentialsProblem } from "../src/dispatch/nats-link.ts";
-import { ShardedJobRunner } from "../src/durable/dispatch-shard.ts";
 import { CACHED_TOKENS, FakeWorker } from "./fake-worker.ts";
-import { bearer, eventually, keyStore, newKey, openReservations, post, sseEvents } from "./helpers.ts";
+import { bearer, eventually, newKey, openReservations, post, shardedApp, sseEvents } from "./helpers.ts";
 
 const url = inject("natsWsUrl");
 const workers: FakeWorker[] = [];
@@ -152,13 +150,7 @@ describe("Workers entry with dispatch shards", () => {
     const { key, hash } = await newKey();
     // The app as index.ts builds it, with request.signal standing for workerd's client-disconnect signal (which
     // only a real client can trigger: see the e2e tests).
-    const keys = keyStore();
-    const app = createApp({
-      keyStore: keys,
-      limiter: keys,
-      dispatcher: new ShardedJobRunner(env.DISPATCH, 2),
-      config: parseGatewayConfig(env.GATEWAY_CONFIG),
-    });
+    const { app, keys } = shardedApp();
     const ac = new AbortController();
     const res = await app.request(
       new Request(
@@ -179,10 +171,16 @@ describe("Workers entry with dispatch shards", () => {
     expect(report!.totals.completion_tokens).toBeLessThan(200);
   });
 
-  it("answers 503 when the pool has no workers", async () => {
-    const { key } = await newKey();
-    const res = await exports.default.fetch(post("/v1/completions", key, { model: "other", prompt: "x" }));
-    expect(res.status).toBe(404); // unknown model: never reaches NATS
-    expect(env.DISPATCH).toBeDefined();
+  it("answers 503 when the pool has no workers, through a real shard, and frees the reservation", async () => {
+    const { key, hash } = await newKey({ max_concurrent: 1 });
+    const { app } = shardedApp(
+      parseGatewayConfig({ pools: { "no-workers-here": { max_context: 256, models: ["ghost"] } } }),
+    );
+    for (const stream of [false, true]) {
+      const res = await app.request(post("/v1/completions", key, { model: "ghost", prompt: "x", stream }));
+      expect(res.status).toBe(503);
+      expect(await res.json()).toMatchObject({ error: { type: "server_error", code: "service_unavailable" } });
+      expect(await openReservations(hash)).toBe(0); // the slot is free for the next attempt
+    }
   });
 });

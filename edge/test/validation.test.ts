@@ -2,8 +2,6 @@
 // shape, never a 500.
 import { env } from "cloudflare:workers";
 import { describe, expect, it } from "vitest";
-import { createApp } from "../src/app.ts";
-import { LocalJobRunner } from "../src/dispatch/run-job.ts";
 import { DurableKeyStore } from "../src/durable/durable-key-store.ts";
 import { hashApiKey } from "../src/keys/api-key.ts";
 import { UNLIMITED } from "../src/keys/types.ts";
@@ -206,13 +204,7 @@ describe("API keys", () => {
   it("refuses a key whose checksum is wrong with 401, without touching a Durable Object", async () => {
     const { key } = await newKey();
     const keys = instrumented(env.KEYS);
-    const store = new DurableKeyStore(keys.ns, env.KEY_DIRECTORY);
-    const app = createApp({
-      keyStore: store,
-      limiter: store,
-      dispatcher: new LocalJobRunner({ backend: new ScriptedBackend(), limiter: store }),
-      config: testConfig,
-    });
+    const { app } = makeApp(undefined, testConfig, { keys: new DurableKeyStore(keys.ns, env.KEY_DIRECTORY) });
     const flipped = key.slice(0, 10) + (key[10] === "a" ? "b" : "a") + key.slice(11); // one typo
     const made_up = `sk-le-${"A".repeat(48)}`;
     for (const wrong of [flipped, made_up, `sk-${"A".repeat(47)}`, "sk-proj-abc"]) {

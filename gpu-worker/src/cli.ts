@@ -5,8 +5,8 @@ import { type EngineOptions, EngineRequestError, LLMEngine } from "./engine/llm-
 import { ExecutionProviderError } from "./engine/model-runner.ts";
 import { SamplingParamError } from "./engine/sampling-params.ts";
 import type { FinishReason, SamplingParams } from "./engine/types.ts";
-import { ensureDefaultModel } from "./model/default-model.ts";
 import { ModelLoadError } from "./model/errors.ts";
+import { resolveModel } from "./model/model-source.ts";
 import { parseQuantization } from "./model/quantize.ts";
 
 const USAGE = `Usage: llama-worker <command> [options]
@@ -14,11 +14,15 @@ const USAGE = `Usage: llama-worker <command> [options]
 Commands:
   generate   Generate completions for one or more prompts (all run at once through the scheduler)
   serve      Serve a worker pool over NATS (see --help of serve)
+  compile    Compile a checkpoint once into a directory workers serve without compiling (see --help of compile)
   random-model  Write a random-weight checkpoint with a real model's shape (see --help of random-model)
 
+--model, in every command: a checkpoint directory, a compiled directory, or a Hugging Face repo id
+org/name[@revision], downloaded into the Hub cache (HF_ENDPOINT, HF_TOKEN, HF_HOME are honoured).
+
 generate options:
-  --model <dir>              Hugging Face LLaMA checkpoint directory (default: the generated default model,
-                             random weights: its output is meaningless)
+  --model <m>                The model (default: the generated default model, random weights: its output is
+                             meaningless)
   --prompt <text>            Prompt text; repeat for several prompts ("" = generate from BOS alone)
   --prompts-file <file>      One JSON string per line, each a prompt
   --chat                     Render each prompt as a user message through the model's chat template
@@ -40,6 +44,10 @@ export async function main(argv: string[]): Promise<number> {
   const [command, ...rest] = argv;
   try {
     if (command === "generate") return await generate(rest);
+    if (command === "compile") {
+      const { compileCommand } = await import("./compile/compile-command.ts");
+      return await compileCommand(rest);
+    }
     if (command === "serve") {
       const { serveCommand } = await import("./service/serve-command.ts");
       return await serveCommand(rest);
@@ -148,13 +156,13 @@ async function generate(argv: string[]): Promise<number> {
   if (prompts.length === 0) prompts.push("Once upon a time");
 
   const progress = new Progress(!values.json || process.stderr.isTTY);
-  let modelDir: string;
-  if (values.model) modelDir = values.model;
-  else {
-    modelDir = await ensureDefaultModel("default", { quiet: !process.stderr.isTTY });
-    if (!values.json)
-      process.stderr.write("Using the generated default model: random weights, the output is meaningless.\n");
-  }
+  const source = await resolveModel(values.model, {
+    tty: process.stderr.isTTY === true,
+    log: (line) => process.stderr.write(`llama-worker: ${line}\n`),
+  });
+  const modelDir = source.dir;
+  if (source.kind === "default" && !values.json)
+    process.stderr.write("Using the generated default model: random weights, the output is meaningless.\n");
   const device = values.device ?? "cpu";
   if (device !== "cpu" && device !== "cuda")
     throw new SamplingParamError("device", `--device must be cpu or cuda, got "${device}"`);

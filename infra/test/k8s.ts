@@ -14,6 +14,11 @@ import { readdirSync, readFileSync, statSync } from "node:fs";
 import { dirname, join, relative, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
 import { ScaledObject } from "@kubernetes-models/keda/keda.sh/v1alpha1";
+import {
+  PodMonitor,
+  PrometheusRule,
+  ServiceMonitor,
+} from "@kubernetes-models/prometheus-operator/monitoring.coreos.com/v1";
 import { Deployment } from "kubernetes-models/apps/v1";
 import { Job } from "kubernetes-models/batch/v1";
 import { PodDisruptionBudget } from "kubernetes-models/policy/v1";
@@ -51,6 +56,9 @@ const MODELS: Record<string, ModelClass> = {
   "batch/v1/Job": Job as unknown as ModelClass,
   "policy/v1/PodDisruptionBudget": PodDisruptionBudget as unknown as ModelClass,
   "keda.sh/v1alpha1/ScaledObject": ScaledObject as unknown as ModelClass,
+  "monitoring.coreos.com/v1/PodMonitor": PodMonitor as unknown as ModelClass,
+  "monitoring.coreos.com/v1/ServiceMonitor": ServiceMonitor as unknown as ModelClass,
+  "monitoring.coreos.com/v1/PrometheusRule": PrometheusRule as unknown as ModelClass,
 };
 
 /** Files under infra/k8s that are not Kubernetes objects. */

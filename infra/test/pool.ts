@@ -20,7 +20,12 @@ export interface Pool {
   scaledObject: Manifest;
   pdb: Manifest;
   service: Manifest;
+  /** The pool-setup Job (stream and consumer). */
   job: Manifest;
+  /** The llama-compile Job, when this pool compiles its model (another pool may compile it for it). */
+  compileJob?: Manifest;
+  /** The llama-compile ConfigMap's data (LLAMA_MODEL, LLAMA_COMPILE_OUT, ...), with compileJob. */
+  compile?: Record<string, string>;
   /** Environment of `llama-worker serve`, from the ConfigMap the Deployment's envFrom names. */
   env: Record<string, string>;
   /** The llama-pool-setup ConfigMap's data: stream.json, consumer.json, STREAM, CONSUMER, NATS_URL. */
@@ -44,10 +49,19 @@ export function poolsOf(objects: Manifest[]): Pool[] {
   return byKind("Deployment").map((deployment) => {
     const podLabels = deployment.spec.template.metadata.labels as Record<string, string>;
     const pool = podLabels[POOL_LABEL];
-    const ofPool = (kind: string) => {
-      const found = byKind(kind).filter((o) => o.metadata.labels?.[POOL_LABEL] === pool);
-      if (found.length !== 1) throw new Error(`pool ${pool}: ${found.length} ${kind} objects, expected 1`);
+    const ofPool = (kind: string, component?: string) => {
+      const found = byKind(kind).filter(
+        (o) =>
+          o.metadata.labels?.[POOL_LABEL] === pool &&
+          (component === undefined || o.metadata.labels?.["app.kubernetes.io/component"] === component),
+      );
+      if (found.length > 1) throw new Error(`pool ${pool}: ${found.length} ${kind} objects, expected 1`);
       return found[0];
+    };
+    const required = (kind: string, component?: string) => {
+      const found = ofPool(kind, component);
+      if (!found) throw new Error(`pool ${pool}: no ${kind}${component ? ` (${component})` : ""}`);
+      return found;
     };
     const container = (deployment.spec.template.spec.containers as Container[]).find((c) => c.name === "worker");
     const envFrom = (container?.envFrom ?? []) as { configMapRef?: { name: string } }[];
@@ -57,17 +71,21 @@ export function poolsOf(objects: Manifest[]): Pool[] {
       if (!cm) throw new Error(`pool ${pool}: envFrom names ConfigMap ${ref.configMapRef?.name}, not rendered`);
       Object.assign(env, cm);
     }
-    const job = ofPool("Job");
+    const job = required("Job", "pool-setup");
     const setupName = (job.spec.template.spec.volumes as { configMap?: { name: string } }[]).find((v) => v.configMap)
       ?.configMap?.name;
     const setup = setupName ? configMaps.get(setupName) : undefined;
     if (!setup) throw new Error(`pool ${pool}: the pool-setup Job's ConfigMap ${setupName} is not rendered`);
+    const compileJob = ofPool("Job", "compile");
+    const compileName = compileJob?.spec.template.spec.containers[0].envFrom?.[0]?.configMapRef?.name;
     return {
       deployment,
-      scaledObject: ofPool("ScaledObject"),
-      pdb: ofPool("PodDisruptionBudget"),
-      service: ofPool("Service"),
+      scaledObject: required("ScaledObject"),
+      pdb: required("PodDisruptionBudget"),
+      service: required("Service"),
       job,
+      compileJob,
+      compile: compileName ? configMaps.get(compileName) : undefined,
       env,
       setup,
     };

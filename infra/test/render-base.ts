@@ -33,6 +33,19 @@ export function renderWorkerBase(): Manifest[] {
         if (spec.selector?.matchLabels) Object.assign(spec.selector.matchLabels, pairs);
         else if (o.kind === "Service" && spec.selector) Object.assign(spec.selector, pairs);
       }
+      if (includeSelectors) {
+        // kustomize also adds selector labels to the pod (anti-)affinity terms' label selectors.
+        const affinity = spec.template?.spec?.affinity ?? {};
+        for (const kind of ["podAffinity", "podAntiAffinity"]) {
+          for (const t of affinity[kind]?.preferredDuringSchedulingIgnoredDuringExecution ?? []) {
+            if (t.podAffinityTerm?.labelSelector?.matchLabels)
+              Object.assign(t.podAffinityTerm.labelSelector.matchLabels, pairs);
+          }
+          for (const t of affinity[kind]?.requiredDuringSchedulingIgnoredDuringExecution ?? []) {
+            if (t.labelSelector?.matchLabels) Object.assign(t.labelSelector.matchLabels, pairs);
+          }
+        }
+      }
       if ((includeSelectors || includeTemplates) && spec.template?.metadata) {
         spec.template.metadata.labels = { ...spec.template.metadata.labels, ...pairs };
       }

@@ -1,6 +1,7 @@
 import { readdirSync, readFileSync } from "node:fs";
 import { join } from "node:path";
 import { describe, expect, it } from "vitest";
+import { parseHubRef } from "../../gpu-worker/src/model/hub.ts";
 import {
   hasKubectl,
   k8sDir,
@@ -25,7 +26,11 @@ import {
   workerContainer,
   workerPoolConfigs,
 } from "./pool.ts";
+import { bytes } from "./quantity.ts";
 import { renderWorkerBase } from "./render-base.ts";
+
+/** What `llama-worker compile --model` takes: an absolute directory or a Hub repo id. */
+const parseHubRefOrPath = (m: string) => m.startsWith("/") || parseHubRef(m) !== null;
 
 const kubectl = hasKubectl();
 const PRODUCTION = join(k8sDir, "overlays/production");
@@ -73,14 +78,6 @@ describe.skipIf(!kubectl)("kustomize builds (kubectl kustomize)", () => {
   });
 });
 
-/** Bytes of a Kubernetes quantity (64Gi, 512Mi, 1G). */
-function bytes(q: string): number {
-  const m = /^(\d+(?:\.\d+)?)(Ki|Mi|Gi|Ti|k|M|G|T)?$/.exec(q);
-  if (!m) throw new Error(`not a quantity: ${q}`);
-  const unit = { Ki: 2 ** 10, Mi: 2 ** 20, Gi: 2 ** 30, Ti: 2 ** 40, k: 1e3, M: 1e6, G: 1e9, T: 1e12 }[m[2] ?? ""] ?? 1;
-  return Number(m[1]) * unit;
-}
-
 /** The checks every pool must pass, whichever overlay it comes from. */
 async function checkPool(pool: Pool): Promise<void> {
   const name = poolNameOf(pool);
@@ -125,9 +122,17 @@ async function checkPool(pool: Pool): Promise<void> {
     Number(pool.env.LLAMA_MAX_NUM_SEQS),
   );
   expect(Number.isInteger(Number(m.activationLagThreshold)) && Number(m.activationLagThreshold) >= 0).toBe(true);
+  // KEDA leaves zero when the lag exceeds activationLagThreshold: at 0, the first request (lag 1) starts a worker.
+  if (so.minReplicaCount === 0) expect(m.activationLagThreshold, `${where}: activation on a lag of 1`).toBe("0");
   expect(so.minReplicaCount).toBeGreaterThanOrEqual(0);
   expect(so.maxReplicaCount).toBeGreaterThanOrEqual(Math.max(1, so.minReplicaCount));
   expect(d.spec.replicas, `${where}: a Deployment replicas field fights KEDA on every apply`).toBeUndefined();
+  // Rollouts never leave a pool that must always serve without a server: a new pod is up before an old one goes.
+  const rolling = d.spec.strategy?.rollingUpdate ?? {};
+  if (so.minReplicaCount >= 1) {
+    expect(Number(rolling.maxSurge ?? 0), `${where}: maxSurge (min ${so.minReplicaCount})`).toBeGreaterThanOrEqual(1);
+    expect(Number(rolling.maxUnavailable ?? 1), `${where}: maxUnavailable`).toBe(0);
+  }
 
   // The worker container.
   const c = workerContainer(pool);
@@ -182,6 +187,37 @@ async function checkPool(pool: Pool): Promise<void> {
   if (c.securityContext?.readOnlyRootFilesystem) {
     expect(mountOf(pool.env.LLAMA_EDGE_CACHE_DIR ?? "")?.readOnly ?? false, `${where}: cache dir writable`).toBe(false);
     expect(mountOf("/tmp"), `${where}: /tmp writable`).toBeDefined();
+  }
+
+  // The compiled model: the worker waits for it, and the pool's compile Job (if it has one) writes exactly it, on
+  // the volume the worker reads, with the worker's own command.
+  const init = (d.spec.template.spec.initContainers ?? []) as Container[];
+  expect(JSON.stringify(init.map((x) => x.args)), `${where}: an init container waits for the model`).toContain(
+    "$LLAMA_MODEL/compiled.json",
+  );
+  if (pool.compileJob) {
+    const cj = pool.compileJob.spec.template.spec;
+    const cc = cj.containers[0] as Container;
+    expect(cc.args).toEqual(["compile"]);
+    expect(pool.compile?.LLAMA_COMPILE_OUT, `${where}: the compile Job writes the worker's LLAMA_MODEL`).toBe(
+      pool.env.LLAMA_MODEL,
+    );
+    const claimOf = (spec: Container, mountPath: string) => {
+      const m = (spec.containers[0].volumeMounts as { name: string; mountPath: string; readOnly?: boolean }[]).find(
+        (x) => mountPath === x.mountPath || mountPath.startsWith(`${x.mountPath}/`),
+      );
+      const v = (spec.volumes as Container[]).find((x) => x.name === m?.name);
+      return { claim: v?.persistentVolumeClaim?.claimName, readOnly: m?.readOnly ?? false };
+    };
+    const written = claimOf(cj, pool.compile?.LLAMA_COMPILE_OUT ?? "");
+    expect(written.readOnly, `${where}: the compile Job writes its output`).toBe(false);
+    expect(written.claim).toBe(claimOf(d.spec.template.spec, pool.env.LLAMA_MODEL).claim);
+    expect(claimOf(cj, pool.compile?.HF_HOME ?? "").claim, `${where}: HF_HOME on the shared volume`).toBe(
+      written.claim,
+    );
+    for (const v of Object.keys(pool.compile ?? {}))
+      expect(["LLAMA_MODEL", "LLAMA_COMPILE_OUT", "LLAMA_QUANTIZATION", "HF_HOME", "HF_ENDPOINT"]).toContain(v);
+    expect(parseHubRefOrPath(pool.compile?.LLAMA_MODEL ?? ""), `${where}: compile LLAMA_MODEL`).toBe(true);
   }
 
   // Shutdown: SIGTERM drains for LLAMA_DRAIN_TIMEOUT; the grace period covers it (plus any preStop) with margin.
@@ -240,6 +276,10 @@ describe("worker pool consistency", () => {
         );
         expect(matching).toHaveLength(1);
       }
+      // Each pool's compiled model is written by some pool's compile Job.
+      const compiled = new Set(pools.map((p) => p.compile?.LLAMA_COMPILE_OUT).filter(Boolean));
+      for (const pool of pools)
+        expect(compiled, `pool ${poolNameOf(pool)}: who compiles it`).toContain(pool.env.LLAMA_MODEL);
       // Volumes the pods claim exist in the same build.
       const claims = new Set(ofKind(objects, "PersistentVolumeClaim").map((p) => p.metadata.name));
       for (const d of ofKind(objects, "Deployment")) {

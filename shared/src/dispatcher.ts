@@ -129,7 +129,7 @@ export class Dispatcher {
     if (options.worker !== undefined) {
       const accepted = yield* this.#offer(pool, options.worker, built, options);
       if (accepted) return;
-      built = this.#buildMessage(pool, { ...request, id: `${request.id}-q` });
+      built = this.#buildMessage(pool, { ...request, id: queuedIdAfterOffer(request.id) });
     }
     await this.#checkPool(pool, built.message.id);
     yield* this.#events(pool, built, options, (id) => this.#publish(pool, built.data, id));
@@ -348,6 +348,9 @@ export class Dispatcher {
     }
   }
 }
+
+/** The id under which a request whose offer to one worker was refused is queued. */
+export const queuedIdAfterOffer = (id: string): string => `${id}-q`;
 
 /** Thrown inside #offer when the worker did not accept (never escapes the Dispatcher). */
 class NotAccepted extends Error {}

@@ -8,6 +8,7 @@ export {
   Dispatcher,
   type DispatcherOptions,
   finalAfterCancel,
+  queuedIdAfterOffer,
   type SubmitOptions,
   type SubmitRequest,
 } from "./dispatcher.ts";

@@ -108,7 +108,7 @@ describe("PrefixRouter", () => {
 describe("ShardedJobRunner.shardFor", () => {
   it("sends prompts sharing a system prompt to the same shard", async () => {
     const { ShardedJobRunner } = await import("../durable/dispatch-shard.ts");
-    const runner = new ShardedJobRunner({} as never, 8);
+    const runner = new ShardedJobRunner({} as never, 8, {} as never);
     const job = (system: string, user: string) =>
       ({ prompts: [chat(system, user)] }) as unknown as Parameters<typeof runner.shardFor>[0];
     const shards = new Set(["a", "b", "c", "d", "e"].map((u) => runner.shardFor(job("Shared system prompt", u))));

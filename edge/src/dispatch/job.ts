@@ -34,10 +34,17 @@ export interface Job {
   prompts: Prompt[];
   n: number;
   sampling: SamplingParams;
-  /** Epoch ms: no worker may start the job after this, and the gateway gives up on it then. */
+  /** Epoch ms: the gateway gives up on the job then, wherever it is. */
   deadline: number;
+  /** Per candidate pool: how long a sub-request may wait there for a worker to start it (its pool's
+   *  queue_timeout_ms); a pool missing here waits until `deadline`. */
+  queueTimeoutMs?: Record<string, number>;
   /** Prompt tokens as estimated at admission, per prompt: usage of prompts that never reported their own. */
   estimatedPromptTokens: number[];
+  /** The reservation's lease: the runner renews it (with the usage so far) well within this many ms. */
+  leaseMs: number;
+  /** What the reader may leave unread before the job is cancelled (see job-stream.ts); default 1 MiB, 30 s. */
+  reader?: { maxBufferedBytes: number; idleReaderMs: number };
 }
 
 export type JobEvent =
@@ -65,6 +72,8 @@ export interface Limiter {
   admit(keyHash: string, req: AdmitRequest): Promise<AdmitResult>;
   /** Idempotent: settling a settled or unknown reservation does nothing. */
   settle(keyHash: string, reservationId: string, settlement: Settlement): Promise<void>;
+  /** Extends a running request's lease, recording its usage so far (see KeyLimiter.renew). */
+  renew(keyHash: string, reservationId: string, progress: Settlement, leaseUntil: number): Promise<boolean>;
 }
 
 /** Submits one request to one pool (the shared Dispatcher's shape, plus prefix-affinity routing in production). */

@@ -6,7 +6,7 @@
  *
  * @module
  */
-import type { Prompt } from "@llama-edge/shared";
+import type { Prompt, RequestMessageInput } from "@llama-edge/shared";
 import { type GatewayConfig, poolsFor } from "../config.ts";
 import { type ApiError, errors } from "../errors.ts";
 
@@ -42,6 +42,32 @@ export function estimatePromptTokens(prompt: Prompt): PromptEstimate {
   }
 }
 
+/** Tokens a chat template adds per message at most (role headers, separators), and per prompt (bos, the
+ *  generation prompt): an assumption about LLaMA-family templates, which add well under this. */
+const TEMPLATE_MAX_PER_MESSAGE = 16;
+const TEMPLATE_MAX_PER_PROMPT = 16;
+
+/**
+ * The most tokens a prompt can have: one per UTF-8 byte (a byte-fallback tokenizer never does worse) plus the
+ * template's. Tool definitions and calls count twice their JSON's bytes (templates may indent it). What a budget
+ * that must never be overshot reserves.
+ */
+export function maxPromptTokens(prompt: RequestMessageInput["prompt"]): number {
+  switch (prompt.type) {
+    case "tokens":
+      return prompt.token_ids.length;
+    case "text":
+      return TEMPLATE_MAX_PER_PROMPT + utf8Length(prompt.text);
+    case "chat": {
+      const json = (v: unknown) => (v === undefined ? 0 : 2 * utf8Length(JSON.stringify(v)));
+      return prompt.messages.reduce(
+        (n, m) => n + TEMPLATE_MAX_PER_MESSAGE + utf8Length(m.content ?? "") + json(m.tool_calls),
+        TEMPLATE_MAX_PER_PROMPT + json(prompt.tools),
+      );
+    }
+  }
+}
+
 /**
  * Bytes per token no LLaMA-family tokenizer exceeds on real text (their longest pieces are whitespace and
  * punctuation runs of ~16 bytes, English averages ~4): a text prompt longer than this many bytes per token of
@@ -57,7 +83,7 @@ function minPromptTokens(prompt: Prompt): number {
     case "text":
       return Math.ceil(utf8Length(prompt.text) / MAX_BYTES_PER_TOKEN);
     case "chat":
-      return prompt.messages.reduce((n, m) => n + Math.ceil(utf8Length(m.content) / MAX_BYTES_PER_TOKEN), 0);
+      return prompt.messages.reduce((n, m) => n + Math.ceil(utf8Length(m.content ?? "") / MAX_BYTES_PER_TOKEN), 0);
   }
 }
 
@@ -76,7 +102,10 @@ export interface PoolRequest {
  * context_length_exceeded when the prompt cannot fit anywhere (counted exactly for token ids, bounded below for
  * text). A text prompt only estimated not to fit goes to the largest pool, whose worker counts it exactly.
  */
-export function planPools(config: GatewayConfig, req: PoolRequest): { pools: string[] } | { error: ApiError } {
+export function planPools(
+  config: GatewayConfig,
+  req: PoolRequest,
+): { pools: string[] /** the largest context among them */; maxContext: number } | { error: ApiError } {
   const pools = poolsFor(config, req.model);
   if (pools.length === 0) return { error: errors.modelNotFound(req.model) };
   const largest = pools[pools.length - 1]!;
@@ -96,8 +125,8 @@ export function planPools(config: GatewayConfig, req: PoolRequest): { pools: str
   // At least one token must fit after the prompt (the engine's own rule).
   const completion = maxTokens ?? 1;
   const need = longest.tokens + completion;
-  const fitting = pools.filter((p) => p.maxContext >= need).map((p) => p.name);
-  if (fitting.length > 0) return { pools: fitting };
+  const fitting = pools.filter((p) => p.maxContext >= need);
+  if (fitting.length > 0) return { pools: fitting.map((p) => p.name), maxContext: largest.maxContext };
   const atLeast = Math.max(...req.prompts.map(minPromptTokens));
   if (longest.exact || atLeast + completion > largest.maxContext) {
     const tokens = longest.exact ? `${longest.tokens}` : `at least ${atLeast}`;
@@ -110,5 +139,5 @@ export function planPools(config: GatewayConfig, req: PoolRequest): { pools: str
       ),
     };
   }
-  return { pools: [largest.name] };
+  return { pools: [largest.name], maxContext: largest.maxContext };
 }

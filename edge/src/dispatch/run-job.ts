@@ -6,7 +6,8 @@
  * NOTE: settlement happens here, in the code that receives the workers' final events, and never depends on the
  * client: a client that disconnects aborts `signal`, the sub-requests are cancelled at the workers, and the
  * `finally` below still settles what was used (the generator is driven to its end by the Durable Object, not by
- * the client). Tokens a cancelled choice streamed are counted from its deltas.
+ * the client). Tokens a cancelled choice streamed are counted from its deltas. While it runs, the job renews its
+ * reservation's lease with the usage so far, so that even this code dying loses nothing (see KeyLimiter).
  *
  * @module
  */
@@ -19,22 +20,15 @@ import {
   NoWorkersError,
   ProtocolError,
   QueueTimeoutError,
+  queuedIdAfterOffer,
   RequestTooLargeError,
   type SubmitRequest,
-  type Usage,
   WorkerError,
   WorkerLostError,
 } from "@llama-edge/shared";
 import type { ApiErrorInfo } from "../errors.ts";
-import {
-  decodeEvents,
-  encodeEvent,
-  type Job,
-  type JobEvent,
-  type JobRunner,
-  type Limiter,
-  type SubmitBackend,
-} from "./job.ts";
+import type { Job, JobEvent, Limiter, SubmitBackend } from "./job.ts";
+import { UsageTally } from "./usage-tally.ts";
 
 export interface RunJobDeps {
   backend: SubmitBackend;
@@ -46,12 +40,20 @@ export interface RunJobDeps {
 /** The abort reason when a job outlives its deadline. */
 class DeadlineReached extends Error {}
 
-interface Choice {
-  index: number;
-  promptIndex: number;
-  /** Completion tokens seen in deltas: the count when no final event arrives. */
-  numTokens: number;
-  usage?: Usage;
+/** The id of choice `index`'s request to the job's `p`-th pool. */
+const subRequestId = (job: Pick<Job, "id">, index: number, p: number): string =>
+  p === 0 ? `${job.id}-${index}` : `${job.id}-${index}-p${p}`;
+
+/** Every request id a job may have sent to a worker, with its pool: what to cancel when its runner is gone. */
+export function subRequests(job: Pick<Job, "id" | "pools" | "prompts" | "n">): { pool: string; id: string }[] {
+  const out: { pool: string; id: string }[] = [];
+  for (let index = 0; index < job.prompts.length * job.n; index++) {
+    job.pools.forEach((pool, p) => {
+      const id = subRequestId(job, index, p);
+      out.push({ pool, id }, { pool, id: queuedIdAfterOffer(id) });
+    });
+  }
+  return out;
 }
 
 /** The worker error that means "the prompt does not fit this pool's context". */
@@ -69,12 +71,11 @@ export async function* runJob(job: Job, deps: RunJobDeps, signal: AbortSignal): 
   );
 
   const queue = new Mailbox<JobEvent | null>(); // null: one choice is done
-  const choices: Choice[] = job.prompts.flatMap((_, promptIndex) =>
-    Array.from({ length: job.n }, (_, i) => ({ index: promptIndex * job.n + i, promptIndex, numTokens: 0 })),
-  );
+  const tally = new UsageTally(job);
+  const numChoices = job.prompts.length * job.n;
   let failure: unknown;
-  const runs = choices.map((ch) =>
-    runChoice(job, ch, deps.backend, ac.signal, (ev) => queue.push(ev))
+  const runs = Array.from({ length: numChoices }, (_, index) =>
+    runChoice(job, index, deps.backend, ac.signal, tally, (ev) => queue.push(ev))
       .catch((e) => {
         failure ??= e;
         ac.abort(e); // one choice failed: the others are cancelled, the client gets one error
@@ -82,18 +83,30 @@ export async function* runJob(job: Job, deps: RunJobDeps, signal: AbortSignal): 
       .finally(() => queue.push(null)),
   );
 
+  const usage = () => ({ model: job.model, ...tally.total() });
+  // While the job runs its reservation's lease is renewed with the usage so far: should this runner die, the key
+  // settles what had been delivered and frees the slots within one lease (see KeyLimiter).
+  const renewal = setInterval(
+    () => {
+      deps.limiter
+        .renew(job.keyHash, job.reservationId, usage(), Date.now() + job.leaseMs)
+        .catch((e: unknown) => deps.log?.(`renewing ${job.id} failed`, e));
+    },
+    Math.max(100, Math.floor(job.leaseMs / 3)),
+  );
   let settled = false;
   const settle = async () => {
     if (settled) return;
     settled = true;
+    clearInterval(renewal);
     try {
-      await deps.limiter.settle(job.keyHash, job.reservationId, { model: job.model, ...totalUsage(job, choices) });
+      await deps.limiter.settle(job.keyHash, job.reservationId, usage());
     } catch (e) {
       deps.log?.(`settling ${job.id} failed`, e);
     }
   };
   try {
-    let remaining = choices.length;
+    let remaining = numChoices;
     // Held until every choice has produced output: a choice the worker refuses (a token id outside the
     // vocabulary, say) must fail the whole request with an HTTP error, not after another choice's tokens went out.
     let held: JobEvent[] | null = [];
@@ -106,7 +119,7 @@ export async function* runJob(job: Job, deps: RunJobDeps, signal: AbortSignal): 
       else {
         held.push(ev);
         if (ev.type === "delta" || ev.type === "final") producing.add(ev.index);
-        if (producing.size === choices.length) {
+        if (producing.size === numChoices) {
           yield* held;
           held = null;
         }
@@ -119,7 +132,7 @@ export async function* runJob(job: Job, deps: RunJobDeps, signal: AbortSignal): 
     if (failure !== undefined) {
       yield { type: "error", error: toErrorInfo(failure, ac.signal.reason) };
     } else {
-      yield { type: "end", usage: totalUsage(job, choices) };
+      yield { type: "end", usage: tally.total() };
     }
   } finally {
     ac.abort(new CancelledError("job ended", job.id));
@@ -132,45 +145,45 @@ export async function* runJob(job: Job, deps: RunJobDeps, signal: AbortSignal): 
 
 async function runChoice(
   job: Job,
-  ch: Choice,
+  index: number,
   backend: SubmitBackend,
   signal: AbortSignal,
+  tally: UsageTally,
   emit: (ev: JobEvent) => void,
 ): Promise<void> {
-  const choiceInPrompt = ch.index % job.n;
+  const choiceInPrompt = index % job.n;
   const seed = job.sampling.seed;
   for (let p = 0; p < job.pools.length; p++) {
     const pool = job.pools[p]!;
     const request: SubmitRequest = {
-      id: p === 0 ? `${job.id}-${ch.index}` : `${job.id}-${ch.index}-p${p}`,
+      id: subRequestId(job, index, p),
       model: job.model,
-      prompt: job.prompts[ch.promptIndex]!,
+      prompt: job.prompts[Math.floor(index / job.n)]!,
       // Each choice of a seeded request gets its own seed: reproducible, yet the n choices differ.
       sampling: seed == null ? job.sampling : { ...job.sampling, seed: seed + choiceInPrompt },
-      deadline: job.deadline,
+      // The start-by time: the worker drops it (and the Dispatcher reports a queue timeout) once it has passed.
+      deadline: Math.min(job.deadline, Date.now() + (job.queueTimeoutMs?.[pool] ?? Number.POSITIVE_INFINITY)),
     };
     let sawTokens = false;
     try {
       // A cancelled choice's exact usage still arrives in the worker's final `abort` event: settle from it.
-      const onCancelledFinal = (f: Extract<DispatchEvent, { type: "final" }>) => {
-        ch.usage = f.usage;
-      };
+      const onCancelledFinal = (f: Extract<DispatchEvent, { type: "final" }>) => tally.final(index, f.usage);
       for await (const ev of backend.submit(pool, request, { signal, onCancelledFinal })) {
         if (ev.type === "start") {
-          emit({ type: "start", index: ch.index, worker_id: ev.worker_id, pool });
+          emit({ type: "start", index, worker_id: ev.worker_id, pool });
         } else if (ev.type === "delta") {
           sawTokens = true;
-          ch.numTokens += ev.token_ids.length;
+          tally.delta(index, ev.token_ids.length);
           emit({
             type: "delta",
-            index: ch.index,
+            index,
             text: ev.text,
             num_tokens: ev.token_ids.length,
             ...(ev.logprobs ? { logprobs: ev.logprobs } : {}),
           });
         } else if (ev.type === "final") {
-          ch.usage = ev.usage;
-          emit({ type: "final", index: ch.index, finish_reason: ev.finish_reason, usage: ev.usage });
+          tally.final(index, ev.usage);
+          emit({ type: "final", index, finish_reason: ev.finish_reason, usage: ev.usage });
         }
       }
       return;
@@ -180,26 +193,6 @@ async function runChoice(
       throw e;
     }
   }
-}
-
-/**
- * What the job used. Prompt tokens count once per prompt whatever `n` (as OpenAI bills), from a worker's final
- * event when one arrived, else from the admission estimate if the prompt was processed (tokens came out).
- */
-export function totalUsage(job: Job, choices: Choice[]): Usage {
-  const usage: Usage = { prompt_tokens: 0, completion_tokens: 0, cached_tokens: 0 };
-  job.prompts.forEach((_, promptIndex) => {
-    const mine = choices.filter((c) => c.promptIndex === promptIndex);
-    const reported = mine.find((c) => c.usage)?.usage;
-    if (reported) {
-      usage.prompt_tokens += reported.prompt_tokens;
-      usage.cached_tokens += reported.cached_tokens;
-    } else if (mine.some((c) => c.numTokens > 0)) {
-      usage.prompt_tokens += job.estimatedPromptTokens[promptIndex] ?? 0;
-    }
-  });
-  for (const c of choices) usage.completion_tokens += c.usage?.completion_tokens ?? c.numTokens;
-  return usage;
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -249,46 +242,4 @@ export function toErrorInfo(e: unknown, abortReason?: unknown): ApiErrorInfo {
   }
   if (e instanceof DispatchError) return err(e.status >= 400 ? e.status : 500, e.message, e.code);
   return err(500, "The server had an error while processing your request.", "internal_error");
-}
-
-/**
- * Runs the job to its end on its own, whatever the reader does, and streams its events as NDJSON. This is what a
- * dispatch shard returns over RPC: the loop below (not the client) drives `runJob`, so settlement happens even
- * when the reader is gone. Cancelling the stream cancels the job.
- */
-export function jobStream(
-  job: Job,
-  deps: RunJobDeps,
-  ac = new AbortController(),
-  onEnd?: () => void,
-): ReadableStream<Uint8Array> {
-  let cancelled = false;
-  return new ReadableStream<Uint8Array>({
-    start(controller) {
-      void (async () => {
-        try {
-          for await (const ev of runJob(job, deps, ac.signal)) if (!cancelled) controller.enqueue(encodeEvent(ev));
-        } catch (e) {
-          deps.log?.(`job ${job.id} failed`, e);
-          if (!cancelled) controller.enqueue(encodeEvent({ type: "error", error: toErrorInfo(e) }));
-        } finally {
-          if (!cancelled) controller.close();
-          onEnd?.();
-        }
-      })();
-    },
-    cancel(reason) {
-      cancelled = true;
-      ac.abort(new CancelledError(`the reader cancelled: ${String(reason)}`, job.id));
-    },
-  });
-}
-
-/** Runs jobs in this isolate (tests, single-process setups); production uses the dispatch shards. */
-export class LocalJobRunner implements JobRunner {
-  constructor(private readonly deps: RunJobDeps) {}
-
-  run(job: Job, signal: AbortSignal): AsyncIterable<JobEvent> {
-    return decodeEvents(jobStream(job, this.deps), signal);
-  }
 }

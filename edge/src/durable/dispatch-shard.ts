@@ -19,12 +19,14 @@
  */
 
 import { DurableObject } from "cloudflare:workers";
-import { CancelledError } from "@llama-edge/shared";
+import { CancelledError, encodeMessage, PROTOCOL_VERSION, poolNames } from "@llama-edge/shared";
 import { PrefixRouter, prefixKeys, WorkerTable } from "../dispatch/affinity.ts";
-import { decodeEvents, type Job, type JobEvent, type JobRunner } from "../dispatch/job.ts";
+import { decodeEvents, type Job, type JobEvent, type JobRunner, type Limiter } from "../dispatch/job.ts";
+import { jobStream } from "../dispatch/job-stream.ts";
 import { NatsBackend } from "../dispatch/nats-backend.ts";
 import { NatsLink } from "../dispatch/nats-link.ts";
-import { jobStream } from "../dispatch/run-job.ts";
+import { subRequests } from "../dispatch/run-job.ts";
+import { UsageTally } from "../dispatch/usage-tally.ts";
 import { DurableKeyStore } from "./durable-key-store.ts";
 import type { KeyDirectory, KeyState } from "./key-state.ts";
 
@@ -82,6 +84,20 @@ export class DispatchShard extends DurableObject<DispatchShardEnv> {
     this.#running.get(jobId)?.abort(new CancelledError("the client disconnected", jobId));
   }
 
+  /**
+   * Cancels, at the workers, the requests of a job whose shard died mid-stream (the gateway calls this on a fresh
+   * instance): the job is not running here, so a cancel goes out for every id it may have sent, and the workers
+   * stop generating for nobody.
+   */
+  async cancelOrphan(job: Job): Promise<void> {
+    if (this.#running.has(job.id)) return this.cancel(job.id);
+    const { nc } = await this.#link.get(job.id);
+    for (const { pool, id } of subRequests(job)) {
+      nc.publish(poolNames(pool).cancel, encodeMessage({ v: PROTOCOL_VERSION, id }));
+    }
+    await nc.flush();
+  }
+
   /** Connects now (start-up and health checks): true if NATS is reachable. */
   async warm(): Promise<boolean> {
     try {
@@ -103,17 +119,42 @@ export class DispatchShard extends DurableObject<DispatchShardEnv> {
   }
 }
 
-/** Chooses a shard per job and runs it there. */
+/**
+ * Chooses a shard per job and runs it there. Should the shard die mid-stream (reset, evicted, redeployed), the
+ * job's events stop with an error: this runner then settles with the key what it relayed to the client (the
+ * shard's own settlement, had it come first, wins: settling is idempotent), has the workers' requests cancelled,
+ * and ends the job with a 502. Tokens delivered are charged and the slots come back at once.
+ */
 export class ShardedJobRunner implements JobRunner {
   constructor(
     private readonly ns: DurableObjectNamespace<DispatchShard>,
     private readonly numShards: number,
+    private readonly limiter: Limiter,
   ) {}
 
   shardFor(job: Job): string {
     const first = job.prompts[0] ? prefixKeys(job.prompts[0])[0] : undefined;
     const n = first ? Number.parseInt(first.slice(-6), 36) : Math.floor(Math.random() * 2 ** 31);
     return `shard-${n % this.numShards}`;
+  }
+
+  /** The shard running `job` is gone: settle what was relayed, cancel at the workers, and say so. */
+  async #shardLost(job: Job, relayed: UsageTally): Promise<JobEvent> {
+    const usage = { model: job.model, ...relayed.total() };
+    const fresh = this.ns.get(this.ns.idFromName(this.shardFor(job)));
+    await Promise.all([this.limiter.settle(job.keyHash, job.reservationId, usage), fresh.cancelOrphan(job)]).catch(
+      (e: unknown) => console.error(`job ${job.id}: cleaning up after the shard failed`, e),
+    );
+    return {
+      type: "error",
+      error: {
+        status: 502,
+        message: "The gateway lost the connection to the request's workers; try again.",
+        type: "server_error",
+        param: null,
+        code: "bad_gateway",
+      },
+    };
   }
 
   async *run(job: Job, signal: AbortSignal, waitUntil?: (p: Promise<unknown>) => void): AsyncGenerator<JobEvent> {
@@ -133,7 +174,21 @@ export class ShardedJobRunner implements JobRunner {
       if (signal.aborted) throw new CancelledError("the client disconnected before dispatch", job.id);
       const stream = (await stub.run(job)) as ReadableStream<Uint8Array>;
       if (signal.aborted) onAbort(); // the first cancel may have reached the shard before the job did
-      yield* decodeEvents(stream, signal, { cancelOnAbort: false });
+      const relayed = new UsageTally(job);
+      let ended = false;
+      try {
+        for await (const ev of decodeEvents(stream, signal, { cancelOnAbort: false })) {
+          if (ev.type === "delta") relayed.delta(ev.index, ev.num_tokens);
+          else if (ev.type === "final") relayed.final(ev.index, ev.usage);
+          else if (ev.type === "end" || ev.type === "error") ended = true;
+          yield ev;
+        }
+      } catch (e) {
+        if (ended || signal.aborted) return;
+        console.error(`job ${job.id}: the dispatch shard failed mid-stream`, e);
+      }
+      if (ended) return;
+      yield await this.#shardLost(job, relayed);
     } finally {
       signal.removeEventListener("abort", onAbort);
       if (!signal.aborted) release?.();

@@ -120,4 +120,8 @@ export class DurableKeyStore implements KeyStore, Limiter {
   async settle(keyHash: string, reservationId: string, settlement: Settlement): Promise<void> {
     await this.#key(keyHash).settle(reservationId, settlement);
   }
+
+  async renew(keyHash: string, reservationId: string, progress: Settlement, leaseUntil: number): Promise<boolean> {
+    return (await this.#key(keyHash).renew(reservationId, progress, leaseUntil)) as boolean;
+  }
 }

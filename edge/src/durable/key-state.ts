@@ -96,6 +96,10 @@ export class KeyState extends DurableObject<unknown> {
     return this.#limiter.settle(reservationId, settlement);
   }
 
+  renew(reservationId: string, progress: Settlement, leaseUntil: number): boolean {
+    return this.#limiter.renew(reservationId, progress, leaseUntil);
+  }
+
   rateInfo(): RateInfo {
     return this.#limiter.rateInfo();
   }

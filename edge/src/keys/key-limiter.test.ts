@@ -134,6 +134,105 @@ describe("KeyLimiter TPM, concurrency, budget", () => {
   });
 });
 
+describe("KeyLimiter budget: never overshot", () => {
+  it("counts this request's reservation too: a 25-token budget does not admit a third 10-token request", () => {
+    const { admit, limiter } = setup({ budget: { tokens: 25, period: "day" } });
+    for (let i = 0; i < 2; i++) {
+      const r = admit(10);
+      if (!r.ok) throw new Error("not admitted");
+      limiter.settle(r.reservationId, { ...zero, prompt_tokens: 7, completion_tokens: 3 });
+    }
+    const third = admit(10);
+    expect(third.ok || third.reason).toBe("quota");
+    expect(admit(5).ok).toBe(true); // 20 + 5 fits exactly
+  });
+
+  it("reserves context × choices for a request without max_tokens, or caps it to what the budget has left", () => {
+    const { limiter, clock } = setup({ budget: { tokens: 1000, period: "day" } });
+    const expiresAt = clock.advance(0) + 60_000;
+    const need = { promptTokens: 100, choices: 2, maxTokens: null, maxContext: 256 };
+    const whole = limiter.admit({ model: "m", tokens: 10, budget: need, expiresAt });
+    expect(whole).toMatchObject({ ok: true });
+    expect(whole.ok && whole.maxTokens).toBe(undefined); // 100 + 2 × 256 fits: no cap
+    expect(limiter.usage("2026-01-01", "2026-01-01")?.budget?.reserved).toBe(612);
+    const capped = limiter.admit({ model: "m", tokens: 10, budget: need, expiresAt });
+    expect(capped.ok && capped.maxTokens).toBe(144); // (1000 - 612 - 100) / 2
+    const none = limiter.admit({ model: "m", tokens: 10, budget: need, expiresAt });
+    expect(none.ok || none.reason).toBe("quota"); // 1 token left: not even the prompt fits
+    const withMax = limiter.admit({ model: "m", tokens: 10, budget: { ...need, maxTokens: 1 }, expiresAt });
+    expect(withMax.ok || withMax.reason).toBe("quota"); // an explicit max_tokens is refused, never cut
+  });
+
+  it("counts usage in the day the request was admitted, and only that day's reservations", () => {
+    const { admit, limiter, clock } = setup({ budget: { tokens: 50, period: "day" } });
+    clock.advance(12 * 3600_000 - 1); // 23:59:59.999 on 2026-01-01
+    const late = admit(40);
+    if (!late.ok) throw new Error("not admitted");
+    clock.advance(1000); // 2026-01-02: yesterday's reservation does not hold today's budget
+    expect(admit(45).ok).toBe(true);
+    limiter.settle(late.reservationId, { ...zero, prompt_tokens: 30, completion_tokens: 10 });
+    const report = limiter.usage("2026-01-01", "2026-01-02")!;
+    expect(report.data).toEqual([
+      { date: "2026-01-01", model: "m", requests: 1, prompt_tokens: 30, completion_tokens: 10, cached_tokens: 0 },
+    ]);
+    expect(report.budget).toMatchObject({ used: 0, reserved: 45 });
+  });
+});
+
+describe("KeyLimiter concurrency counts sequences", () => {
+  it("admits prompts × n sequences up to max_concurrent, and refuses a request larger than the limit for good", () => {
+    const { limiter, clock } = setup({ max_concurrent: 4 });
+    const expiresAt = clock.advance(0) + 60_000;
+    const a = limiter.admit({ model: "m", tokens: 1, sequences: 3, expiresAt });
+    expect(a.ok).toBe(true);
+    const b = limiter.admit({ model: "m", tokens: 1, sequences: 2, expiresAt });
+    expect(b.ok || b.reason).toBe("concurrency");
+    expect(limiter.admit({ model: "m", tokens: 1, sequences: 1, expiresAt }).ok).toBe(true);
+    const huge = limiter.admit({ model: "m", tokens: 1, sequences: 5, expiresAt });
+    expect(huge.ok || huge.reason).toBe("too_many_sequences");
+    if (a.ok) limiter.settle(a.reservationId, zero);
+    expect(limiter.admit({ model: "m", tokens: 1, sequences: 3, expiresAt }).ok).toBe(true);
+  });
+});
+
+describe("KeyLimiter leases", () => {
+  it("settles a lapsed reservation by policy, its last renewal's usage, and a late settlement charges the rest", () => {
+    const { limiter, clock, reopen } = setup({ max_concurrent: 1 });
+    const t0 = clock.advance(0);
+    const r = limiter.admit({ model: "m", tokens: 50, leaseUntil: t0 + 10_000, expiresAt: t0 + 120_000 });
+    if (!r.ok) throw new Error("not admitted");
+    clock.advance(5_000);
+    const progress = { ...zero, prompt_tokens: 5, completion_tokens: 7 };
+    expect(limiter.renew(r.reservationId, progress, clock.advance(0) + 10_000)).toBe(true);
+    clock.advance(9_000);
+    expect(limiter.numOpenReservations).toBe(1); // renewed: still running
+    clock.advance(2_000); // the runner died: no renewal for a whole lease
+    const again = reopen(); // whatever the object did in between (evicted, restarted)
+    expect(again.numOpenReservations).toBe(0);
+    expect(again.admit({ model: "m", tokens: 1, expiresAt: t0 + 120_000 }).ok).toBe(true); // the slot is back
+    expect(again.usage("2026-01-01", "2026-01-01")!.totals).toEqual({
+      requests: 1,
+      prompt_tokens: 5,
+      completion_tokens: 7,
+      cached_tokens: 0,
+    });
+    expect(again.renew(r.reservationId, progress, clock.advance(0) + 10_000)).toBe(false);
+    // The runner's exact settlement still arrives (say the client's request saw the end): only the rest is added.
+    expect(again.settle(r.reservationId, { ...zero, prompt_tokens: 5, completion_tokens: 9 })).toBe(true);
+    expect(again.settle(r.reservationId, { ...zero, prompt_tokens: 5, completion_tokens: 9 })).toBe(false);
+    expect(again.usage("2026-01-01", "2026-01-01")!.totals).toMatchObject({ requests: 1, completion_tokens: 9 });
+  });
+
+  it("charges nothing for a reservation that lapsed before any renewal", () => {
+    const { limiter, clock } = setup({});
+    const t0 = clock.advance(0);
+    limiter.admit({ model: "m", tokens: 50, leaseUntil: t0 + 1000, expiresAt: t0 + 60_000 });
+    clock.advance(1000);
+    expect(limiter.numOpenReservations).toBe(0);
+    expect(limiter.usage("2026-01-01", "2026-01-01")!.totals).toMatchObject({ requests: 1, prompt_tokens: 0 });
+  });
+});
+
 describe("KeyLimiter ledger", () => {
   it("accumulates per day and model", () => {
     const { admit, limiter, clock } = setup({});

@@ -4,8 +4,16 @@
  * commit happen in one turn of the event loop: no other request can interleave, and a burst of 200 requests on a
  * 50 RPM key admits exactly 50. The Durable Object (durable/key-state.ts) only wires this to its storage.
  *
+ * NOTE on reservations. Admission reserves what a request may use; settlement replaces that with what it used.
+ * Whoever runs the request renews its reservation's lease while it runs, reporting the usage so far; a
+ * reservation whose lease lapses (its runner died with its client) is settled by policy: charged the usage of its
+ * last renewal, what had been delivered by then. A settlement arriving later charges the difference. So tokens
+ * delivered are charged, a dead runner's concurrency slots come back within one lease, and nothing is dropped.
+ * Usage counts in the day and budget period in which the request was admitted.
+ *
  * Storage layout: `meta` (KeyInfo), `rpm:<slot>` (admission times), `tpm` (bucket), `res:<id>` (open
- * reservations), `period:<day|month>` (budget tokens used), `usage:<YYYY-MM-DD>:<model>` (ledger rows).
+ * reservations), `lapsed:<id>` (reservations settled by policy, until a late settlement or their expiry),
+ * `period:<day|month>` (budget tokens used), `usage:<YYYY-MM-DD>:<model>` (ledger rows).
  *
  * @module
  */
@@ -38,10 +46,27 @@ export const WINDOW_MS = 60_000;
 
 export interface AdmitRequest {
   model: string;
-  /** Tokens reserved against TPM and the budget: prompt estimate + the completion tokens allowed. */
+  /** Tokens reserved against TPM: prompt estimate + the completion tokens allowed (or a default reserve). */
   tokens: number;
-  /** When the reservation is dropped if never settled (the request's deadline plus a margin). */
+  /** Worker sequences the request runs (prompts × n): what max_concurrent counts. Default 1. */
+  sequences?: number;
+  /** What a budget must hold for the request; absent = `tokens`. */
+  budget?: BudgetNeed;
+  /** Until when the reservation stands without a renewal (see `renew`); absent = `expiresAt`. */
+  leaseUntil?: number;
+  /** When the reservation ends at the latest, renewed or not (the request's deadline plus a margin). */
   expiresAt: number;
+}
+
+/** The most a request can use, for a budget that must never be overshot. */
+export interface BudgetNeed {
+  /** Prompt tokens, at most (all prompts). */
+  promptTokens: number;
+  choices: number;
+  /** Completion tokens per choice: the request's max_tokens, or null (until the context is full). */
+  maxTokens: number | null;
+  /** The largest context a choice may fill: bounds a choice without max_tokens. */
+  maxContext: number;
 }
 
 /** What OpenAI's x-ratelimit-* headers report, per dimension that has a limit. */
@@ -55,20 +80,44 @@ export type AdmitFailure =
   | "revoked"
   | "model_not_allowed"
   | "concurrency"
+  | "too_many_sequences"
   | "requests"
   | "tokens"
   | "request_too_large"
   | "quota";
 
 export type AdmitResult =
-  | { ok: true; reservationId: string; key: KeyInfo; rate: RateInfo }
+  | {
+      ok: true;
+      reservationId: string;
+      key: KeyInfo;
+      rate: RateInfo;
+      /** Set when the budget capped a request without max_tokens: its completion tokens per choice. */
+      maxTokens?: number;
+    }
   | { ok: false; reason: AdmitFailure; message: string; retryAfterMs?: number; rate?: RateInfo; key?: KeyInfo };
 
 interface Reservation {
+  /** Reserved against TPM. */
   tokens: number;
+  /** Reserved against the budget (of the period `at` falls in). */
+  budgetTokens: number;
+  sequences: number;
   model: string;
+  /** Admission time: the day and budget period the usage counts in. */
   at: number;
+  leaseUntil: number;
   expiresAt: number;
+  /** Usage so far, from the last renewal: what a lapsed reservation is charged. */
+  progress?: Settlement;
+}
+
+/** A reservation settled by policy when its lease lapsed: what it was charged, for a late settlement. */
+interface Lapsed {
+  charged: Settlement;
+  at: number;
+  /** Dropped after this (a settlement cannot come later than the reservation's own expiry). */
+  until: number;
 }
 
 interface Bucket {
@@ -79,6 +128,8 @@ interface Bucket {
 export const utcDate = (ms: number): string => new Date(ms).toISOString().slice(0, 10);
 const periodKey = (period: "day" | "month", ms: number): string =>
   `period:${period === "day" ? utcDate(ms) : utcDate(ms).slice(0, 7)}`;
+/** How long a lapsed reservation waits for a late settlement past its expiry. */
+const LAPSED_KEEP_MS = 10 * 60_000;
 const UNCONFIRMED = { unconfirmed: true };
 const slotKey = (i: number): string => `rpm:${String(i).padStart(6, "0")}`;
 
@@ -90,6 +141,7 @@ export class KeyLimiter {
   #ring: number[] = [];
   #head = 0;
   #reservations = new Map<string, Reservation>();
+  #lapsed = new Map<string, Lapsed>();
   #loaded = false;
 
   constructor(kv: KvStore, now: () => number = Date.now) {
@@ -107,7 +159,20 @@ export class KeyLimiter {
       this.#meta?.limits.rpm ?? 0,
       slots.map(([, t]) => t),
     );
-    for (const [k, r] of this.#kv.list<Reservation>({ prefix: "res:" })) this.#reservations.set(k.slice(4), r);
+    for (const [k, r] of this.#kv.list<
+      Partial<Reservation> & Pick<Reservation, "tokens" | "model" | "at" | "expiresAt">
+    >({
+      prefix: "res:",
+    })) {
+      // Reservations stored before leases, sequences and budget bounds existed get the old meaning.
+      this.#reservations.set(k.slice(4), {
+        budgetTokens: r.tokens,
+        sequences: 1,
+        leaseUntil: r.expiresAt,
+        ...r,
+      });
+    }
+    for (const [k, l] of this.#kv.list<Lapsed>({ prefix: "lapsed:" })) this.#lapsed.set(k.slice(7), l);
   }
 
   /** Rebuilds the ring for a (new) RPM limit, keeping the most recent admission times. */
@@ -190,21 +255,47 @@ export class KeyLimiter {
     if (limits.models && !limits.models.includes(req.model)) {
       return fail("model_not_allowed", `this key may not use model '${req.model}'`);
     }
-    if (limits.max_concurrent !== null && this.#reservations.size >= limits.max_concurrent) {
-      return fail(
-        "concurrency",
-        `Rate limit reached on concurrent requests: Limit ${limits.max_concurrent}, In use ${this.#reservations.size}.`,
-        1000,
-      );
+    const sequences = req.sequences ?? 1;
+    if (limits.max_concurrent !== null) {
+      if (sequences > limits.max_concurrent) {
+        return fail(
+          "too_many_sequences",
+          `This request runs ${sequences} sequences (prompts × n), more than the key's limit of ` +
+            `${limits.max_concurrent} concurrent sequences. Lower n or send fewer prompts.`,
+        );
+      }
+      const inUse = this.#sequencesInUse();
+      if (inUse + sequences > limits.max_concurrent) {
+        return fail(
+          "concurrency",
+          `Rate limit reached on concurrent sequences: Limit ${limits.max_concurrent}, In use ${inUse}, ` +
+            `Requested ${sequences}.`,
+          1000,
+        );
+      }
     }
+    let budgetTokens = 0;
+    let cappedMaxTokens: number | undefined;
     if (limits.budget) {
-      const used = this.#kv.get<number>(periodKey(limits.budget.period, now)) ?? 0;
-      const reserved = this.#reservedTokens();
-      if (used + reserved >= limits.budget.tokens) {
+      const { tokens: total, period } = limits.budget;
+      const used = this.#kv.get<number>(periodKey(period, now)) ?? 0;
+      const reserved = this.#reservedBudget(period, now);
+      const left = total - used - reserved;
+      const need = req.budget ?? { promptTokens: req.tokens, choices: 1, maxTokens: 0, maxContext: 0 };
+      budgetTokens = need.promptTokens + need.choices * (need.maxTokens ?? need.maxContext);
+      if (budgetTokens > left && need.maxTokens === null) {
+        // No max_tokens: run with what the budget has left rather than refuse (finish_reason "length" says so).
+        const perChoice = Math.floor((left - need.promptTokens) / need.choices);
+        if (perChoice >= 1) {
+          cappedMaxTokens = perChoice;
+          budgetTokens = need.promptTokens + need.choices * perChoice;
+        }
+      }
+      if (budgetTokens > left) {
         return fail(
           "quota",
-          `You exceeded your current quota: ${used} of ${limits.budget.tokens} tokens this ${limits.budget.period} ` +
-            `(${reserved} more reserved by requests in flight).`,
+          `You exceeded your current quota: ${used} of ${total} tokens used this ${period}, ${reserved} reserved ` +
+            `by requests in flight, and this request may use up to ${budgetTokens}.`,
         );
       }
     }
@@ -250,58 +341,125 @@ export class KeyLimiter {
       this.#kv.put("tpm", bucket, UNCONFIRMED);
     }
     const reservationId = randomBase62(16);
-    const r: Reservation = { tokens: req.tokens, model: req.model, at: now, expiresAt: req.expiresAt };
+    const r: Reservation = {
+      tokens: req.tokens,
+      budgetTokens,
+      sequences,
+      model: req.model,
+      at: now,
+      leaseUntil: Math.min(req.leaseUntil ?? req.expiresAt, req.expiresAt),
+      expiresAt: req.expiresAt,
+    };
     this.#reservations.set(reservationId, r);
     this.#kv.put(`res:${reservationId}`, r, UNCONFIRMED);
-    return { ok: true, reservationId, key: meta, rate: this.rateInfo(now) };
+    return {
+      ok: true,
+      reservationId,
+      key: meta,
+      rate: this.rateInfo(now),
+      ...(cappedMaxTokens !== undefined ? { maxTokens: cappedMaxTokens } : {}),
+    };
   }
 
   /**
-   * Ends a reservation with the tokens actually used: frees its concurrency slot, returns unused TPM tokens,
-   * counts the usage against the budget and in the ledger. Idempotent: an unknown or settled id returns false.
+   * Extends a running request's lease and records its usage so far (what it is charged should its runner die).
+   * False if the reservation is no longer open (settled, or lapsed: the runner may stop renewing).
+   */
+  renew(reservationId: string, progress: Settlement, leaseUntil: number): boolean {
+    this.#load();
+    const r = this.#reservations.get(reservationId);
+    if (!r) return false;
+    r.leaseUntil = Math.min(Math.max(r.leaseUntil, leaseUntil), r.expiresAt);
+    r.progress = progress;
+    this.#kv.put(`res:${reservationId}`, r, UNCONFIRMED);
+    return true;
+  }
+
+  /**
+   * Ends a reservation with the tokens actually used: frees its concurrency slots, returns unused TPM tokens,
+   * counts the usage against the budget and in the ledger (in the period it was admitted in). For a reservation
+   * that lapsed, charges what its policy settlement did not. Idempotent: a settled or unknown id returns false.
    */
   settle(reservationId: string, s: Settlement): boolean {
     this.#load();
     const r = this.#reservations.get(reservationId);
-    if (!r) return false;
-    this.#reservations.delete(reservationId);
-    this.#kv.delete(`res:${reservationId}`);
-    const now = this.#now();
+    if (r) {
+      this.#reservations.delete(reservationId);
+      this.#kv.delete(`res:${reservationId}`);
+      this.#charge(s, r.at, r.tokens, 1);
+      return true;
+    }
+    const lapsed = this.#lapsed.get(reservationId);
+    if (!lapsed) return false;
+    this.#lapsed.delete(reservationId);
+    this.#kv.delete(`lapsed:${reservationId}`);
+    const c = lapsed.charged;
+    const more: Settlement = {
+      model: s.model,
+      prompt_tokens: Math.max(0, s.prompt_tokens - c.prompt_tokens),
+      completion_tokens: Math.max(0, s.completion_tokens - c.completion_tokens),
+      cached_tokens: Math.max(0, s.cached_tokens - c.cached_tokens),
+    };
+    this.#charge(more, lapsed.at, 0, 0);
+    return true;
+  }
+
+  /** Counts `s` in the ledger and the budget periods of `at`; refunds the TPM tokens reserved beyond it. */
+  #charge(s: Settlement, at: number, reservedTpm: number, requests: number): void {
     const used = s.prompt_tokens + s.completion_tokens;
     const limits = this.#meta?.limits;
     if (limits?.tpm != null) {
-      const bucket = this.#bucket(limits.tpm, now);
+      const bucket = this.#bucket(limits.tpm, this.#now());
       // Refund what the reservation over-estimated (or charge what it under-estimated: the bucket may go negative).
-      bucket.tokens = Math.min(limits.tpm, bucket.tokens + r.tokens - used);
+      bucket.tokens = Math.min(limits.tpm, bucket.tokens + reservedTpm - used);
       this.#kv.put("tpm", bucket);
     }
     for (const period of ["day", "month"] as const) {
-      const k = periodKey(period, now);
+      const k = periodKey(period, at);
       this.#kv.put(k, (this.#kv.get<number>(k) ?? 0) + used);
     }
-    const rowKey = `usage:${utcDate(now)}:${s.model}`;
+    const rowKey = `usage:${utcDate(at)}:${s.model}`;
     const row = this.#kv.get<UsageCounters>(rowKey) ?? emptyCounters();
-    row.requests += 1;
+    row.requests += requests;
     row.prompt_tokens += s.prompt_tokens;
     row.completion_tokens += s.completion_tokens;
     row.cached_tokens += s.cached_tokens;
     this.#kv.put(rowKey, row);
-    return true;
   }
 
-  /** Reservations past their expiry were never settled (their dispatcher died): free them. */
+  /**
+   * Reservations whose lease lapsed (their runner died with its client, or stopped renewing) are settled by
+   * policy: charged the usage of their last renewal (zero if none came), their slots freed.
+   */
   #sweep(now: number): void {
     for (const [id, r] of this.#reservations) {
-      if (r.expiresAt <= now) {
-        this.#reservations.delete(id);
-        this.#kv.delete(`res:${id}`);
-      }
+      if (r.leaseUntil > now) continue;
+      const charged = r.progress ?? { model: r.model, prompt_tokens: 0, completion_tokens: 0, cached_tokens: 0 };
+      this.#reservations.delete(id);
+      this.#kv.delete(`res:${id}`);
+      this.#charge(charged, r.at, r.tokens, 1);
+      const lapsed: Lapsed = { charged, at: r.at, until: r.expiresAt + LAPSED_KEEP_MS };
+      this.#lapsed.set(id, lapsed);
+      this.#kv.put(`lapsed:${id}`, lapsed);
+    }
+    for (const [id, l] of this.#lapsed) {
+      if (l.until > now) continue;
+      this.#lapsed.delete(id);
+      this.#kv.delete(`lapsed:${id}`);
     }
   }
 
-  #reservedTokens(): number {
+  #sequencesInUse(): number {
     let sum = 0;
-    for (const r of this.#reservations.values()) sum += r.tokens;
+    for (const r of this.#reservations.values()) sum += r.sequences;
+    return sum;
+  }
+
+  /** Budget tokens reserved by requests admitted in the current period (earlier ones count in theirs). */
+  #reservedBudget(period: "day" | "month", now: number): number {
+    const current = periodKey(period, now);
+    let sum = 0;
+    for (const r of this.#reservations.values()) if (periodKey(period, r.at) === current) sum += r.budgetTokens;
     return sum;
   }
 
@@ -355,6 +513,8 @@ export class KeyLimiter {
   usage(startDate: string, endDate: string): UsageReport | undefined {
     this.#load();
     if (!this.#meta) return undefined;
+    const now = this.#now();
+    this.#sweep(now);
     const data: UsageRow[] = [];
     const totals = emptyCounters();
     for (const [k, c] of this.#kv.list<UsageCounters>({ prefix: "usage:" })) {
@@ -377,15 +537,16 @@ export class KeyLimiter {
       budget: b && {
         period: b.period,
         tokens: b.tokens,
-        used: this.#kv.get<number>(periodKey(b.period, this.#now())) ?? 0,
-        reserved: this.#reservedTokens(),
+        used: this.#kv.get<number>(periodKey(b.period, now)) ?? 0,
+        reserved: this.#reservedBudget(b.period, now),
       },
     };
   }
 
-  /** Requests admitted and not yet settled. */
+  /** Requests admitted and not yet settled (lapsed leases count as settled). */
   get numOpenReservations(): number {
     this.#load();
+    this.#sweep(this.#now());
     return this.#reservations.size;
   }
 }

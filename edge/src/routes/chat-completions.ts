@@ -6,6 +6,7 @@
  */
 import type { ChatMessage } from "@llama-edge/shared";
 import { Hono } from "hono";
+import type { RequestIdVariables } from "hono/request-id";
 import { errors } from "../errors.ts";
 import { type InferenceDeps, runInference } from "../inference.ts";
 import type { AuthVars } from "../middleware/auth.ts";
@@ -22,7 +23,7 @@ function toMessages(req: ChatCompletionRequest): ChatMessage[] {
 }
 
 export function chatCompletionsRoute(deps: InferenceDeps) {
-  return new Hono<{ Variables: AuthVars & JsonBodyVars }>().post("/", async (c) => {
+  return new Hono<{ Variables: AuthVars & JsonBodyVars & RequestIdVariables }>().post("/", async (c) => {
     const req = parseRequest(ChatCompletionRequestSchema, c.get("body"));
     if (req.top_logprobs != null && req.logprobs !== true) {
       throw errors.invalidRequest("'top_logprobs' requires 'logprobs' to be true.", "top_logprobs", "invalid_value");

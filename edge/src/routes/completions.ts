@@ -6,6 +6,7 @@
  */
 import type { Prompt } from "@llama-edge/shared";
 import { Hono } from "hono";
+import type { RequestIdVariables } from "hono/request-id";
 import { errors } from "../errors.ts";
 import { type InferenceDeps, runInference } from "../inference.ts";
 import type { AuthVars } from "../middleware/auth.ts";
@@ -25,7 +26,7 @@ function toPrompts(prompt: CompletionRequest["prompt"]): Prompt[] {
 }
 
 export function completionsRoute(deps: InferenceDeps) {
-  return new Hono<{ Variables: AuthVars & JsonBodyVars }>().post("/", async (c) => {
+  return new Hono<{ Variables: AuthVars & JsonBodyVars & RequestIdVariables }>().post("/", async (c) => {
     const req = parseRequest(CompletionRequestSchema, c.get("body"));
     const n = req.n ?? 1;
     if (req.suffix) throw errors.invalidRequest("'suffix' is not supported by this model.", "suffix", "invalid_value");

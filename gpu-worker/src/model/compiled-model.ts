@@ -1,6 +1,7 @@
 import { createHash } from "node:crypto";
 import { closeSync, existsSync, mkdirSync, openSync, renameSync, rmSync, statSync, writeSync } from "node:fs";
 import { dirname, join } from "node:path";
+import { checkCompiledDir, readCompiledManifest } from "./compiled-dir.ts";
 import type { LlamaConfig } from "./config.ts";
 import { cacheDir } from "./default-model.ts";
 import { ModelLoadError } from "./errors.ts";
@@ -23,7 +24,7 @@ import { f32BitsToF16Bits } from "./safetensors.ts";
 import { LlamaWeights } from "./weights.ts";
 
 /** Bump when the graph's weight layout or the packed file changes: old compiled caches are then ignored. */
-const COMPILER_VERSION = 4;
+export const COMPILER_VERSION = 4;
 
 /**
  * Tensors start on 4 KiB boundaries: ONNX Runtime memory-maps an external initializer instead of copying it
@@ -50,6 +51,8 @@ export interface CompileOptions {
   quantization?: Quantization;
   /** Called as parameters are converted: (parameters done, parameters in all). */
   onProgress?: (done: number, total: number) => void;
+  /** Write the packed weights here instead of the cache (`llama-worker compile --out`). */
+  outDir?: string;
 }
 
 /**
@@ -61,10 +64,27 @@ export interface CompileOptions {
  * file is cached under `<cache>/compiled/<key>`, keyed by the checkpoint's files and the format.
  */
 export function compileModel(modelDir: string, cfg: LlamaConfig, opts: CompileOptions = {}): CompiledModel {
+  // A directory `llama-worker compile` wrote (compiled-dir.ts): its weights are packed already, in its format.
+  const manifest = readCompiledManifest(modelDir);
+  if (manifest) {
+    // "none" is every command's default: only an explicit int8/int4 can disagree with the directory.
+    checkCompiledDir(
+      modelDir,
+      manifest,
+      COMPILER_VERSION,
+      opts.quantization === "none" ? undefined : opts.quantization,
+    );
+    const layout = packedLayout(cfg, manifest.quantization);
+    return {
+      graph: buildLlamaGraph(cfg, layout.refs),
+      weightsDir: modelDir,
+      weightBytes: layout.bytes,
+      decodeBytesPerToken: layout.decodeBytes,
+    };
+  }
   const quantization = opts.quantization ?? "none";
   const weights = LlamaWeights.open(modelDir, cfg);
-  const key = cacheKey(cfg, weights, quantization);
-  const outDir = join(cacheDir(), "compiled", key);
+  const outDir = opts.outDir ?? join(cacheDir(), "compiled", cacheKey(cfg, weights, quantization));
   const layout = packedLayout(cfg, quantization);
   if (!existsSync(join(outDir, "weights.bin"))) {
     mkdirSync(dirname(outDir), { recursive: true });

@@ -108,21 +108,18 @@ export function quantizeRows(w: Float32Array, n: number, k: number, bits: 4 | 8,
         scales[r * nb + b] = scale;
         data.fill(128, out, out + blockBytes); // padding dequantizes to 0
         for (let i = start; i < end; i++) {
-          const q = Math.round(w[i] * inv);
-          data[out + i - start] = (q < -128 ? -128 : q > 127 ? 127 : q) + 128;
+          data[out + i - start] = clamp(Math.round(w[i] * inv), -128, 127) + 128;
         }
       } else {
         const scale = Math.fround((hi - lo) / 15);
         const inv = scale > 0 ? 1 / scale : 0;
-        const zpRaw = Math.round(-lo * inv);
-        const zp = zpRaw < 0 ? 0 : zpRaw > 15 ? 15 : zpRaw;
+        const zp = clamp(Math.round(-lo * inv), 0, 15);
         scales[r * nb + b] = scale;
         const zpAt = r * bytes.zeroPoints + (b >> 1);
         (zeroPoints as Uint8Array)[zpAt] |= b & 1 ? zp << 4 : zp;
         data.fill(zp | (zp << 4), out, out + blockBytes); // padding dequantizes to 0
         for (let i = start; i < end; i++) {
-          const qRaw = Math.round(w[i] * inv) + zp;
-          const q = qRaw < 0 ? 0 : qRaw > 15 ? 15 : qRaw;
+          const q = clamp(Math.round(w[i] * inv) + zp, 0, 15);
           const j = i - start;
           const at = out + (j >> 1);
           data[at] = j & 1 ? (data[at] & 0x0f) | (q << 4) : (data[at] & 0xf0) | q;
@@ -131,6 +128,10 @@ export function quantizeRows(w: Float32Array, n: number, k: number, bits: 4 | 8,
     }
   }
   return { bits, blockSize, n, k, data, scales, zeroPoints };
+}
+
+function clamp(x: number, lo: number, hi: number): number {
+  return Math.min(hi, Math.max(lo, x));
 }
 
 /** The [n, k] matrix a quantized one stands for: what MatMulNBits multiplies by. */

@@ -19,6 +19,7 @@ import type { EngineOptions } from "../engine/llm-engine.ts";
 import type { EngineStats } from "../engine/types.ts";
 import type {
   EngineConfig,
+  EngineStartup,
   HostRequest,
   HostToThread,
   ThreadError,
@@ -26,7 +27,7 @@ import type {
   ThreadToHost,
 } from "./engine-thread-protocol.ts";
 
-export type { ChatPrompt, EngineConfig, HostRequest } from "./engine-thread-protocol.ts";
+export type { ChatPrompt, EngineConfig, EngineStartup, HostRequest } from "./engine-thread-protocol.ts";
 
 export interface EngineHostOptions {
   engineOptions: Omit<EngineOptions, "onProgress">;
@@ -34,6 +35,8 @@ export interface EngineHostOptions {
   statsIntervalMs?: number;
   /** Module exporting `LLMEngine`; default the real engine. */
   engineModule?: string;
+  /** Progress of the one-time steps while the engine starts (stage "compile": tensors packed). */
+  onProgress?: (stage: string, done: number, total: number) => void;
 }
 
 /** The engine refused or failed a request; `name` and `code` are the engine's (EngineRequestError, ...). */
@@ -68,6 +71,8 @@ export class EngineHost {
     worker: Worker,
     readonly config: EngineConfig,
     stats: EngineStats,
+    /** How long the engine took to start, by step. */
+    readonly startup: EngineStartup,
   ) {
     this.#worker = worker;
     this.#stats = stats;
@@ -99,11 +104,16 @@ export class EngineHost {
     };
     const worker = spawnThread(init);
     const first = await new Promise<ThreadToHost>((resolve, reject) => {
-      worker.once("message", resolve);
+      const onMessage = (m: ThreadToHost) => {
+        if (m.type === "progress") return opts.onProgress?.(m.stage, m.done, m.total);
+        worker.off("message", onMessage);
+        resolve(m);
+      };
+      worker.on("message", onMessage);
       worker.once("error", reject);
       worker.once("exit", (code) => reject(new EngineCrashedError(`engine thread exited with code ${code} at start`)));
     });
-    if (first.type === "ready") return new EngineHost(worker, first.config, first.stats);
+    if (first.type === "ready") return new EngineHost(worker, first.config, first.stats, first.startup);
     await worker.terminate();
     if (first.type === "startFailed") {
       const err = new Error(first.error.message);

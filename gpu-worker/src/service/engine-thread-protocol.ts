@@ -53,8 +53,16 @@ export type HostToThread =
   | { type: "abort"; requestId: string }
   | { type: "prefixHashes"; callId: number; limit: number };
 
+/** Where the engine's start went: packing the weights (0 when they were packed already), then loading them. */
+export interface EngineStartup {
+  compileSeconds: number;
+  loadSeconds: number;
+}
+
 export type ThreadToHost =
-  | { type: "ready"; config: EngineConfig; stats: EngineStats }
+  | { type: "ready"; config: EngineConfig; stats: EngineStats; startup: EngineStartup }
+  /** Before `ready`: progress of a one-time step (compiling the weights). */
+  | { type: "progress"; stage: string; done: number; total: number }
   | { type: "startFailed"; error: ThreadError }
   | { type: "event"; requestId: string; event: ServedEvent }
   /** submit() threw (invalid parameters, prompt too long) or the stream failed. Ends the request. */

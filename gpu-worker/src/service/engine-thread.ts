@@ -31,15 +31,32 @@ function toThreadError(e: unknown, defaultParam?: string): ThreadError {
 
 async function main(init: ThreadInit): Promise<void> {
   let engine: LLMEngine;
+  const started = performance.now();
+  let compiledAt: number | undefined; // the last compile progress: weights packed
   try {
     const mod = (await import(init.engineModule)) as { LLMEngine: typeof LLMEngine };
-    engine = await mod.LLMEngine.create(init.engineOptions);
+    engine = await mod.LLMEngine.create({
+      ...init.engineOptions,
+      onProgress: (stage, done, total) => {
+        if (stage === "compile") compiledAt = performance.now();
+        send({ type: "progress", stage, done, total });
+      },
+    });
   } catch (e) {
     send({ type: "startFailed", error: toThreadError(e) });
     return;
   }
+  const ready = performance.now();
   const { modelName, maxModelLen, maxNumSeqs, blockSize, numBlocks } = engine.config;
-  send({ type: "ready", config: { modelName, maxModelLen, maxNumSeqs, blockSize, numBlocks }, stats: engine.stats() });
+  send({
+    type: "ready",
+    config: { modelName, maxModelLen, maxNumSeqs, blockSize, numBlocks },
+    stats: engine.stats(),
+    startup: {
+      compileSeconds: ((compiledAt ?? started) - started) / 1000,
+      loadSeconds: (ready - (compiledAt ?? started)) / 1000,
+    },
+  });
   // Also sent after every finished request, so freed blocks show in the host at once.
   setInterval(() => send({ type: "stats", stats: engine.stats() }), init.statsIntervalMs);
 

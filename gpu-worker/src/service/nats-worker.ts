@@ -34,13 +34,20 @@ import {
   type RequestMessage,
   type TokenEvent,
 } from "@llama-edge/shared";
-import { type Consumer, type JetStreamClient, type JsMsg, jetstream, jetstreamManager } from "@nats-io/jetstream";
+import {
+  type Consumer,
+  type JetStreamClient,
+  type JetStreamManager,
+  type JsMsg,
+  jetstream,
+  jetstreamManager,
+} from "@nats-io/jetstream";
 import type { ConnectionOptions, Msg, NatsConnection } from "@nats-io/nats-core";
 import { connect } from "@nats-io/transport-node";
 import type { Logger } from "pino";
 import type { ServedEvent } from "../chat/output-plan.ts";
 import { type EngineHost, EngineRequestFailed } from "./engine-host.ts";
-import type { RequestOutcome, WorkerMetrics } from "./metrics.ts";
+import type { PoolLag, RequestOutcome, WorkerMetrics } from "./metrics.ts";
 import { ensurePool, type PoolSetupOptions } from "./pool-setup.ts";
 import { toHostRequest, toWireLogprob, toWireUsage } from "./wire-mapping.ts";
 
@@ -83,6 +90,7 @@ interface InFlight {
   lastEventAt: number;
   lastProgressAt: number;
   firstTokenAt?: number;
+  lastTokenAt?: number;
   /** Aborted because the drain grace period ran out: reported as `unavailable`, not as a normal abort. */
   abortedByShutdown: boolean;
   /** Generated tokens sent so far (logged with a cancel: what the engine makes after it is at most one step). */
@@ -121,6 +129,7 @@ export class NatsWorker {
   #wakeRoomWaiter: (() => void) | undefined;
   #pullLoop: Promise<void> = Promise.resolve();
   #drained: Promise<void> | undefined;
+  #jsm: Promise<JetStreamManager> | undefined;
 
   private constructor(nc: NatsConnection, opts: NatsWorkerOptions, ackWaitMs: number) {
     this.nc = nc;
@@ -172,6 +181,18 @@ export class NatsWorker {
 
   get draining(): boolean {
     return this.#draining;
+  }
+
+  /** The pool consumer's counts (what KEDA reads as lag), for /metrics. */
+  async poolLag(): Promise<PoolLag> {
+    this.#jsm ??= jetstreamManager(this.nc, { timeout: JS_API_TIMEOUT_MS, checkAPI: false });
+    try {
+      const info = await (await this.#jsm).consumers.info(this.#names.stream, this.#names.consumer);
+      return { pending: info.num_pending, ackPending: info.num_ack_pending };
+    } catch (e) {
+      this.#jsm = undefined;
+      throw e;
+    }
   }
 
   get numInFlight(): number {
@@ -371,7 +392,7 @@ export class NatsWorker {
     this.#inFlight.set(req.id, f);
     const queueMs = req.submitted_at === undefined ? 0 : Math.max(0, now - req.submitted_at);
     this.#o.metrics?.inFlight.set(this.#inFlight.size);
-    this.#o.metrics?.queueSeconds.observe(queueMs / 1000);
+    this.#o.metrics?.queueTimeSeconds.observe(queueMs / 1000);
     f.log.info(
       { queue_ms: queueMs, deliveries: msg?.info.deliveryCount ?? 0, direct: msg === null, prompt: req.prompt.type },
       "admitted",
@@ -391,10 +412,16 @@ export class NatsWorker {
     try {
       for await (const ev of events) {
         if (ev.type === "delta") {
+          const now = Date.now();
           if (f.firstTokenAt === undefined) {
-            f.firstTokenAt = Date.now();
-            this.#o.metrics?.timeToFirstTokenSeconds.observe((f.firstTokenAt - f.admittedAt) / 1000);
+            f.firstTokenAt = now;
+            this.#o.metrics?.timeToFirstTokenSeconds.observe((now - f.admittedAt) / 1000);
+          } else if (ev.tokenIds.length > 0) {
+            // A delta may carry several tokens (the detokenizer waits for whole characters): one gap each.
+            const gap = (now - (f.lastTokenAt ?? now)) / 1000 / ev.tokenIds.length;
+            for (let i = 0; i < ev.tokenIds.length; i++) this.#o.metrics?.interTokenLatencySeconds.observe(gap);
           }
+          f.lastTokenAt = now;
           f.numTokensSent += ev.tokenIds.length;
           this.#emit(f, {
             type: "delta",
@@ -430,6 +457,7 @@ export class NatsWorker {
       metrics?.promptTokens.inc(usage.prompt_tokens);
       metrics?.cachedPromptTokens.inc(usage.cached_tokens);
       metrics?.generationTokens.inc(usage.completion_tokens);
+      metrics?.e2eRequestLatencySeconds.observe((Date.now() - f.admittedAt) / 1000);
       f.log.info({ finish_reason: end.finishReason, usage, ms: Date.now() - f.admittedAt }, "finished");
     } else {
       const badRequest = end instanceof EngineRequestFailed && BAD_REQUEST_ERRORS.has(end.error.name);

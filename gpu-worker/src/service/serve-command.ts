@@ -7,15 +7,18 @@
  */
 import { readFileSync } from "node:fs";
 import { hostname } from "node:os";
+import { join } from "node:path";
 import { parseArgs } from "node:util";
 import { isValidPoolName } from "@llama-edge/shared";
 import { type ConnectionOptions, credsAuthenticator } from "@nats-io/nats-core";
 import { pino } from "pino";
-import { ensureDefaultModel } from "../model/default-model.ts";
+import { removeCompileTemps } from "../model/compiled-dir.ts";
+import { cacheDir } from "../model/default-model.ts";
+import { resolveModel } from "../model/model-source.ts";
 import { parseQuantization, type Quantization } from "../model/quantize.ts";
 import { EngineHost } from "./engine-host.ts";
 import { type HealthServer, startHealthServer } from "./health-server.ts";
-import { WorkerMetrics } from "./metrics.ts";
+import { type ColdStartPhase, WorkerMetrics } from "./metrics.ts";
 import { NatsWorker } from "./nats-worker.ts";
 
 export const SERVE_USAGE = `Usage: llama-worker serve [options]
@@ -23,14 +26,18 @@ export const SERVE_USAGE = `Usage: llama-worker serve [options]
 Joins a worker pool over NATS and serves its requests. Each option can also be set by the environment variable
 shown; the flag wins.
 
-  --model <dir>                 LLAMA_MODEL             LLaMA checkpoint directory (default: the generated
-                                                        default model, random weights)
+  --model <m>                   LLAMA_MODEL             A checkpoint directory, a compiled directory
+                                                        (llama-worker compile), or a Hugging Face repo id
+                                                        org/name[@revision] (default: the generated default
+                                                        model, random weights)
   --pool <name>                 LLAMA_POOL              Worker pool, [a-z0-9-]+ (default "default")
   --nats <url[,url]>            NATS_URL                NATS server(s) (default nats://127.0.0.1:4222)
   --worker-id <id>              LLAMA_WORKER_ID         Name in events, logs, load reports (default host-pid)
   --served-model-name <name>    LLAMA_SERVED_MODEL_NAME Model name(s) requests may use, comma-separated
-                                                        (default: the model directory's name)
+                                                        (default: the repo id, or the directory's name)
   --max-num-seqs <n>            LLAMA_MAX_NUM_SEQS      Sequences running at once (default 64)
+  --max-model-len <n>           LLAMA_MAX_MODEL_LEN     Longest sequence (prompt + completion) served (default
+                                                        and maximum: the model's max_position_embeddings)
   --max-num-batched-tokens <n>  LLAMA_MAX_NUM_BATCHED_TOKENS
   --block-size <n>              LLAMA_BLOCK_SIZE
   --kv-cache-bytes <n>          LLAMA_KV_CACHE_BYTES
@@ -52,6 +59,7 @@ shown; the flag wins.
 
 NATS credentials come from the environment only (flags would show in the process list):
   NATS_USER + NATS_PASSWORD, or NATS_TOKEN, or NATS_CREDS (path of a .creds file: JWT + NKey seed).
+A Hub model is downloaded as huggingface_hub does: HF_ENDPOINT, HF_TOKEN, HF_HOME (the cache), HF_HUB_OFFLINE.
 `;
 
 const OPTIONS = {
@@ -61,6 +69,7 @@ const OPTIONS = {
   "worker-id": { type: "string", env: "LLAMA_WORKER_ID" },
   "served-model-name": { type: "string", env: "LLAMA_SERVED_MODEL_NAME" },
   "max-num-seqs": { type: "string", env: "LLAMA_MAX_NUM_SEQS" },
+  "max-model-len": { type: "string", env: "LLAMA_MAX_MODEL_LEN" },
   "max-num-batched-tokens": { type: "string", env: "LLAMA_MAX_NUM_BATCHED_TOKENS" },
   "block-size": { type: "string", env: "LLAMA_BLOCK_SIZE" },
   "kv-cache-bytes": { type: "string", env: "LLAMA_KV_CACHE_BYTES" },
@@ -123,6 +132,7 @@ function readOptions(argv: string[]) {
       .map((s) => s.trim())
       .filter(Boolean),
     maxNumSeqs: num("max-num-seqs", Number.isInteger),
+    maxModelLen: num("max-model-len", Number.isInteger),
     maxNumBatchedTokens: num("max-num-batched-tokens", Number.isInteger),
     blockSize: num("block-size", Number.isInteger),
     kvCacheBytes: num("kv-cache-bytes"),
@@ -138,6 +148,9 @@ function readOptions(argv: string[]) {
     logLevel: str("log-level") ?? "info",
   };
 }
+
+/** Where the engine packs checkpoints' weights (compiled-model.ts) when given a checkpoint, not a compiled dir. */
+const compiledCacheDir = () => join(cacheDir(), "compiled");
 
 /** Credentials from NATS_USER/NATS_PASSWORD, NATS_TOKEN or NATS_CREDS. */
 function natsAuth(env: NodeJS.ProcessEnv): Omit<ConnectionOptions, "servers" | "name"> {
@@ -189,6 +202,9 @@ export async function serveCommand(argv: string[]): Promise<number> {
     logger.info({ signal: sig }, "shutting down");
     if (!host) {
       // Still loading the model (minutes for a big one): nothing to drain, and no reason to make Kubernetes wait.
+      // The engine thread may be packing weights into a temp dir: remove it, or it would fill the cache volume.
+      for (const path of removeCompileTemps(compiledCacheDir(), { pid: process.pid }))
+        logger.info({ path }, "removed the interrupted compile's temp dir");
       logger.flush();
       process.exit(0);
     }
@@ -214,12 +230,22 @@ export async function serveCommand(argv: string[]): Promise<number> {
     });
     logger.info({ port: health.port }, "health server listening");
 
-    const modelDir = o.model ?? (await ensureDefaultModel("default", { quiet: true }));
-    logger.info({ model_dir: modelDir }, "loading model");
+    for (const path of removeCompileTemps(compiledCacheDir()))
+      logger.info({ path }, "removed a compile temp dir left by a killed worker");
+    const initSeconds = performance.now() / 1000;
+    const source = await resolveModel(o.model, { log: (msg, fields) => logger.info(fields ?? {}, msg) });
+    logger.info({ model_dir: source.dir, model: source.name, origin: source.origin }, "loading model");
+    let lastProgressLog = 0;
     host = await EngineHost.start({
+      onProgress: (stage, done, total) => {
+        if (Date.now() - lastProgressLog < 10_000 && done < total) return;
+        lastProgressLog = Date.now();
+        logger.info({ stage, done, total }, `${stage}: ${done}/${total}`);
+      },
       engineOptions: {
-        modelDir,
+        modelDir: source.dir,
         maxNumSeqs: o.maxNumSeqs,
+        maxModelLen: o.maxModelLen,
         maxNumBatchedTokens: o.maxNumBatchedTokens,
         blockSize: o.blockSize,
         kvCacheBytes: o.kvCacheBytes,
@@ -237,9 +263,20 @@ export async function serveCommand(argv: string[]): Promise<number> {
     });
     logger.info({ config: host.config }, "model loaded");
 
-    metrics = new WorkerMetrics({ pool: o.pool, worker_id: o.workerId, model: host.config.modelName }, () =>
-      host ? host.stats() : null,
+    const servedModelNames = o.servedModelNames ?? [source.name];
+    metrics = new WorkerMetrics(
+      { pool: o.pool, worker_id: o.workerId, model: servedModelNames[0] ?? source.name },
+      () => (host ? host.stats() : null),
+      () => (worker ? worker.poolLag() : Promise.resolve(null)),
     );
+    const coldStart: Record<ColdStartPhase, number> = {
+      init: initSeconds,
+      download: source.fetchSeconds,
+      compile: host.startup.compileSeconds,
+      load: host.startup.loadSeconds,
+      connect: 0,
+    };
+    const connectStarted = performance.now();
     if (stop.signal.aborted) return crashed ? 1 : 0;
     worker =
       (await NatsWorker.start({
@@ -250,13 +287,23 @@ export async function serveCommand(argv: string[]): Promise<number> {
         engine: host,
         logger,
         metrics,
-        servedModelNames: o.servedModelNames,
+        servedModelNames,
         kvFreeWatermark: o.kvFreeWatermark,
         poolSetup: { ackWaitMs: o.ackWaitS * 1000, replicas: o.streamReplicas },
         signal: stop.signal,
       })) ?? undefined;
     if (!worker) return crashed ? 1 : 0; // stopped while connecting
-    logger.info({ nats: o.nats, served_model_names: o.servedModelNames ?? [host.config.modelName] }, "ready");
+    coldStart.connect = (performance.now() - connectStarted) / 1000;
+    for (const [phase, seconds] of Object.entries(coldStart)) metrics.coldStartSeconds.set({ phase }, seconds);
+    const total = Object.values(coldStart).reduce((a, b) => a + b, 0);
+    logger.info(
+      {
+        cold_start_s: Object.fromEntries(Object.entries(coldStart).map(([k, v]) => [k, Math.round(v * 1000) / 1000])),
+        total_s: Math.round(total * 1000) / 1000,
+      },
+      "cold start",
+    );
+    logger.info({ nats: o.nats, served_model_names: servedModelNames }, "ready");
 
     if (!stop.signal.aborted) {
       await new Promise((resolve) => stop.signal.addEventListener("abort", resolve, { once: true }));
