@@ -17,12 +17,14 @@ const job: Job = {
   sampling: {},
   deadline: Date.now() + 60_000,
   estimatedPromptTokens: [2, 2],
+  leaseMs: 60_000,
 };
 
 const settled: unknown[] = [];
 const limiter = {
   admit: () => Promise.reject(new Error("not used")),
   settle: async (_k: string, _r: string, s: unknown) => void settled.push(s),
+  renew: async () => true,
 };
 
 /**
