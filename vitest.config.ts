@@ -12,7 +12,17 @@ export default defineConfig({
         test: {
           name: "node",
           include: ["{shared,gpu-worker,test,infra}/**/*.test.ts"],
-          exclude: ["**/node_modules/**"],
+          exclude: ["**/node_modules/**", "test/chaos/**"],
+        },
+      },
+      // The reliability suite (`npm run test:chaos`): one `npm start` stack, broken on purpose in every way the
+      // README's reliability table lists.
+      {
+        extends: true,
+        test: {
+          name: "chaos",
+          include: ["test/chaos/**/*.test.ts"],
+          globalSetup: ["test/chaos/stack-setup.ts"],
         },
       },
       // The gateway's own tests run inside workerd (Durable Objects, RPC streams): see edge/vitest.config.ts.

@@ -5,14 +5,15 @@ export declare const defaultPorts: Readonly<{ port: number; wsPort: number; http
 export declare function findNatsServer(): string | null;
 export declare function natsServerVersion(bin: string): [number, number, number] | null;
 export declare function ensureNatsServer(): string;
-export declare function writeNatsConfig(o: {
+export interface NatsConfigOptions {
   dir: string;
   port: number;
   wsPort: number;
   httpPort: number;
   storeDir: string;
   maxPayload?: number;
-}): string;
+}
+export declare function writeNatsConfig(o: NatsConfigOptions): string;
 export declare function chooseNatsPorts(preferred?: {
   port: number;
   wsPort: number;
@@ -23,16 +24,9 @@ export declare function preferredNatsPorts(env?: Record<string, string | undefin
   wsPort: number;
   httpPort: number;
 };
-export declare function spawnNatsServer(o: {
-  dir: string;
-  port: number;
-  wsPort: number;
-  httpPort: number;
-  storeDir: string;
-  maxPayload?: number;
-  detached?: boolean;
-  stdio?: "inherit" | "ignore" | "pipe";
-}): { proc: ChildProcess; configFile: string };
+export declare function spawnNatsServer(
+  o: NatsConfigOptions & { detached?: boolean; stdio?: "inherit" | "ignore" | "pipe" },
+): { proc: ChildProcess; configFile: string };
 export declare function waitForNats(httpPort: number, timeoutMs?: number, proc?: ChildProcess): Promise<void>;
 
 export interface NatsHandle {

@@ -244,10 +244,11 @@ try {
       natsUrl,
       model: modelDir,
       maxNumSeqs,
-      // The served name: the repo id of a Hub model (its snapshot directory is named after a commit).
+      // The served name: the repo id of a Hub model (its snapshot directory is named after a commit). Quiet
+      // unless asked: LLAMA_LOG_LEVEL=info npm start shows the workers' request logs.
       extra: [
-        ...["--served-model-name", modelName, "--log-level", "warn", "--health-port", String(healthPort)],
-        ...["--threads", String(threadsPerWorker)],
+        ...["--served-model-name", modelName, "--log-level", process.env.LLAMA_LOG_LEVEL ?? "warn"],
+        ...["--health-port", String(healthPort), "--threads", String(threadsPerWorker)],
         ...(quantization ? ["--quantization", quantization] : []),
       ],
     });

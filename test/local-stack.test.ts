@@ -5,7 +5,6 @@
  */
 import { spawn } from "node:child_process";
 import { readFileSync } from "node:fs";
-import { request } from "node:http";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { ensureNatsServer } from "../scripts/nats.mjs";
 import { freePort } from "../scripts/ports.mjs";
@@ -13,6 +12,7 @@ import { exited } from "../scripts/supervisor.mjs";
 import {
   isAlive,
   type LocalStack,
+  logOffset,
   pidOf,
   readLog,
   secrets,
@@ -21,6 +21,7 @@ import {
   waitForLog,
 } from "./helpers/local-stack.ts";
 import { chatOnce, client, watchStream } from "./helpers/openai-streams.ts";
+import { sendRaw } from "./helpers/raw-http.ts";
 
 const MODEL = "stories15m-random";
 const LONG = { model: MODEL, messages: [{ role: "user" as const, content: "Tell me a story" }], max_tokens: 240 };
@@ -68,16 +69,17 @@ describe("npm start", () => {
   it("restarts a worker killed mid-stream: its streams end with worker_lost within 3 s, the rest keeps going", async () => {
     const openai = client(stack.url, secrets(stack).key);
     const before = { nats: pidOf(stack, "nats-server"), gateway: pidOf(stack, "gateway") };
-    // Streams until both workers have some (requests go to whichever worker pulls first).
-    const streams = [];
-    for (let i = 0; i < 12 && new Set(streams.map((s) => s.worker)).size < 2; i++) {
-      streams.push(await watchStream(openai, { ...LONG, ignore_eos: true }));
-    }
+    const streams = await Promise.all(
+      Array.from({ length: 6 }, (_, i) =>
+        watchStream(openai, { ...LONG, messages: [{ role: "user", content: `Story ${i}` }], ignore_eos: true }),
+      ),
+    );
     await Promise.all(streams.map((s) => s.firstToken));
-    const victim = "default-0";
-    const survivor = pidOf(stack, "worker default-1");
-    expect(streams.some((s) => s.worker === victim)).toBe(true);
-    const logOffset = readLog(stack).length;
+    // The victim: whichever worker serves the first stream (prefix affinity and the queue decide which).
+    const victim = streams[0]!.worker!;
+    const other = victim === "default-0" ? "default-1" : "default-0";
+    const survivor = pidOf(stack, `worker ${other}`);
+    const offset = logOffset(stack);
     const victimPid = pidOf(stack, `worker ${victim}`);
     const killedAt = Date.now();
     process.kill(victimPid, "SIGKILL");
@@ -92,31 +94,39 @@ describe("npm start", () => {
         expect(o.finishReason).toBe("length");
       }
     }
-    // The replacement starts after the back-off and serves; nothing else was restarted.
-    await waitForLog(stack, /worker default-0 exited \(killed by SIGKILL\); restarting in 1 s/, logOffset);
-    await waitForLog(stack, /worker default-0: ready/, logOffset, 120_000);
-    expect(pidOf(stack, "worker default-0")).not.toBe(victimPid);
-    expect([pidOf(stack, "nats-server"), pidOf(stack, "gateway"), pidOf(stack, "worker default-1")]).toEqual([
+    // The other worker serves meanwhile; the replacement starts after the back-off; nothing else was restarted.
+    const meanwhile = await chatOnce(openai, { model: MODEL, max_tokens: 2 });
+    expect(meanwhile.error).toBeUndefined();
+    await waitForLog(stack, new RegExp(`worker ${victim} exited \\(killed by SIGKILL\\); restarting in 1 s`), offset);
+    await waitForLog(stack, new RegExp(`worker ${victim}: ready`), offset, 120_000);
+    expect(pidOf(stack, `worker ${victim}`)).not.toBe(victimPid);
+    expect([pidOf(stack, "nats-server"), pidOf(stack, "gateway"), pidOf(stack, `worker ${other}`)]).toEqual([
       before.nats,
       before.gateway,
       survivor,
     ]);
-    const served = new Set<string | null>();
-    for (let i = 0; i < 20 && !served.has(victim); i++) {
+    // The replacement serves: with the other worker paused it is the only one that can.
+    process.kill(survivor, "SIGSTOP");
+    try {
       const res = await chatOnce(openai, { model: MODEL, max_tokens: 2 });
       expect(res.error).toBeUndefined();
-      served.add(res.worker);
+      expect(res.worker).toBe(victim);
+    } finally {
+      process.kill(survivor, "SIGCONT");
     }
-    expect(served.has(victim)).toBe(true);
   }, 180_000);
 
   it("answers the request after a 413 for an oversized upload, chunked or not", async () => {
     const { key } = secrets(stack);
     const big = Buffer.alloc(2 * 1024 * 1024, "a");
     for (const chunked of [true, false]) {
-      const res = await post(`${stack.url}/v1/chat/completions`, key, big, chunked);
+      const res = await sendRaw(`${stack.url}/v1/chat/completions`, {
+        headers: { authorization: `Bearer ${key}`, "content-type": "application/json" },
+        body: big,
+        chunks: chunked ? 32 : 0,
+      });
       expect(res.status).toBe(413);
-      expect(JSON.parse(res.body)).toMatchObject({ error: { code: "request_too_large" } });
+      expect(JSON.parse(res.text)).toMatchObject({ error: { code: "request_too_large" } });
       // The next request, on a new connection as from another client, is served normally.
       const next = await chatOnce(client(stack.url, key), { model: MODEL, max_tokens: 2 });
       expect(next.error).toBeUndefined();
@@ -125,7 +135,7 @@ describe("npm start", () => {
 
   it("stops every child on SIGTERM, also a worker waiting out its restart back-off", async () => {
     const children = childPids(stack);
-    const offset = readLog(stack).length;
+    const offset = logOffset(stack);
     process.kill(pidOf(stack, "worker default-1"), "SIGKILL");
     await waitForLog(stack, /worker default-1 exited \(killed by SIGKILL\); restarting/, offset);
     expect(await stack.stop("SIGTERM")).toBe(0);
@@ -147,31 +157,3 @@ describe("Ctrl-C while starting", () => {
     }
   }, 180_000);
 });
-
-/** POSTs `body` with or without Content-Length; resolves with the status and body text. */
-function post(url: string, key: string, body: Buffer, chunked: boolean): Promise<{ status: number; body: string }> {
-  return new Promise((resolve, reject) => {
-    const req = request(url, {
-      method: "POST",
-      agent: false,
-      headers: {
-        authorization: `Bearer ${key}`,
-        "content-type": "application/json",
-        ...(chunked ? {} : { "content-length": String(body.length) }),
-      },
-    });
-    req.on("response", (res) => {
-      let text = "";
-      res.setEncoding("utf8");
-      res.on("data", (d: string) => {
-        text += d;
-      });
-      res.on("end", () => resolve({ status: res.statusCode ?? 0, body: text }));
-    });
-    // The server may answer and close before the whole body is sent: that is the point.
-    req.on("error", (e) => ((e as NodeJS.ErrnoException).code === "EPIPE" ? undefined : reject(e)));
-    const chunk = 64 * 1024;
-    for (let i = 0; i < body.length; i += chunk) req.write(body.subarray(i, i + chunk));
-    req.end();
-  });
-}

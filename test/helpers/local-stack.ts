@@ -6,7 +6,17 @@
  * @module
  */
 import { type ChildProcess, spawn } from "node:child_process";
-import { appendFileSync, mkdtempSync, readFileSync, rmSync } from "node:fs";
+import {
+  appendFileSync,
+  closeSync,
+  fstatSync,
+  mkdtempSync,
+  openSync,
+  readFileSync,
+  readSync,
+  rmSync,
+  statSync,
+} from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
@@ -100,15 +110,34 @@ export function secrets(stack: Pick<LocalStackInfo, "stateDir">): { key: string;
   return { key: read("dev-key"), adminSecret: read("admin-secret") };
 }
 
-export function readLog(stack: Pick<LocalStackInfo, "logFile">): string {
+/** The log from byte `fromOffset` on (workers logging at info make it long: read only what is new). */
+export function readLog(stack: Pick<LocalStackInfo, "logFile">, fromOffset = 0): string {
+  let fd: number;
   try {
-    return readFileSync(stack.logFile, "utf8");
+    fd = openSync(stack.logFile, "r");
   } catch {
     return "";
   }
+  try {
+    const size = fstatSync(fd).size;
+    const buf = Buffer.alloc(Math.max(0, size - fromOffset));
+    readSync(fd, buf, 0, buf.length, fromOffset);
+    return buf.toString("utf8");
+  } finally {
+    closeSync(fd);
+  }
 }
 
-/** Waits for a log line matching `re` that starts at or after `fromOffset` (a length of the log seen earlier). */
+/** The log's length in bytes: an offset for `waitForLog` and `readLog`. */
+export function logOffset(stack: Pick<LocalStackInfo, "logFile">): number {
+  try {
+    return statSync(stack.logFile).size;
+  } catch {
+    return 0;
+  }
+}
+
+/** Waits for a log line matching `re` that starts at or after byte `fromOffset` (see `logOffset`). */
 export async function waitForLog(
   stack: Pick<LocalStackInfo, "logFile">,
   re: RegExp,
@@ -117,11 +146,43 @@ export async function waitForLog(
 ): Promise<RegExpExecArray> {
   const until = Date.now() + timeoutMs;
   for (;;) {
-    const m = re.exec(readLog(stack).slice(fromOffset));
+    const m = re.exec(readLog(stack, fromOffset));
     if (m) return m;
-    if (Date.now() > until) throw new Error(`no log line matching ${re} in ${timeoutMs} ms:\n${readLog(stack)}`);
-    await new Promise((r) => setTimeout(r, 50));
+    if (Date.now() > until) {
+      throw new Error(`no log line matching ${re} in ${timeoutMs} ms:\n${readLog(stack, fromOffset).slice(-4000)}`);
+    }
+    await new Promise((r) => setTimeout(r, 100));
   }
+}
+
+export type WorkerLogLine = Record<string, unknown> & { msg?: string; request_id?: string };
+
+/** Waits for a worker's JSON log line (workers log to the supervisor's stdout) that `match` accepts. */
+export async function waitForWorkerLog(
+  stack: Pick<LocalStackInfo, "logFile">,
+  match: (line: WorkerLogLine) => boolean,
+  fromOffset = 0,
+  timeoutMs = 10_000,
+): Promise<WorkerLogLine> {
+  for (const until = Date.now() + timeoutMs; ; await new Promise((r) => setTimeout(r, 100))) {
+    for (const text of readLog(stack, fromOffset).split("\n")) {
+      if (!text.startsWith("{")) continue;
+      try {
+        const line = JSON.parse(text) as WorkerLogLine;
+        if (match(line)) return line;
+      } catch {
+        // a line still being written
+      }
+    }
+    if (Date.now() > until) throw new Error(`no matching worker log line in ${timeoutMs} ms`);
+  }
+}
+
+/** The NATS URL (TCP) the stack's nats-server listens on. */
+export function natsUrl(stack: Pick<LocalStackInfo, "logFile">): string {
+  const m = /nats-server: pid \d+, (nats:\/\/\S+)/.exec(readLog(stack));
+  if (!m) throw new Error("no nats-server line in the log");
+  return m[1]!;
 }
 
 /** The latest pid the supervisor printed for `name` ("nats-server", "gateway", "worker default-0"). */

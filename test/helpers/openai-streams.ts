@@ -7,6 +7,8 @@
 import OpenAI from "openai";
 
 export interface StreamOutcome {
+  /** The completion's id (`chatcmpl-…`); the worker's request id starts with it. */
+  id?: string;
   text: string;
   finishReason?: string | null;
   usage?: OpenAI.CompletionUsage;
@@ -17,6 +19,8 @@ export interface StreamOutcome {
 }
 
 export interface WatchedStream {
+  /** The completion's id (`chatcmpl-…`, the worker's request ids start with it): set by the first chunk. */
+  id: string | null;
   /** `x-llama-edge-worker` (the gateway must run with expose_worker_id). */
   worker: string | null;
   /** Resolves at the first content token. */
@@ -55,10 +59,19 @@ export async function watchStream(
   const firstToken = new Promise<void>((resolve) => {
     onFirst = resolve;
   });
-  const outcome = (async (): Promise<StreamOutcome> => {
+  const watched: WatchedStream = {
+    id: null,
+    worker: response.headers.get("x-llama-edge-worker"),
+    firstToken,
+    outcome: Promise.resolve({ text: "", endedAt: 0 }),
+    abort: () => controller.abort(),
+  };
+  watched.outcome = (async (): Promise<StreamOutcome> => {
     const out: StreamOutcome = { text: "", endedAt: 0 };
     try {
       for await (const chunk of stream) {
+        out.id = chunk.id;
+        watched.id = chunk.id;
         const choice = chunk.choices[0];
         if (choice?.delta?.content) {
           out.text += choice.delta.content;
@@ -74,7 +87,7 @@ export async function watchStream(
     onFirst();
     return out;
   })();
-  return { worker: response.headers.get("x-llama-edge-worker"), firstToken, outcome, abort: () => controller.abort() };
+  return watched;
 }
 
 /** A short non-streaming chat: the outcome, never a throw. */
@@ -89,6 +102,7 @@ export async function chatOnce(
       .create({ messages: [{ role: "user", content: "Hi" }], ...params })
       .withResponse();
     return {
+      id: data.id,
       text: data.choices[0]?.message.content ?? "",
       finishReason: data.choices[0]?.finish_reason,
       usage: data.usage,

@@ -16,7 +16,8 @@ export interface NatsLinkOptions {
   user?: string;
   pass?: string;
   onLoadReport(report: LoadReport, directSubject: string | undefined): void;
-  /** Bound on the first connection (NoWorkersError after). Default 2000. */
+  /** Bound on the first connection (NoWorkersError after). Default 10000: a burst of requests arriving at a cold
+   *  shard keeps its thread busy while the WebSocket handshake waits its turn (2 s failed 500 cold streams). */
   connectTimeoutMs?: number;
 }
 
@@ -87,7 +88,7 @@ export class NatsLink {
       name: "llama-edge-gateway",
       ...(token ? { token } : {}),
       ...(user ? { user, pass } : {}),
-      timeout: this.#o.connectTimeoutMs ?? 2000,
+      timeout: this.#o.connectTimeoutMs ?? 10_000,
       maxReconnectAttempts: -1,
       reconnectTimeWait: 250,
     });
@@ -98,7 +99,9 @@ export class NatsLink {
         if (parsed.ok) this.#o.onLoadReport(parsed.value, directSubjectOf(parsed.value));
       },
     });
-    return { nc, dispatcher: new Dispatcher(nc) };
+    // JetStream calls (pool check, publish) get the same patience: an answer slowed by a burst is not a dead pool
+    // (a missing pool is an immediate "not found", whatever the timeout).
+    return { nc, dispatcher: new Dispatcher(nc, { poolCheckTimeoutMs: 10_000 }) };
   }
 
   async close(): Promise<void> {

@@ -107,11 +107,25 @@ export async function* runJob(job: Job, deps: RunJobDeps, signal: AbortSignal): 
   };
   try {
     let remaining = numChoices;
+    // Held until every choice has produced output: a choice the worker refuses (a token id outside the
+    // vocabulary, say) must fail the whole request with an HTTP error, not after another choice's tokens went out.
+    let held: JobEvent[] | null = [];
+    const producing = new Set<number>();
     while (remaining > 0) {
       const ev = await queue.next();
       if (ev === null) remaining--;
-      else if (failure === undefined) yield ev;
+      else if (failure !== undefined) continue;
+      else if (held === null) yield ev;
+      else {
+        held.push(ev);
+        if (ev.type === "delta" || ev.type === "final") producing.add(ev.index);
+        if (producing.size === numChoices) {
+          yield* held;
+          held = null;
+        }
+      }
     }
+    if (failure === undefined && held !== null) yield* held;
     // Settled before the last event: once a client has its whole response, its concurrency slot is free and
     // the ledger includes it.
     await settle();

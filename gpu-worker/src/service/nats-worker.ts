@@ -93,6 +93,8 @@ interface InFlight {
   lastTokenAt?: number;
   /** Aborted because the drain grace period ran out: reported as `unavailable`, not as a normal abort. */
   abortedByShutdown: boolean;
+  /** Generated tokens sent so far (logged with a cancel: what the engine makes after it is at most one step). */
+  numTokensSent: number;
 }
 
 /** An event as the worker composes it; `#emit` adds the version, request id and sequence number. */
@@ -385,6 +387,7 @@ export class NatsWorker {
       lastEventAt: now,
       lastProgressAt: now,
       abortedByShutdown: false,
+      numTokensSent: 0,
     };
     this.#inFlight.set(req.id, f);
     const queueMs = req.submitted_at === undefined ? 0 : Math.max(0, now - req.submitted_at);
@@ -419,6 +422,7 @@ export class NatsWorker {
             for (let i = 0; i < ev.tokenIds.length; i++) this.#o.metrics?.interTokenLatencySeconds.observe(gap);
           }
           f.lastTokenAt = now;
+          f.numTokensSent += ev.tokenIds.length;
           this.#emit(f, {
             type: "delta",
             text: ev.text,
@@ -502,8 +506,9 @@ export class NatsWorker {
     const parsed = parseCancelMessage(data);
     if (!parsed.ok) return;
     const { id } = parsed.value;
-    if (this.#inFlight.has(id)) {
-      this.#inFlight.get(id)?.log.info("cancelled by the requester");
+    const f = this.#inFlight.get(id);
+    if (f) {
+      f.log.info({ completion_tokens_sent: f.numTokensSent }, "cancelled by the requester");
       this.#o.engine.abort(id);
       return;
     }
