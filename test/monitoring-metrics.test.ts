@@ -1,18 +1,19 @@
 /**
  * Every metric the Grafana dashboard and the PrometheusRule (infra/k8s/monitoring) query exists where it comes from:
  *   llama_worker_*      in a live worker's /metrics (real nats-server, real `llama-worker serve`, one request served)
+ *   llama_gateway_*     in a live gateway's /metrics (workerd, as `npm start` runs it; the request came through it)
  *   jetstream_consumer_* from the NATS exporter, which names them after the fields of nats-server's /jsz: each
  *                       field must be in the live server's /jsz for the pool's consumer
  *   llama:*             recorded by the PrometheusRule itself
  * A name from anywhere else fails the test: a typo or a renamed metric would otherwise leave a panel empty or an
  * alert silent.
  */
-import { randomUUID } from "node:crypto";
-import { readFileSync } from "node:fs";
+import { mkdtempSync, readFileSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { Dispatcher, poolNames } from "@llama-edge/shared";
-import { connect, type NatsConnection } from "@nats-io/transport-node";
+import { poolNames } from "@llama-edge/shared";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { admin, type Gateway, startGateway } from "../edge/dev/gateway.mjs";
 import { ensureDefaultModel } from "../gpu-worker/src/model/default-model.ts";
 import { k8sDir, loadManifests } from "../infra/test/k8s.ts";
 import { startTestNats, type TestNats } from "./helpers/nats-server.ts";
@@ -96,24 +97,48 @@ describe("metricNames", () => {
 
 describe("what the dashboard and the alerts query exists", () => {
   let nats: TestNats;
-  let nc: NatsConnection;
   let worker: WorkerProcess;
+  let gw: Gateway;
+  let stateDir: string;
   let exposition = "";
+  let gatewayExposition = "";
   let jsz: Record<string, unknown> = {};
 
   beforeAll(async () => {
     await ensureDefaultModel("default", { quiet: true });
     nats = await startTestNats();
-    worker = await startWorkerProcess({ natsUrl: nats.url, pool: POOL, workerId: "metrics-w" });
-    nc = await connect({ servers: nats.url });
-    // One request, so that labelled series (requests by outcome) have a sample.
-    for await (const _ of new Dispatcher(nc).submit(POOL, {
-      id: randomUUID(),
-      model: "stories15m-random",
-      prompt: { type: "text", text: "Once upon a time" },
-      sampling: { max_tokens: 4, ignore_eos: true },
-    })) {
-      // drain the events
+    stateDir = mkdtempSync(join(tmpdir(), "llama-edge-gw-"));
+    [worker, gw] = await Promise.all([
+      startWorkerProcess({ natsUrl: nats.url, pool: POOL, workerId: "metrics-w" }),
+      startGateway({
+        natsWsUrl: nats.wsUrl,
+        persistTo: stateDir,
+        config: { pools: { [POOL]: { max_context: 256, models: ["stories15m-random"] } } },
+      }),
+    ]);
+    // One request through the gateway, so that labelled series (requests by outcome, tokens by key) have a
+    // sample, and one its key's RPM limit refuses.
+    const { key } = (await admin(gw, "POST", "/keys", { name: "metrics", limits: { rpm: 1 } })) as { key: string };
+    const complete = () =>
+      fetch(`${gw.url}/v1/completions`, {
+        method: "POST",
+        headers: { authorization: `Bearer ${key}`, "content-type": "application/json" },
+        body: JSON.stringify({
+          model: "stories15m-random",
+          prompt: "Once upon a time",
+          max_tokens: 4,
+          ignore_eos: true,
+        }),
+      });
+    expect((await complete()).status).toBe(200);
+    expect((await complete()).status).toBe(429);
+    // The request settles with its key as the job ends, which may be just after the answer: scrape until it has.
+    const settledTokens = /^llama_gateway_tokens_total\{[^}]*kind="completion"\} 4$/m;
+    for (let i = 0; i < 100 && !settledTokens.test(gatewayExposition); i++) {
+      if (i > 0) await new Promise((r) => setTimeout(r, 100));
+      const scraped = await fetch(`${gw.url}/metrics`, { headers: { authorization: `Bearer ${gw.adminSecret}` } });
+      expect(scraped.status).toBe(200);
+      gatewayExposition = await scraped.text();
     }
     const port = (worker.logs.find((l) => l.msg === "health server listening") as { port?: number })?.port;
     exposition = await (await fetch(`http://127.0.0.1:${port}/metrics`)).text();
@@ -127,17 +152,19 @@ describe("what the dashboard and the alerts query exists", () => {
   }, 180_000);
 
   afterAll(async () => {
+    await gw?.stop();
     worker?.kill("SIGTERM");
     await worker?.exited;
-    await nc?.close();
     await nats?.stop();
+    if (stateDir) rmSync(stateDir, { recursive: true, force: true });
   });
 
-  it("every metric comes from a live worker, the NATS exporter's /jsz fields, or a recording rule", () => {
+  it("every metric comes from a live worker or gateway, the NATS exporter's /jsz fields, or a recording rule", () => {
     const { exprs, recorded } = monitoringQueries();
     expect(exprs.size).toBeGreaterThan(20);
     // A histogram's series are <name>_bucket, _sum and _count; the exposition declares <name>.
     const workerMetrics = new Set([...exposition.matchAll(/^# TYPE (\S+) (\S+)/gm)].map((m) => m[1]));
+    const gatewayMetrics = new Set([...gatewayExposition.matchAll(/^# TYPE (\S+) (\S+)/gm)].map((m) => m[1]));
     const fromWorker = (name: string) =>
       workerMetrics.has(name) || workerMetrics.has(name.replace(/_(bucket|sum|count)$/, ""));
     expect(Object.keys(jsz), "the pool's consumer in nats-server's /jsz").toContain("num_pending");
@@ -148,6 +175,8 @@ describe("what the dashboard and the alerts query exists", () => {
         used.add(name);
         if (name.startsWith("llama_worker_")) {
           if (!fromWorker(name)) problems.push(`${where}: ${name} is not in the worker's /metrics`);
+        } else if (name.startsWith("llama_gateway_")) {
+          if (!gatewayMetrics.has(name)) problems.push(`${where}: ${name} is not in the gateway's /metrics`);
         } else if (name.startsWith("jetstream_consumer_")) {
           const field = name.slice("jetstream_consumer_".length);
           if (!(field in jsz)) problems.push(`${where}: ${name}: no field ${field} in /jsz consumers`);
@@ -170,18 +199,29 @@ describe("what the dashboard and the alerts query exists", () => {
       "llama_worker_generation_tokens_total",
       "jetstream_consumer_num_pending",
       "jetstream_consumer_num_ack_pending",
+      "llama_gateway_requests_total",
+      "llama_gateway_rate_limited_total",
+      "llama_gateway_tokens_total",
     ]) {
       expect(used, name).toContain(name);
     }
   });
 
-  it("the worker's metrics follow Prometheus conventions: _total only on counters, base units", () => {
+  it("the worker's and the gateway's metrics follow Prometheus conventions: _total only on counters, base units", () => {
     const types = new Map([...exposition.matchAll(/^# TYPE (llama_worker_\S+) (\S+)/gm)].map((m) => [m[1], m[2]]));
     expect(types.size).toBeGreaterThan(15);
+    const gatewayTypes = [...gatewayExposition.matchAll(/^# TYPE (llama_gateway_\S+) (\S+)/gm)];
+    expect(gatewayTypes.length).toBeGreaterThanOrEqual(4);
+    for (const [, name, type] of gatewayTypes) types.set(name!, type!);
     for (const [name, type] of types) {
       expect(name.endsWith("_total"), `${name} (${type})`).toBe(type === "counter");
       expect(name, "seconds, not milliseconds").not.toMatch(/_ms$|_milliseconds/);
     }
+    // The gateway counted the 429 under the limit that refused it, and the completion's tokens under its key.
+    expect(gatewayExposition).toMatch(/^llama_gateway_rate_limited_total\{key="key_\w+",limit="rpm"\} 1$/m);
+    expect(gatewayExposition).toMatch(
+      /^llama_gateway_tokens_total\{key="key_\w+",model="stories15m-random",kind="completion"\} 4$/m,
+    );
     // The cold start was recorded by phase.
     for (const phase of ["init", "download", "compile", "load", "connect"]) {
       expect(exposition).toMatch(

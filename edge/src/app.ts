@@ -3,7 +3,7 @@
  * with `app.request()` and the Workers entry (index.ts) wires it to Durable Objects.
  *
  * @example
- * const app = createApp({ keyStore, limiter, dispatcher, config });
+ * const app = createApp({ keyStore, limiter, dispatcher, config, requestCounters });
  * const res = await app.request("/v1/models", { headers: { authorization: `Bearer ${key}` } });
  *
  * @module
@@ -16,12 +16,15 @@ import type { JobRunner, Limiter } from "./dispatch/job.ts";
 import { apiError, errors } from "./errors.ts";
 import { randomBase62 } from "./keys/api-key.ts";
 import type { KeyStore } from "./keys/key-store.ts";
+import { countRequests, type RequestCounterStore } from "./metrics/request-counts.ts";
+import { adminAuth } from "./middleware/admin-auth.ts";
 import { apiKeyAuth, authBeforeErrors } from "./middleware/auth.ts";
 import { apiCors } from "./middleware/cors.ts";
 import { jsonBody } from "./middleware/json-body.ts";
 import { adminRoutes } from "./routes/admin.ts";
 import { chatCompletionsRoute } from "./routes/chat-completions.ts";
 import { completionsRoute } from "./routes/completions.ts";
+import { metricsRoute } from "./routes/metrics.ts";
 import { modelsRoute } from "./routes/models.ts";
 import { usageRoute } from "./routes/usage.ts";
 
@@ -31,7 +34,9 @@ export interface AppDeps {
   /** Runs admitted jobs (a dispatch shard Durable Object in production). */
   dispatcher: JobRunner;
   config: GatewayConfig;
-  /** Enables the admin API; without it every admin call is 401. */
+  /** Where request counts go (Durable Objects in production): `GET /metrics` reads them back. */
+  requestCounters: RequestCounterStore;
+  /** Enables the admin API and /metrics; without it every admin call is 401. */
   adminSecret?: string;
 }
 
@@ -51,6 +56,7 @@ export function createApp(deps: AppDeps): Hono<AppEnv> {
     await next();
     c.header("x-request-id", c.get("requestId")); // also on responses that replaced the one it was set on
   });
+  app.use(countRequests(deps.requestCounters));
   app.use("/v1/*", apiCors({ origins: config.cors_origins }));
   app.get("/health", (c) => c.json({ ok: true }));
 
@@ -61,7 +67,9 @@ export function createApp(deps: AppDeps): Hono<AppEnv> {
   app.route("/v1/completions", completionsRoute(inference));
   app.route("/v1/models", modelsRoute({ keyStore, config }));
   app.route("/v1/usage", usageRoute({ keyStore }));
-  app.route("/admin", adminRoutes({ keyStore, adminSecret: deps.adminSecret }));
+  const admin = adminAuth({ secret: deps.adminSecret });
+  app.route("/admin", adminRoutes({ keyStore, auth: admin }));
+  app.route("/metrics", metricsRoute({ keyStore, requests: deps.requestCounters, auth: admin }));
 
   app.notFound((c) => apiError(404, `Invalid URL (${c.req.method} ${new URL(c.req.url).pathname})`).getResponse());
   app.onError((err, c) => {

@@ -9,10 +9,12 @@ import { type AppEnv, createApp } from "./app.ts";
 import { parseGatewayConfig } from "./config.ts";
 import { ShardedJobRunner } from "./durable/dispatch-shard.ts";
 import { DurableKeyStore } from "./durable/durable-key-store.ts";
+import { DurableRequestCounters } from "./durable/request-counters.ts";
 import type { Env } from "./env.ts";
 
 export { DispatchShard } from "./durable/dispatch-shard.ts";
 export { KeyDirectory, KeyState } from "./durable/key-state.ts";
+export { RequestCounters } from "./durable/request-counters.ts";
 
 let cached: { env: Env; app: Hono<AppEnv> } | undefined;
 
@@ -26,6 +28,7 @@ export function appFor(env: Env): Hono<AppEnv> {
     limiter: keys,
     dispatcher: new ShardedJobRunner(env.DISPATCH, Number.isInteger(shards) && shards > 0 ? shards : 4, keys),
     config: parseGatewayConfig(env.GATEWAY_CONFIG),
+    requestCounters: new DurableRequestCounters(env.REQUEST_COUNTERS),
     adminSecret: env.ADMIN_SECRET || undefined,
   });
   cached = { env, app };

@@ -7,7 +7,7 @@ declare global {
     interface GlobalProps {
       /** `exports.default` is the Workers entry (src/index.ts), called as a client would. */
       mainModule: typeof import("../src/index.ts");
-      durableNamespaces: "KeyState" | "KeyDirectory" | "DispatchShard";
+      durableNamespaces: "KeyState" | "KeyDirectory" | "DispatchShard" | "RequestCounters";
     }
   }
 }

@@ -20,7 +20,9 @@ import type { SubmitBackend } from "../src/dispatch/job.ts";
 import { LocalJobRunner } from "../src/dispatch/job-stream.ts";
 import { ShardedJobRunner } from "../src/durable/dispatch-shard.ts";
 import { DurableKeyStore } from "../src/durable/durable-key-store.ts";
+import { DurableRequestCounters } from "../src/durable/request-counters.ts";
 import type { Limits } from "../src/keys/types.ts";
+import type { RequestCounterStore } from "../src/metrics/request-counts.ts";
 
 export const ADMIN_SECRET = "test-admin-secret-0123456789";
 export const MODEL = "tiny";
@@ -174,12 +176,13 @@ export function instrumented<T extends Rpc.DurableObjectBranded>(ns: DurableObje
 
 /**
  * The app over the real key Durable Objects, running jobs in this isolate on `backend`. `opts.keys` replaces the
- * key store (fault injection); `opts.adminSecret` the admin secret (undefined: none).
+ * key store (fault injection); `opts.adminSecret` the admin secret (undefined: none); `opts.requestCounters` where
+ * request counts go (default: the shared request counter objects).
  */
 export function makeApp(
   backend = new ScriptedBackend(),
   config = testConfig,
-  opts: { keys?: DurableKeyStore; adminSecret?: string } = {},
+  opts: { keys?: DurableKeyStore; adminSecret?: string; requestCounters?: RequestCounterStore } = {},
 ) {
   const keys = opts.keys ?? keyStore();
   const app = createApp({
@@ -187,6 +190,7 @@ export function makeApp(
     limiter: keys,
     dispatcher: new LocalJobRunner({ backend, limiter: keys }),
     config,
+    requestCounters: opts.requestCounters ?? new DurableRequestCounters(env.REQUEST_COUNTERS),
     adminSecret: "adminSecret" in opts ? opts.adminSecret : ADMIN_SECRET,
   });
   return { app, keys, backend };
@@ -200,6 +204,7 @@ export function shardedApp(config = parseGatewayConfig(env.GATEWAY_CONFIG), numS
     limiter: keys,
     dispatcher: new ShardedJobRunner(env.DISPATCH, numShards, keys),
     config,
+    requestCounters: new DurableRequestCounters(env.REQUEST_COUNTERS),
   });
   return { app, keys };
 }

@@ -19,6 +19,7 @@ import {
   PrometheusRule,
   ServiceMonitor,
 } from "@kubernetes-models/prometheus-operator/monitoring.coreos.com/v1";
+import { ScrapeConfig } from "@kubernetes-models/prometheus-operator/monitoring.coreos.com/v1alpha1";
 import { Deployment } from "kubernetes-models/apps/v1";
 import { Job } from "kubernetes-models/batch/v1";
 import { PodDisruptionBudget } from "kubernetes-models/policy/v1";
@@ -59,6 +60,7 @@ const MODELS: Record<string, ModelClass> = {
   "monitoring.coreos.com/v1/PodMonitor": PodMonitor as unknown as ModelClass,
   "monitoring.coreos.com/v1/ServiceMonitor": ServiceMonitor as unknown as ModelClass,
   "monitoring.coreos.com/v1/PrometheusRule": PrometheusRule as unknown as ModelClass,
+  "monitoring.coreos.com/v1alpha1/ScrapeConfig": ScrapeConfig as unknown as ModelClass,
 };
 
 /** Files under infra/k8s that are not Kubernetes objects. */

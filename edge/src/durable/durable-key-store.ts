@@ -6,7 +6,7 @@
 import type { Limiter } from "../dispatch/job.ts";
 import { keyHint } from "../errors.ts";
 import { generateApiKey, generateKeyId, hashApiKey } from "../keys/api-key.ts";
-import type { AdmitRequest, AdmitResult, RateInfo } from "../keys/key-limiter.ts";
+import type { AdmitRequest, AdmitResult, KeyCounters, RateInfo } from "../keys/key-limiter.ts";
 import type { AuthResult, KeyStore } from "../keys/key-store.ts";
 import {
   type CreateKeyInput,
@@ -107,6 +107,14 @@ export class DurableKeyStore implements KeyStore, Limiter {
     const hash = "hash" in ref ? ref.hash : (await this.#entry(ref.id))?.hash;
     if (!hash) return null;
     return (await this.#key(hash).usage(startDate, endDate)) as UsageReport | null;
+  }
+
+  /** One call to the directory, then one to each key's object, all at once. */
+  async counters(): Promise<{ info: KeyInfo; counters: KeyCounters }[]> {
+    const entries = (await this.#dir().entries()) as DirectoryEntry[];
+    return Promise.all(
+      entries.map(async (e) => ({ info: e.info, counters: (await this.#key(e.hash).counters()) as KeyCounters })),
+    );
   }
 
   async rateInfo(keyHash: string): Promise<RateInfo> {

@@ -10,7 +10,14 @@
  * @module
  */
 import { DurableObject } from "cloudflare:workers";
-import { type AdmitRequest, type AdmitResult, KeyLimiter, type KvStore, type RateInfo } from "../keys/key-limiter.ts";
+import {
+  type AdmitRequest,
+  type AdmitResult,
+  type KeyCounters,
+  KeyLimiter,
+  type KvStore,
+  type RateInfo,
+} from "../keys/key-limiter.ts";
 import type { KeyInfo, KeyUpdate, Settlement, UsageReport } from "../keys/types.ts";
 
 /**
@@ -108,6 +115,10 @@ export class KeyState extends DurableObject<unknown> {
     return this.#limiter.usage(startDate, endDate) ?? null;
   }
 
+  counters(): KeyCounters {
+    return this.#limiter.counters();
+  }
+
   /** Open reservations (tests and debugging: a leak shows up here). */
   openReservations(): number {
     return this.#limiter.numOpenReservations;
@@ -133,8 +144,13 @@ export class KeyDirectory extends DurableObject<unknown> {
   }
 
   list(): KeyInfo[] {
+    return this.entries().map((e) => e.info);
+  }
+
+  /** Every key with its hash (the name of its `KeyState`), oldest first. */
+  entries(): DirectoryEntry[] {
     return [...this.ctx.storage.kv.list<DirectoryEntry>({ prefix: "key:" })]
-      .map(([, e]) => e.info)
-      .sort((a, b) => a.created_at - b.created_at);
+      .map(([, e]) => e)
+      .sort((a, b) => a.info.created_at - b.info.created_at);
   }
 }

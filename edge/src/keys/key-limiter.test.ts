@@ -254,5 +254,37 @@ describe("KeyLimiter ledger", () => {
       { date: "2026-01-02", model: "a", requests: 1, prompt_tokens: 100, completion_tokens: 0, cached_tokens: 0 },
     ]);
     expect(limiter.usage("2026-01-02", "2026-01-02")!.totals.prompt_tokens).toBe(100);
+    // The all-time counters /metrics exports: every day of the ledger, per model.
+    expect(limiter.counters().tokens).toEqual({
+      a: { prompt_tokens: 111, completion_tokens: 6 },
+      b: { prompt_tokens: 2, completion_tokens: 2 },
+    });
+  });
+});
+
+describe("KeyLimiter counters", () => {
+  it("counts 429s by the limit that refused, and survives a restart", () => {
+    const { admit, limiter, reopen } = setup({
+      rpm: 1,
+      tpm: 100,
+      max_concurrent: 2,
+      budget: { tokens: 1000, period: "day" },
+    });
+    expect(limiter.counters().refused).toEqual({ rpm: 0, tpm: 0, max_concurrent: 0, budget: 0 });
+    expect(admit(200).ok).toBe(false); // larger than the TPM limit
+    expect(limiter.admit({ model: "m", tokens: 1, sequences: 3, expiresAt: Number.MAX_SAFE_INTEGER }).ok).toBe(false);
+    expect(admit(2000).ok).toBe(false); // more than the budget holds
+    expect(admit().ok).toBe(true);
+    expect(admit().ok).toBe(false); // RPM
+    expect(limiter.counters().refused).toEqual({ rpm: 1, tpm: 1, max_concurrent: 1, budget: 1 });
+    expect(reopen().counters().refused).toEqual({ rpm: 1, tpm: 1, max_concurrent: 1, budget: 1 });
+  });
+
+  it("does not count refusals that are not limits", () => {
+    const { limiter } = setup({ models: ["other"] });
+    expect(limiter.admit({ model: "m", tokens: 1, expiresAt: Number.MAX_SAFE_INTEGER }).ok).toBe(false);
+    limiter.revoke();
+    expect(limiter.admit({ model: "other", tokens: 1, expiresAt: Number.MAX_SAFE_INTEGER }).ok).toBe(false);
+    expect(limiter.counters().refused).toEqual({ rpm: 0, tpm: 0, max_concurrent: 0, budget: 0 });
   });
 });

@@ -13,7 +13,8 @@
  *
  * Storage layout: `meta` (KeyInfo), `rpm:<slot>` (admission times), `tpm` (bucket), `res:<id>` (open
  * reservations), `lapsed:<id>` (reservations settled by policy, until a late settlement or their expiry),
- * `period:<day|month>` (budget tokens used), `usage:<YYYY-MM-DD>:<model>` (ledger rows).
+ * `period:<day|month>` (budget tokens used), `usage:<YYYY-MM-DD>:<model>` (ledger rows), `refused:<limit>`
+ * (429s per limit since the key was created: the gateway's /metrics).
  *
  * @module
  */
@@ -85,6 +86,27 @@ export type AdmitFailure =
   | "tokens"
   | "request_too_large"
   | "quota";
+
+/** The limit of a key (its field in `Limits`) that refused a request with a 429. */
+export type RefusingLimit = "rpm" | "tpm" | "max_concurrent" | "budget";
+export const REFUSING_LIMITS: readonly RefusingLimit[] = ["rpm", "tpm", "max_concurrent", "budget"];
+
+const LIMIT_OF: Partial<Record<AdmitFailure, RefusingLimit>> = {
+  requests: "rpm",
+  tokens: "tpm",
+  request_too_large: "tpm",
+  concurrency: "max_concurrent",
+  too_many_sequences: "max_concurrent",
+  quota: "budget",
+};
+
+/** A key's counters for the gateway's /metrics: all-time, so they only ever grow. */
+export interface KeyCounters {
+  /** Ledger totals per model. */
+  tokens: Record<string, { prompt_tokens: number; completion_tokens: number }>;
+  /** 429s per limit (every limit present, 0 if it never refused). */
+  refused: Record<RefusingLimit, number>;
+}
 
 export type AdmitResult =
   | {
@@ -243,14 +265,11 @@ export class KeyLimiter {
     this.#sweep(now);
     const { limits } = meta;
     const rate = this.rateInfo(now);
-    const fail = (reason: AdmitFailure, message: string, retryAfterMs?: number): AdmitResult => ({
-      ok: false,
-      reason,
-      message,
-      retryAfterMs,
-      rate,
-      key: meta,
-    });
+    const fail = (reason: AdmitFailure, message: string, retryAfterMs?: number): AdmitResult => {
+      const limit = LIMIT_OF[reason];
+      if (limit) this.#kv.put(`refused:${limit}`, (this.#kv.get<number>(`refused:${limit}`) ?? 0) + 1, UNCONFIRMED);
+      return { ok: false, reason, message, retryAfterMs, rate, key: meta };
+    };
 
     if (limits.models && !limits.models.includes(req.model)) {
       return fail("model_not_allowed", `this key may not use model '${req.model}'`);
@@ -541,6 +560,24 @@ export class KeyLimiter {
         reserved: this.#reservedBudget(b.period, now),
       },
     };
+  }
+
+  /** All-time token totals per model (summed from the ledger) and 429s per limit: the gateway's /metrics. */
+  counters(): KeyCounters {
+    this.#load();
+    this.#sweep(this.#now());
+    const tokens: KeyCounters["tokens"] = {};
+    for (const [k, c] of this.#kv.list<UsageCounters>({ prefix: "usage:" })) {
+      const model = k.slice(17);
+      const t = tokens[model] ?? { prompt_tokens: 0, completion_tokens: 0 };
+      t.prompt_tokens += c.prompt_tokens;
+      t.completion_tokens += c.completion_tokens;
+      tokens[model] = t;
+    }
+    const refused = Object.fromEntries(
+      REFUSING_LIMITS.map((l) => [l, this.#kv.get<number>(`refused:${l}`) ?? 0]),
+    ) as Record<RefusingLimit, number>;
+    return { tokens, refused };
   }
 
   /** Requests admitted and not yet settled (lapsed leases count as settled). */

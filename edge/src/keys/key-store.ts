@@ -4,7 +4,7 @@
  *
  * @module
  */
-import type { RateInfo } from "./key-limiter.ts";
+import type { KeyCounters, RateInfo } from "./key-limiter.ts";
 import type { CreateKeyInput, KeyInfo, KeyUpdate, UsageReport } from "./types.ts";
 
 export type AuthResult = { ok: true; key: KeyInfo } | { ok: false; reason: "invalid_key" | "revoked" };
@@ -21,4 +21,6 @@ export interface KeyStore {
   /** Usage by key id (admin) or by hash (the key itself). */
   usage(ref: { id: string } | { hash: string }, startDate: string, endDate: string): Promise<UsageReport | null>;
   rateInfo(keyHash: string): Promise<RateInfo>;
+  /** Every key (revoked ones too: their counters still count) with its all-time counters, for /metrics. */
+  counters(): Promise<{ info: KeyInfo; counters: KeyCounters }[]>;
 }

@@ -12,23 +12,23 @@
  *
  * @module
  */
-import { Hono } from "hono";
+import { Hono, type MiddlewareHandler } from "hono";
 import { errors } from "../errors.ts";
 import type { KeyStore } from "../keys/key-store.ts";
 import { CreateKeySchema, UpdateKeySchema } from "../keys/types.ts";
-import { adminAuth } from "../middleware/admin-auth.ts";
 import { type JsonBodyVars, jsonBody } from "../middleware/json-body.ts";
 import { parseRequest } from "../openai/schemas.ts";
 import { usageRange } from "./usage.ts";
 
 const ADMIN_BODY_LIMIT = 64 * 1024;
 
-export function adminRoutes(deps: { keyStore: KeyStore; adminSecret: string | undefined }) {
+/** `auth`: the admin guard (middleware/admin-auth.ts), shared with /metrics. */
+export function adminRoutes(deps: { keyStore: KeyStore; auth: MiddlewareHandler }) {
   const { keyStore } = deps;
   const body = jsonBody({ maxBytes: ADMIN_BODY_LIMIT });
   const notFound = (id: string) => errors.notFound(`No API key with id '${id}'.`);
   return new Hono<{ Variables: JsonBodyVars }>()
-    .use(adminAuth({ secret: deps.adminSecret }))
+    .use(deps.auth)
     .post("/keys", body, async (c) => {
       const input = parseRequest(CreateKeySchema, c.get("body"));
       const { key, info } = await keyStore.create(input);
