@@ -5,7 +5,8 @@
  * The checkpoint is the default model (random weights, but its lm_head rows carry log-normal scales, so each
  * position has a few clearly preferred tokens: logit std ≈ 4, not the near-uniform logits of a std-0.02 init,
  * where agreement would be meaningless). The bounds are set from measurement with margin; a broken scale or
- * zero-point path fails them by far (measured once: int4 with every zero point forced to 8 gives top-1 ≈ 0.02).
+ * zero-point path fails them by far (measured 2026-12-01 by breaking quantize.ts on purpose: int4 with every
+ * stored zero point 8 gives top-1 0.6 %; int8 with scales 1.25x too large gives top-1 24 %).
  *
  * int4 on this model loses more than int4 does on trained LLMs: its weights are i.i.d. Gaussian, so 4-bit
  * blocks carry ≈ 8 % relative noise in every matrix with no redundancy to absorb it (llama.cpp's Q4_0 has the
