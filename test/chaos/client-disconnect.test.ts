@@ -22,9 +22,9 @@ const ROUNDS = 5;
 async function waitForIdleKv(url: string): Promise<{ free: number; total: number }> {
   for (const until = Date.now() + 10_000; ; await new Promise((r) => setTimeout(r, 50))) {
     const [free, total, running] = await Promise.all([
-      scrape(url, "llama_worker_kv_blocks_free"),
-      scrape(url, "llama_worker_kv_blocks_total"),
-      scrape(url, "llama_worker_engine_running"),
+      scrape(url, "llama_worker_kv_cache_free_blocks"),
+      scrape(url, "llama_worker_kv_cache_blocks"),
+      scrape(url, "llama_worker_num_requests_running"),
     ]);
     if (running === 0 && free === total) return { free, total };
     if (Date.now() > until) throw new Error(`KV not freed: ${free}/${total} free, ${running} running`);
@@ -45,12 +45,21 @@ it("frees a disconnected stream's KV blocks within one engine step", async () =>
     });
     await stream.firstToken;
     const metrics = metricsUrl(stack, stream.worker ?? "");
-    const used =
-      (await scrape(metrics, "llama_worker_kv_blocks_total")) - (await scrape(metrics, "llama_worker_kv_blocks_free"));
+    // The engine thread reports its stats every 100 ms: poll until they show the stream's blocks.
+    let used = 0;
+    for (
+      const until = Date.now() + 5_000;
+      used <= 2 && Date.now() < until;
+      await new Promise((r) => setTimeout(r, 20))
+    ) {
+      used =
+        (await scrape(metrics, "llama_worker_kv_cache_blocks")) -
+        (await scrape(metrics, "llama_worker_kv_cache_free_blocks"));
+    }
     expect(used, "the stream holds KV blocks while it runs").toBeGreaterThan(2);
     stream.abort();
 
-    const ours = (l: WorkerLogLine) => String(l.request_id).startsWith(`${stream.id}-`);
+    const ours = (l: WorkerLogLine) => String(l.request_id).startsWith(`${stream.requestId}-`);
     const cancelled = await waitForWorkerLog(stack, (l) => ours(l) && l.msg === "cancelled by the requester", offset);
     const finished = await waitForWorkerLog(stack, (l) => ours(l) && l.msg === "finished", offset);
     expect(finished.finish_reason).toBe("abort");

@@ -92,7 +92,7 @@ it("serves a request whose first worker died before starting it, without an erro
     expect(res.finishReason).toBe("length");
     expect(res.usage?.completion_tokens).toBe(8);
     // The doomed worker held this very request (queued as `-q` when first offered to a paused worker).
-    expect([`${res.id}-0`, `${res.id}-0-q`]).toContain(taken.id);
+    expect([`${res.requestId}-0`, `${res.requestId}-0-q`]).toContain(taken.id);
   } finally {
     doomed.kill("SIGKILL");
     pause("SIGCONT");

@@ -19,8 +19,10 @@ export interface StreamOutcome {
 }
 
 export interface WatchedStream {
-  /** The completion's id (`chatcmpl-…`, the worker's request ids start with it): set by the first chunk. */
+  /** The completion's id (`chatcmpl-…`): set by the first chunk. */
   id: string | null;
+  /** `x-request-id`, the job's name: the workers' request ids start with it. */
+  requestId: string | null;
   /** `x-llama-edge-worker` (the gateway must run with expose_worker_id). */
   worker: string | null;
   /** Resolves at the first content token. */
@@ -61,6 +63,7 @@ export async function watchStream(
   });
   const watched: WatchedStream = {
     id: null,
+    requestId: response.headers.get("x-request-id"),
     worker: response.headers.get("x-llama-edge-worker"),
     firstToken,
     outcome: Promise.resolve({ text: "", endedAt: 0 }),
@@ -96,7 +99,7 @@ export async function chatOnce(
   params: Omit<OpenAI.ChatCompletionCreateParamsNonStreaming, "messages"> & {
     messages?: OpenAI.ChatCompletionMessageParam[];
   },
-): Promise<StreamOutcome & { worker: string | null }> {
+): Promise<StreamOutcome & { worker: string | null; requestId: string | null }> {
   try {
     const { data, response } = await openai.chat.completions
       .create({ messages: [{ role: "user", content: "Hi" }], ...params })
@@ -108,8 +111,10 @@ export async function chatOnce(
       usage: data.usage,
       endedAt: Date.now(),
       worker: response.headers.get("x-llama-edge-worker"),
+      // the job's name: the workers' request ids start with it
+      requestId: response.headers.get("x-request-id"),
     };
   } catch (e) {
-    return { text: "", error: toError(e), endedAt: Date.now(), worker: null };
+    return { text: "", error: toError(e), endedAt: Date.now(), worker: null, requestId: null };
   }
 }
