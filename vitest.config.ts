@@ -23,6 +23,8 @@ export default defineConfig({
           name: "chaos",
           include: ["test/chaos/**/*.test.ts"],
           globalSetup: ["test/chaos/stack-setup.ts"],
+          // One retry per scenario: on a 2-core runner the stack and its clients share the CPU (README, Reliability).
+          retry: 1,
         },
       },
       // The gateway's own tests run inside workerd (Durable Objects, RPC streams): see edge/vitest.config.ts.

@@ -3,7 +3,7 @@
  * within 3 s, the streams on the other worker complete, nothing hangs, the key's reservations and concurrency
  * slots come back, the gateway and nats-server keep running, and each worker the supervisor starts again serves.
  *
- * The stack runs two workers, so one restarts (model load: seconds) while the next round kills the other.
+ * The stack runs two workers; each round starts once the worker killed in the last one serves again.
  */
 import { expect, inject, it } from "vitest";
 import { admin } from "../../edge/dev/gateway.mjs";
@@ -35,7 +35,11 @@ it(
     /** Per worker: killed (log offset of the kill) and not yet seen serving since. */
     const awaitingService = new Map<string, number>();
 
+    let lastKill: { worker: string; offset: number } | undefined;
     for (let round = 0; round < ROUNDS; round++) {
+      // Both workers serving before the streams start: with one still restarting, its share of the streams waits in
+      // the queue (a redelivery after ack_wait) while the other completes, and the round tests nothing.
+      if (lastKill) await waitForLog(stack, new RegExp(`worker ${lastKill.worker}: ready`), lastKill.offset, 120_000);
       const streams = await Promise.all(
         Array.from({ length: STREAMS }, (_, i) =>
           watchStream(openai, {
@@ -52,6 +56,7 @@ it(
       const victim = streams[0]!.worker!;
       expect(WORKERS).toContain(victim);
       awaitingService.set(victim, logOffset(stack));
+      lastKill = { worker: victim, offset: logOffset(stack) };
       const killedAt = Date.now();
       process.kill(pidOf(stack, `worker ${victim}`), "SIGKILL");
 
